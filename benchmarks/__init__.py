@@ -1,0 +1,1 @@
+"""Benchmarks: speed, load and quality, measured side by side in one run."""

@@ -1,0 +1,1 @@
+"""Export: Hugging Face checkpoints to verified ONNX artifacts (needs the export extra)."""

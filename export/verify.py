@@ -1,0 +1,127 @@
+"""Checks an artifact against the FP32 PyTorch reference on real RAG24 text; records it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from export import reference
+from export.errors import InvalidSource, ParityFailure
+from export.parity import (
+    Thresholds,
+    embedding_metrics,
+    embedding_passes,
+    ranking_metrics,
+    ranking_passes,
+)
+from export.source import ModelSource, resolve
+from export.texts import passages, rerank_cases
+from tandem.artifact import (
+    ArtifactError,
+    Manifest,
+    Parity,
+    check_files,
+    read_manifest,
+    write_manifest,
+)
+from tandem.encoders import BiEncoder, CrossEncoder, Device
+from tandem.rag24 import Rag24
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """How much real text a verification uses; the defaults meet the issue's minimums."""
+
+    texts: int = 256
+    queries: int = 20
+    candidates: int = 50
+
+
+def measure(
+    folder: Path,
+    source: ModelSource,
+    data: Rag24,
+    *,
+    bars: Thresholds,
+    sample: Sample,
+    threads: int = 2,
+    device: Device = "cpu",
+) -> Parity:
+    manifest = read_manifest(folder)
+    if manifest.kind == "bi-encoder":
+        texts = passages(data, count=sample.texts, part="verify")
+        encoder = BiEncoder(folder, threads=threads, device=device)
+        got = encoder.embed(texts)
+        want = reference.embed(source.path, texts, max_length=manifest.max_length, threads=threads)
+        metrics = embedding_metrics(got, want)
+        passed = embedding_passes(metrics, bars)
+        thresholds = {"min_mean_cosine": bars.min_mean_cosine, "min_cosine": bars.min_cosine}
+        n_texts, n_queries = len(texts), 0
+        reference_name = "sentence_transformers.SentenceTransformer.encode, torch fp32"
+    else:
+        cases = rerank_cases(
+            data, queries=sample.queries, candidates=sample.candidates, part="verify"
+        )
+        scorer = CrossEncoder(folder, threads=threads, device=device)
+        got_scores = [scorer.score(case.query, case.documents) for case in cases]
+        want_scores = reference.score(
+            source.path,
+            [(case.query, case.documents) for case in cases],
+            max_length=manifest.max_length,
+            threads=threads,
+        )
+        metrics = ranking_metrics(got_scores, want_scores, k=bars.topk)
+        passed = ranking_passes(metrics, bars)
+        thresholds = {
+            "min_mean_spearman": bars.min_mean_spearman,
+            f"min_top{bars.topk}_overlap": bars.min_topk_overlap,
+        }
+        n_texts = sum(len(case.documents) for case in cases)
+        n_queries = len(cases)
+        reference_name = "sentence_transformers.CrossEncoder.predict (raw logits), torch fp32"
+    return Parity(
+        passed=passed,
+        metrics={name: round(value, 6) for name, value in metrics.items()},
+        thresholds=thresholds,
+        reference=reference_name,
+        texts="TREC RAG 2024 (ir_axioms==1.2.5 sdist), verification split",
+        n_texts=n_texts,
+        n_queries=n_queries,
+        measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def verify_folder(
+    folder: Path,
+    data: Rag24,
+    *,
+    bars: Thresholds,
+    sample: Sample,
+    model: str | None = None,
+    threads: int = 2,
+    device: Device = "cpu",
+) -> Manifest:
+    """Measures parity, writes it into the manifest, and raises if the thresholds are missed.
+
+    A failed check is written too (``passed: false``), so the manifest never claims more than
+    was measured last.
+    """
+    try:
+        manifest = read_manifest(folder)
+        check_files(folder, manifest)
+    except ArtifactError as exc:
+        raise InvalidSource(str(exc)) from exc
+    source = resolve(model or manifest.source)
+    parity = measure(folder, source, data, bars=bars, sample=sample, threads=threads, device=device)
+    updated = manifest.with_parity(parity)
+    write_manifest(folder, updated)
+    if not parity.passed:
+        raise ParityFailure(
+            f"{folder}: parity below thresholds: {parity.metrics} (need {parity.thresholds}); "
+            "the artifact is marked unverified"
+        )
+    return updated

@@ -1,0 +1,190 @@
+"""The exported model folder as a self-describing artifact: its manifest and the checks on it.
+
+An artifact folder holds ``model.onnx``, the tokenizer and config files, and ``manifest.json``.
+The manifest names every file with its sha256, so a server can refuse a folder whose files no
+longer match what was exported and verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, cast
+
+MANIFEST_NAME = "manifest.json"
+MODEL_NAME = "model.onnx"
+FORMAT_VERSION = 1
+
+Kind = Literal["bi-encoder", "cross-encoder"]
+Precision = Literal["int8", "fp16", "fp32"]
+PoolingMode = Literal["mean", "cls", "max", "lasttoken"]
+
+KINDS: tuple[Kind, ...] = ("bi-encoder", "cross-encoder")
+PRECISIONS: tuple[Precision, ...] = ("int8", "fp16", "fp32")
+POOLING_MODES: tuple[PoolingMode, ...] = ("mean", "cls", "max", "lasttoken")
+
+
+class ArtifactError(Exception):
+    """The folder is not a usable Tandem artifact (missing, malformed or altered files)."""
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How token states become one sentence vector; ``applied_in`` says who does it."""
+
+    mode: PoolingMode
+    normalize: bool
+    applied_in: Literal["runtime"] = "runtime"
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Agreement of the artifact with the FP32 PyTorch reference, as measured at export."""
+
+    passed: bool
+    metrics: dict[str, float]
+    thresholds: dict[str, float]
+    reference: str
+    texts: str
+    n_texts: int
+    n_queries: int
+    measured_at: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a reader needs to run, trust and reproduce one exported encoder."""
+
+    kind: Kind
+    source: str
+    architecture: str
+    model_type: str
+    precision: Precision
+    preset: str | None
+    max_length: int
+    inputs: tuple[str, ...]
+    opset: int
+    pooling: Pooling | None
+    quantization: dict[str, Any]
+    versions: dict[str, str]
+    files: dict[str, str]
+    created_at: str
+    parity: Parity | None = None
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verified(self) -> bool:
+        return self.parity is not None and self.parity.passed
+
+    def with_parity(self, parity: Parity) -> Manifest:
+        return replace(self, parity=parity)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"manifest.json is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ArtifactError("manifest.json must hold a JSON object")
+        return _manifest_from_dict(raw)
+
+
+def _manifest_from_dict(raw: dict[str, Any]) -> Manifest:
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"manifest format_version {version!r} is not supported (this Tandem reads "
+            f"{FORMAT_VERSION}); re-export the model with this version"
+        )
+    try:
+        kind = raw["kind"]
+        precision = raw["precision"]
+        if kind not in KINDS:
+            raise ArtifactError(f"manifest kind {kind!r} is not one of {', '.join(KINDS)}")
+        if precision not in PRECISIONS:
+            raise ArtifactError(f"manifest precision {precision!r} is not one of {PRECISIONS}")
+        pooling_raw = raw.get("pooling")
+        pooling = None
+        if pooling_raw is not None:
+            if pooling_raw["mode"] not in POOLING_MODES:
+                raise ArtifactError(f"manifest pooling mode {pooling_raw['mode']!r} is unknown")
+            pooling = Pooling(mode=pooling_raw["mode"], normalize=bool(pooling_raw["normalize"]))
+        parity_raw = raw.get("parity")
+        parity = Parity(**parity_raw) if parity_raw is not None else None
+        return Manifest(
+            kind=cast(Kind, kind),
+            source=str(raw["source"]),
+            architecture=str(raw["architecture"]),
+            model_type=str(raw["model_type"]),
+            precision=cast(Precision, precision),
+            preset=raw["preset"],
+            max_length=int(raw["max_length"]),
+            inputs=tuple(raw["inputs"]),
+            opset=int(raw["opset"]),
+            pooling=pooling,
+            quantization=dict(raw["quantization"]),
+            versions=dict(raw["versions"]),
+            files=dict(raw["files"]),
+            created_at=str(raw["created_at"]),
+            parity=parity,
+            extra=dict(raw.get("extra", {})),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"manifest.json is missing or has a malformed field: {exc}") from exc
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_folder(folder: Path) -> dict[str, str]:
+    """Hashes every file in ``folder`` except the manifest itself, by relative name."""
+    return {
+        str(path.relative_to(folder)): sha256_file(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Replaces the manifest atomically, so a reader never sees half of one."""
+    target = folder / MANIFEST_NAME
+    temporary = folder / f".{MANIFEST_NAME}.tmp"
+    with temporary.open("w", encoding="utf-8") as handle:
+        handle.write(manifest.to_json())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, target)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{folder} has no {MANIFEST_NAME}: it is not a Tandem export")
+    return Manifest.from_json(path.read_text(encoding="utf-8"))
+
+
+def check_files(folder: Path, manifest: Manifest) -> None:
+    """Raises if any file the manifest names is missing or differs from what was exported."""
+    for name, expected in sorted(manifest.files.items()):
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is listed in the manifest but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(
+                f"{path} does not match its manifest hash (sha256 {actual[:12]}… != "
+                f"{expected[:12]}…): the file was altered after export; re-export it"
+            )

@@ -1,0 +1,134 @@
+"""The `tandem` command: one entry point whose subcommands load only what they need.
+
+`tandem export` needs the export extra (torch, transformers, optimum); serving does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tandem import __version__
+
+EXIT_USAGE = 2
+
+
+def _add_verification_flags(parser: argparse.ArgumentParser) -> None:
+    bars = parser.add_argument_group("parity thresholds (against the FP32 PyTorch reference)")
+    bars.add_argument("--min-mean-cosine", type=float, default=0.99, help="bi-encoder")
+    bars.add_argument("--min-cosine", type=float, default=0.97, help="bi-encoder, worst text")
+    bars.add_argument("--min-mean-spearman", type=float, default=0.98, help="cross-encoder")
+    bars.add_argument("--min-topk-overlap", type=float, default=0.9, help="cross-encoder")
+    bars.add_argument("--topk", type=int, default=10, help="k of the top-k overlap")
+    sample = parser.add_argument_group("verification sample (real TREC RAG 2024 text)")
+    sample.add_argument("--texts", type=int, default=256, help="bi-encoder passages (>= 200)")
+    sample.add_argument("--queries", type=int, default=20, help="cross-encoder queries (>= 20)")
+    sample.add_argument("--candidates", type=int, default=50, help="candidates per query")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for both runtimes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tandem {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser("export", help="convert and verify an encoder as ONNX")
+    kinds = export.add_subparsers(dest="kind", required=True)
+    for kind in ("bi-encoder", "cross-encoder"):
+        sub = kinds.add_parser(kind, help=f"export a {kind}")
+        sub.add_argument("--model", required=True, help="local folder or Hugging Face hub id")
+        sub.add_argument("--out", required=True, type=Path, help="artifact folder to create")
+        sub.add_argument(
+            "--precision",
+            choices=("int8", "fp16", "fp32"),
+            default="int8",
+            help="int8 for CPUs (default), fp16 for GPUs, fp32 as reference",
+        )
+        sub.add_argument(
+            "--preset",
+            choices=("avx2", "avx512", "avx512_vnni", "arm64"),
+            help="INT8 layout; default: picked from this CPU's flags",
+        )
+        sub.add_argument(
+            "--max-length",
+            type=int,
+            help="token limit; default: the model's sentence-transformers setting",
+        )
+        sub.add_argument("--force", action="store_true", help="replace a non-empty --out")
+        _add_verification_flags(sub)
+    verify = kinds.add_parser("verify", help="re-measure an artifact's parity")
+    verify.add_argument("folder", type=Path, help="artifact folder holding manifest.json")
+    verify.add_argument("--model", help="reference checkpoint; default: the manifest's source")
+    _add_verification_flags(verify)
+    return parser
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from export.errors import ExportError
+    from export.parity import Thresholds
+    from export.pipeline import ExportRequest, export_model
+    from export.verify import Sample, verify_folder
+    from tandem import rag24
+
+    bars = Thresholds(
+        min_mean_cosine=args.min_mean_cosine,
+        min_cosine=args.min_cosine,
+        min_mean_spearman=args.min_mean_spearman,
+        min_topk_overlap=args.min_topk_overlap,
+        topk=args.topk,
+    )
+    sample = Sample(texts=args.texts, queries=args.queries, candidates=args.candidates)
+    try:
+        data = rag24.load()
+        if args.kind == "verify":
+            manifest = verify_folder(
+                args.folder, data, bars=bars, sample=sample, model=args.model, threads=args.threads
+            )
+        else:
+            manifest = export_model(
+                ExportRequest(
+                    kind=args.kind,
+                    model=args.model,
+                    out=args.out,
+                    precision=args.precision,
+                    preset=args.preset,
+                    max_length=args.max_length,
+                    force=args.force,
+                    bars=bars,
+                    sample=sample,
+                    threads=args.threads,
+                ),
+                data,
+            )
+    except ExportError as exc:
+        print(f"tandem export: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except rag24.DataUnavailable as exc:
+        print(f"tandem export: error: {exc}", file=sys.stderr)
+        return 1
+    assert manifest.parity is not None
+    print(f"verified {manifest.kind} ({manifest.precision}): {manifest.parity.metrics}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Root stays at WARNING: onnxruntime's quantizer logs every tensor at INFO on it.
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for name in ("tandem", "export", "server"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.command == "export":
+        return _run_export(args)
+    return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands first
+
+
+if __name__ == "__main__":
+    sys.exit(main())

