@@ -140,7 +140,7 @@ def _build(
     pooling = sentence_transformers_pooling(source) if request.kind == "bi-encoder" else None
     manifest = Manifest(
         kind=request.kind,
-        source=source.spec,
+        source=source.recorded_name,
         architecture=source.architecture,
         model_type=source.model_type,
         precision=request.precision,
@@ -153,6 +153,7 @@ def _build(
         versions=_versions(),
         files={},
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        extra={"source_revision": source.revision} if source.revision else {},
     )
     # The FP32 graph is written first: calibration compares INT8 candidates with it.
     shutil.copy2(optimized, artifact / MODEL_NAME)

@@ -24,6 +24,7 @@ SUPPORTED_MODEL_TYPES = (
     "mpnet",
 )
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_IGNORED = ["*.h5", "*.msgpack", "*.ot", "*.tflite", "onnx/*", "openvino/*", "coreml/*"]
 # Cross-encoders rarely set a sentence-transformers max length; 512 is BERT's position limit
 # and what CrossEncoder itself uses when the config is silent.
 DEFAULT_MAX_LENGTH = 512
@@ -37,6 +38,16 @@ class ModelSource:
     path: Path
     from_hub: bool
     config: dict[str, Any]
+
+    @property
+    def recorded_name(self) -> str:
+        """What the manifest calls the source: the hub id, or the folder's absolute path."""
+        return self.spec if self.from_hub else str(self.path.resolve())
+
+    @property
+    def revision(self) -> str | None:
+        """The hub commit the snapshot came from (its folder is named after it)."""
+        return self.path.name if self.from_hub else None
 
     @property
     def model_type(self) -> str:
@@ -102,7 +113,8 @@ def _fetch_from_hub(spec: str) -> Path:
     except ImportError as exc:  # pragma: no cover - huggingface_hub ships with the export extra
         raise InvalidSource(f"{spec}: fetching from the hub needs the export extra") from exc
     try:
-        return Path(snapshot_download(spec))
+        # Other frameworks' weights and ready-made exports are never read; skip their download.
+        return Path(snapshot_download(spec, ignore_patterns=HUB_IGNORED))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
         raise InvalidSource(
             f"{spec}: not a local folder, and it could not be fetched from the Hugging Face hub "

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify = kinds.add_parser("verify", help="re-measure an artifact's parity")
     verify.add_argument("folder", type=Path, help="artifact folder holding manifest.json")
     verify.add_argument("--model", help="reference checkpoint; default: the manifest's source")
+    verify.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="run the artifact on this device (cuda for FP16 on a GPU)",
+    )
     _add_verification_flags(verify)
     return parser
 
@@ -86,7 +92,13 @@ def _run_export(args: argparse.Namespace) -> int:
         data = rag24.load()
         if args.kind == "verify":
             manifest = verify_folder(
-                args.folder, data, bars=bars, sample=sample, model=args.model, threads=args.threads
+                args.folder,
+                data,
+                bars=bars,
+                sample=sample,
+                model=args.model,
+                threads=args.threads,
+                device=args.device,
             )
         else:
             manifest = export_model(
