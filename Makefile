@@ -52,7 +52,7 @@ check: install
 test: check data
 	$(BIN)/pytest
 
-bench: models
+bench: data
 	$(BIN)/python -m benchmarks.encoders
 
 clean:

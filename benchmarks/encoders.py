@@ -278,7 +278,9 @@ def plot(results: dict[str, Any], target: Path) -> None:
     axis.set_ylabel("pairs/s (higher is better)")
     info = results["machine"]
     axis.set_title(f"Cross-encoder throughput, {info['cpu']}, {results['threads']} threads")
-    axis.legend(fontsize=8)
+    tallest = max(row["pairs_per_s"] for row in results["rerank"])
+    axis.set_ylim(0, tallest * 1.4)  # headroom so the legend never covers a bar
+    axis.legend(fontsize=8, loc="upper left")
     figure.tight_layout()
     figure.savefig(target, dpi=110)
 

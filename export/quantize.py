@@ -83,20 +83,32 @@ def weight_nodes(model: onnx.ModelProto) -> list[str]:
     ]
 
 
+class _DropPreprocessAdvice(logging.Filter):
+    """The quantizer advises shape pre-processing on every call; DefaultTensorType covers it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "consider to run pre-processing" not in record.getMessage()
+
+
 def quantize_int8(source: Path, target: Path, *, preset: Preset, exclude: Sequence[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        source,
-        target,
-        weight_type=QuantType.QInt8,
-        per_channel=preset.per_channel,
-        reduce_range=preset.reduce_range,
-        nodes_to_exclude=list(exclude),
-        # The transformer optimizer's fused ops defeat ONNX shape inference; their outputs are
-        # float32, which is what this tells the quantizer.
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
-    )
+    advice = _DropPreprocessAdvice()
+    logging.getLogger().addFilter(advice)  # the quantizer logs on the root logger
+    try:
+        quantize_dynamic(
+            source,
+            target,
+            weight_type=QuantType.QInt8,
+            per_channel=preset.per_channel,
+            reduce_range=preset.reduce_range,
+            nodes_to_exclude=list(exclude),
+            # The transformer optimizer's fused ops defeat ONNX shape inference; their outputs
+            # are float32, which is what this tells the quantizer.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
+        )
+    finally:
+        logging.getLogger().removeFilter(advice)
 
 
 def convert_fp16(source: Path, target: Path) -> None:
