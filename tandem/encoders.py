@@ -67,20 +67,35 @@ def load_tokenizer(folder: Path, *, max_length: int) -> Tokenizer:
     return tokenizer
 
 
-def pad_encodings(encodings: Sequence[Encoding], *, pad_id: int = 0) -> TokenBatch:
-    width = max((len(encoding.ids) for encoding in encodings), default=0)
-    count = len(encodings)
+def pad_rows(
+    ids: Sequence[Sequence[int] | NDArray[np.int64]],
+    type_ids: Sequence[Sequence[int] | NDArray[np.int64]],
+    truncated: Sequence[bool],
+    *,
+    pad_id: int = 0,
+) -> TokenBatch:
+    """Right-pads variable-length rows to the longest one."""
+    width = max((len(row) for row in ids), default=0)
+    count = len(ids)
     input_ids = np.full((count, width), pad_id, dtype=np.int64)
     attention_mask = np.zeros((count, width), dtype=np.int64)
     token_type_ids = np.zeros((count, width), dtype=np.int64)
-    truncated = np.zeros(count, dtype=np.bool_)
-    for row, encoding in enumerate(encodings):
-        length = len(encoding.ids)
-        input_ids[row, :length] = encoding.ids
-        attention_mask[row, :length] = 1
-        token_type_ids[row, :length] = encoding.type_ids
-        truncated[row] = bool(encoding.overflowing)
-    return TokenBatch(input_ids, attention_mask, token_type_ids, truncated)
+    for row, (row_ids, row_types) in enumerate(zip(ids, type_ids, strict=True)):
+        input_ids[row, : len(row_ids)] = row_ids
+        attention_mask[row, : len(row_ids)] = 1
+        token_type_ids[row, : len(row_ids)] = row_types
+    return TokenBatch(
+        input_ids, attention_mask, token_type_ids, np.asarray(truncated, dtype=np.bool_)
+    )
+
+
+def pad_encodings(encodings: Sequence[Encoding], *, pad_id: int = 0) -> TokenBatch:
+    return pad_rows(
+        [encoding.ids for encoding in encodings],
+        [encoding.type_ids for encoding in encodings],
+        [bool(encoding.overflowing) for encoding in encodings],
+        pad_id=pad_id,
+    )
 
 
 def create_session(model_path: Path, *, threads: int, device: Device) -> ort.InferenceSession:

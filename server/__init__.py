@@ -1,0 +1,1 @@
+"""Tandem serving core and gRPC server: no torch on this path."""

@@ -1,0 +1,278 @@
+"""Cross-request rerank batching with deadlines: every (query, document) pair is one queue entry.
+
+Three parts, as in Ray Serve's batcher and TEI's queue:
+- ``build_batch``: pure. Takes the earliest-deadline entry, then fills a batch from a small
+  window of the queue with the entries closest to it in length, while
+  ``max_len * (n + 1) <= max_batch_tokens`` and the predicted run still ends before the
+  earliest deadline in the batch. Entries that cannot finish in time even alone expire.
+- ``RerankBatcher._mover``: an asyncio task that wakes on an event (never polls or sleeps),
+  builds a batch and hands it to the runner.
+- the runner: the session call, in one worker thread, so tokenizing and post-processing on
+  the event loop overlap with it.
+
+Cost is learned online as an EWMA of seconds per padded token. A request's pairs share one
+deadline and are ordered by stage-1 rank, so under a budget the best stage-1 candidates are
+scored first and the rest come back unscored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from server.pairs import JoinedPair
+
+Runner = Callable[[Sequence[JoinedPair]], NDArray[np.float32]]
+
+
+class Overloaded(Exception):
+    """The pair queue is full; the caller should back off (RESOURCE_EXHAUSTED)."""
+
+
+class RunnerFailed(Exception):
+    """The model run for a batch holding this request's pairs failed."""
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """Batch shape. Tokens cap activation memory; 16 pairs x 113 tokens ran fastest here."""
+
+    max_batch_tokens: int = 2048  # padded tokens per session run
+    max_batch_pairs: int = 32
+    window: int = 64  # entries looked at per batch to find similar lengths
+    # Pairs waiting at once. 4096 pairs is ~25 s of INT8 work on 2 cores: past that, waiting
+    # callers would miss any sane deadline, so admission refuses instead.
+    max_queued_pairs: int = 4096
+
+
+@dataclass(eq=False)
+class Entry:
+    """One pair waiting to be scored, with the future its request awaits."""
+
+    pair: JoinedPair
+    deadline: float  # time.monotonic() seconds; math.inf for no deadline
+    order: tuple[int, int]  # (request arrival, stage-1 position): EDF tiebreak
+    future: asyncio.Future[float | None] | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.pair)
+
+    @property
+    def wanted(self) -> bool:
+        return self.future is None or not self.future.done()
+
+    def sort_key(self) -> tuple[float, int, int]:
+        return (self.deadline, *self.order)
+
+
+@dataclass
+class CostModel:
+    """Seconds per padded token, as an exponentially weighted moving average."""
+
+    seconds_per_token: float
+    weight: float = 0.2
+
+    def predict(self, pairs: int, width: int) -> float:
+        return self.seconds_per_token * pairs * width
+
+    def observe(self, pairs: int, width: int, seconds: float) -> None:
+        sample = seconds / max(pairs * width, 1)
+        self.seconds_per_token += self.weight * (sample - self.seconds_per_token)
+
+
+@dataclass
+class EdfQueue:
+    """Entries ordered by (deadline, request arrival, stage-1 position)."""
+
+    heap: list[tuple[tuple[float, int, int], int, Entry]] = field(default_factory=list)
+    counter: itertools.count[int] = field(default_factory=itertools.count)
+
+    def __len__(self) -> int:
+        return len(self.heap)
+
+    def push(self, entry: Entry) -> None:
+        heapq.heappush(self.heap, (entry.sort_key(), next(self.counter), entry))
+
+    def pop(self) -> Entry:
+        return heapq.heappop(self.heap)[2]
+
+
+def build_batch(
+    queue: EdfQueue, limits: BatchLimits, cost: CostModel, *, now: float
+) -> tuple[list[Entry], list[Entry]]:
+    """Returns (batch, expired). Entries whose caller has gone are dropped silently."""
+    expired: list[Entry] = []
+    head: Entry | None = None
+    while queue and head is None:
+        candidate = queue.pop()
+        if not candidate.wanted:
+            continue
+        if now + cost.predict(1, candidate.length) > candidate.deadline:
+            expired.append(candidate)
+            continue
+        head = candidate
+    if head is None:
+        return [], expired
+    window: list[Entry] = []
+    while queue and len(window) < limits.window - 1:
+        candidate = queue.pop()
+        if candidate.wanted:
+            window.append(candidate)
+    window.sort(key=lambda entry: (abs(entry.length - head.length), entry.sort_key()))
+    batch, width = [head], head.length
+    for index, candidate in enumerate(window):
+        grown = max(width, candidate.length)
+        fits = (
+            len(batch) < limits.max_batch_pairs
+            and grown * (len(batch) + 1) <= limits.max_batch_tokens
+            and now + cost.predict(len(batch) + 1, grown) <= head.deadline
+        )
+        if not fits:
+            for rest in window[index:]:
+                queue.push(rest)
+            break
+        batch.append(candidate)
+        width = grown
+    return batch, expired
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Scores in the request's order; NaN where a pair was not scored in time."""
+
+    scores: NDArray[np.float32]
+    queue_seconds: float
+    batches: int
+
+    @property
+    def scored(self) -> NDArray[np.bool_]:
+        return np.asarray(~np.isnan(self.scores), dtype=np.bool_)
+
+
+class RerankBatcher:
+    """Scores pairs from many concurrent requests in shared, deadline-ordered batches."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        limits: BatchLimits | None = None,
+        cost: CostModel | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.runner = runner
+        self.limits = limits or BatchLimits()
+        # 1e-4 s per padded token is INT8 MiniLM-L6 on 2 AVX2 cores; the first batches correct it.
+        self.cost = cost or CostModel(seconds_per_token=1e-4)
+        self.clock = clock
+        self.queue = EdfQueue()
+        self.arrivals = itertools.count()
+        self.wake = asyncio.Event()
+        # One thread: onnxruntime already spreads one run over the cores it was given.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank")
+        self.task: asyncio.Task[None] | None = None
+        self.batches_run = 0
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self._mover(), name="rerank-mover")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        self.executor.shutdown(wait=True)
+
+    async def score(self, pairs: Sequence[JoinedPair], *, budget: float | None) -> Outcome:
+        """Scores ``pairs`` (in stage-1 order) within ``budget`` seconds; None means no limit."""
+        if not pairs:
+            return Outcome(np.zeros(0, dtype=np.float32), 0.0, 0)
+        if len(self.queue) + len(pairs) > self.limits.max_queued_pairs:
+            raise Overloaded(
+                f"{len(self.queue)} pairs are queued; {len(pairs)} more would pass the limit of "
+                f"{self.limits.max_queued_pairs}"
+            )
+        started = self.clock()
+        deadline = math.inf if budget is None else started + budget
+        arrival = next(self.arrivals)
+        loop = asyncio.get_running_loop()
+        entries = [
+            Entry(pair, deadline, (arrival, position), loop.create_future())
+            for position, pair in enumerate(pairs)
+        ]
+        for entry in entries:
+            self.queue.push(entry)
+        self.wake.set()
+        futures = [entry.future for entry in entries if entry.future is not None]
+        batches_before = self.batches_run
+        try:
+            _, pending = await asyncio.wait(futures, timeout=None if budget is None else budget)
+        finally:
+            # Cancelled callers and expired budgets leave the queue: the builder skips them.
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+        scores = np.full(len(pairs), np.nan, dtype=np.float32)
+        for position, future in enumerate(futures):
+            if future.cancelled() or future in pending:
+                continue
+            error = future.exception()
+            if error is not None:
+                raise RunnerFailed(str(error)) from error
+            value = future.result()
+            if value is not None:
+                scores[position] = value
+        return Outcome(scores, self.clock() - started, self.batches_run - batches_before)
+
+    async def _mover(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wake.wait()
+            batch, expired = build_batch(self.queue, self.limits, self.cost, now=self.clock())
+            for entry in expired:
+                _resolve(entry, None)
+            if not batch:
+                if not self.queue:
+                    self.wake.clear()
+                continue
+            pairs = [entry.pair for entry in batch]
+            width = max(len(pair) for pair in pairs)
+            started = self.clock()
+            try:
+                scores = await loop.run_in_executor(self.executor, self.runner, pairs)
+                if len(scores) != len(batch):
+                    raise RuntimeError(f"runner returned {len(scores)} scores for {len(batch)}")
+            except Exception as error:  # delivered to this batch's callers only
+                for entry in batch:
+                    _fail(entry, error)
+                continue
+            finally:
+                self.batches_run += 1
+            self.cost.observe(len(batch), width, self.clock() - started)
+            for entry, value in zip(batch, scores, strict=True):
+                _resolve(entry, float(value))
+
+
+def _resolve(entry: Entry, value: float | None) -> None:
+    if entry.future is not None and not entry.future.done():
+        entry.future.set_result(value)
+
+
+def _fail(entry: Entry, error: BaseException) -> None:
+    if entry.future is not None and not entry.future.done():
+        entry.future.set_exception(error)

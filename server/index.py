@@ -1,0 +1,210 @@
+"""The vector index: usearch HNSW (cosine) with atomic saves, and its repair from the store.
+
+The index is a cache of the store's vectors. Its file is written beside a small JSON
+sidecar holding the store generation it reflects, its vector count and its sha256; start-up
+compares those with the store and repairs (or rebuilds) rather than serve a mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from usearch.index import Index
+
+from server.store import DocumentStore
+
+log = logging.getLogger(__name__)
+
+VectorDType = Literal["f32", "f16", "i8"]
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """HNSW parameters. Larger values buy recall with memory (connectivity) or time."""
+
+    dtype: VectorDType = "i8"  # i8 held recall@100 0.95-0.98 at ef=64 here, at 1/4 of f32 memory
+    connectivity: int = 16  # graph degree M
+    expansion_add: int = 128  # ef at build time
+    expansion_search: int = 64  # ef at query time; 256 lifts recall@100 at 1M to 0.97
+    # Below this many vectors a brute-force scan is cheap (about 9 ms for 100k on 2 cores,
+    # far less at this size) and exact, so the graph is not consulted.
+    exact_below: int = 10_000
+
+
+class IndexCorrupt(Exception):
+    """The index file is missing, unreadable or does not match its sidecar."""
+
+
+@dataclass(frozen=True)
+class Hits:
+    """Search results for one query, best first."""
+
+    keys: NDArray[np.uint64]
+    similarities: NDArray[np.float32]
+
+
+class VectorIndex:
+    def __init__(self, ndim: int, settings: IndexSettings, *, index: Index | None = None) -> None:
+        self.ndim = ndim
+        self.settings = settings
+        self.index = index or Index(
+            ndim=ndim,
+            metric="cos",
+            dtype=settings.dtype,
+            connectivity=settings.connectivity,
+            expansion_add=settings.expansion_add,
+            expansion_search=settings.expansion_search,
+        )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def keys(self) -> NDArray[np.uint64]:
+        return np.asarray(self.index.keys, dtype=np.uint64)
+
+    def add(self, keys: NDArray[np.uint64], vectors: NDArray[np.float32]) -> None:
+        if len(keys):
+            self.index.add(keys, np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def remove(self, keys: Iterable[int]) -> None:
+        present = [int(key) for key in keys if self.index.contains(int(key))]
+        if present:
+            self.index.remove(present)
+
+    def search(self, vector: NDArray[np.float32], count: int) -> Hits:
+        if len(self) == 0 or count <= 0:
+            return Hits(np.zeros(0, np.uint64), np.zeros(0, np.float32))
+        matches = self.index.search(
+            np.asarray(vector, dtype=np.float32),
+            min(count, len(self)),
+            exact=len(self) < self.settings.exact_below,
+        )
+        keys = np.asarray(matches.keys, dtype=np.uint64)
+        similarities = 1.0 - np.asarray(matches.distances, dtype=np.float32)
+        return Hits(keys, similarities.astype(np.float32))
+
+    def save(self, path: Path, *, generation: int) -> None:
+        """Writes ``path`` and its sidecar atomically: temporary file, fsync, rename."""
+        temporary = path.with_name(f".{path.name}.tmp")
+        self.index.save(str(temporary))
+        _fsync(temporary)
+        digest = _sha256(temporary)
+        os.replace(temporary, path)
+        sidecar = {
+            "generation": generation,
+            "count": len(self),
+            "sha256": digest,
+            "ndim": self.ndim,
+            "settings": asdict(self.settings),
+        }
+        _write_json_atomically(_sidecar(path), sidecar)
+        _fsync_dir(path.parent)
+
+    @classmethod
+    def open(
+        cls, path: Path, *, ndim: int, settings: IndexSettings, view: bool = False
+    ) -> tuple[VectorIndex, dict[str, Any]]:
+        """Opens a saved index (memory-mapped when ``view``) after checking its sidecar."""
+        sidecar_path = _sidecar(path)
+        if not path.is_file() or not sidecar_path.is_file():
+            raise IndexCorrupt(f"{path} or its sidecar is missing")
+        try:
+            sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise IndexCorrupt(f"{sidecar_path} is unreadable: {exc}") from exc
+        if sidecar.get("sha256") != _sha256(path):
+            raise IndexCorrupt(f"{path} does not match the checksum in its sidecar")
+        if (
+            sidecar.get("ndim") != ndim
+            or sidecar.get("settings", {}).get("dtype") != settings.dtype
+        ):
+            raise IndexCorrupt(f"{path} was built for other settings ({sidecar.get('settings')})")
+        try:
+            loaded = Index.restore(str(path), view=view)
+        except (RuntimeError, ValueError) as exc:
+            raise IndexCorrupt(f"{path} cannot be loaded: {exc}") from exc
+        if loaded is None or len(loaded) != sidecar.get("count"):
+            raise IndexCorrupt(f"{path} holds a different number of vectors than recorded")
+        if not view:
+            # usearch defines this setter after the getter; mypy reads the property as read-only.
+            loaded.expansion_search = settings.expansion_search  # type: ignore[misc]
+        return cls(ndim, settings, index=loaded), sidecar
+
+
+def rebuild(store: DocumentStore, *, ndim: int, settings: IndexSettings) -> VectorIndex:
+    index = VectorIndex(ndim, settings)
+    for keys, vectors in store.vectors():
+        index.add(keys, vectors)
+    return index
+
+
+def load_consistent(
+    path: Path, store: DocumentStore, *, ndim: int, settings: IndexSettings
+) -> VectorIndex:
+    """Returns an index that agrees with the store, repairing or rebuilding it if needed."""
+    try:
+        index, sidecar = VectorIndex.open(path, ndim=ndim, settings=settings)
+    except IndexCorrupt as exc:
+        if len(store):
+            log.warning("index %s unusable (%s): rebuilding from the store", path, exc)
+        index = rebuild(store, ndim=ndim, settings=settings)
+        index.save(path, generation=store.generation)
+        return index
+    if sidecar["generation"] == store.generation and len(index) == len(store):
+        return index
+    stored = store.keys()
+    indexed = index.keys()
+    extra = np.setdiff1d(indexed, stored)
+    missing = np.setdiff1d(stored, indexed)
+    log.warning(
+        "index %s is at generation %s, store at %s: removing %d and adding %d vectors",
+        path, sidecar["generation"], store.generation, len(extra), len(missing),
+    )  # fmt: skip
+    index.remove(extra.tolist())
+    for keys, vectors in store.vectors(missing.tolist()):
+        index.add(keys, vectors)
+    index.save(path, generation=store.generation)
+    return index
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

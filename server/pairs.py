@@ -1,0 +1,138 @@
+"""Builds cross-encoder inputs from stored document ids: only the query is tokenized per request.
+
+Tokenizing 100 (query, passage) pairs costs 15-45 ms on these cores; joining stored ids costs
+well under 1 ms. The join must give exactly the ids the tokenizer would, so the special-token
+layout is learned from the tokenizer itself and truncation follows its `longest_first` rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from tokenizers import Tokenizer
+
+from tandem.encoders import TokenBatch, pad_rows
+
+Ids = NDArray[np.int32]
+
+
+@dataclass(frozen=True)
+class JoinedPair:
+    input_ids: NDArray[np.int64]
+    token_type_ids: NDArray[np.int64]
+    truncated: bool
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class _Segment:
+    ids: tuple[int, ...]
+    types: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PairTemplate:
+    """``prefix + query + middle + document + suffix``, with each part's token type ids."""
+
+    prefix: _Segment
+    middle: _Segment
+    suffix: _Segment
+    query_type: int
+    document_type: int
+    max_length: int
+
+    @property
+    def specials(self) -> int:
+        return len(self.prefix.ids) + len(self.middle.ids) + len(self.suffix.ids)
+
+    @classmethod
+    def learn(cls, tokenizer: Tokenizer, *, max_length: int) -> PairTemplate:
+        """Reads the layout off the tokenizer's own encoding of a probe pair."""
+        first = tokenizer.encode("first", add_special_tokens=False).ids
+        second = tokenizer.encode("second", add_special_tokens=False).ids
+        pair = tokenizer.encode("first", "second")
+        ids, types = pair.ids, pair.type_ids
+        start = _find(ids, first, 0)
+        middle_start = start + len(first)
+        second_start = _find(ids, second, middle_start)
+        suffix_start = second_start + len(second)
+        return cls(
+            prefix=_Segment(tuple(ids[:start]), tuple(types[:start])),
+            middle=_Segment(
+                tuple(ids[middle_start:second_start]), tuple(types[middle_start:second_start])
+            ),
+            suffix=_Segment(tuple(ids[suffix_start:]), tuple(types[suffix_start:])),
+            query_type=types[start],
+            document_type=types[second_start],
+            max_length=max_length,
+        )
+
+    def join(self, query: Ids, document: Ids) -> JoinedPair:
+        keep_query, keep_document = longest_first(
+            len(query), len(document), self.max_length - self.specials
+        )
+        parts = (
+            (self.prefix.ids, self.prefix.types),
+            (query[:keep_query], (self.query_type,) * keep_query),
+            (self.middle.ids, self.middle.types),
+            (document[:keep_document], (self.document_type,) * keep_document),
+            (self.suffix.ids, self.suffix.types),
+        )
+        return JoinedPair(
+            input_ids=np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _ in parts]),
+            token_type_ids=np.concatenate([np.asarray(t, dtype=np.int64) for _, t in parts]),
+            truncated=keep_query < len(query) or keep_document < len(document),
+        )
+
+
+def longest_first(first: int, second: int, budget: int) -> tuple[int, int]:
+    """How many tokens of each sequence the tokenizers library keeps under ``longest_first``."""
+    if first + second <= budget:
+        return first, second
+    swapped = first > second
+    short, long = (second, first) if swapped else (first, second)
+    long = max(short, budget - short)
+    if short + long > budget:
+        short = budget // 2
+        long = short + budget % 2
+    return (long, short) if swapped else (short, long)
+
+
+def _find(haystack: Sequence[int], needle: Sequence[int], start: int) -> int:
+    for position in range(start, len(haystack) - len(needle) + 1):
+        if list(haystack[position : position + len(needle)]) == list(needle):
+            return position
+    raise ValueError("the tokenizer's pair encoding does not contain its parts")
+
+
+class PairTokenizer:
+    """Tokenizes documents once (for the store) and queries per request, then joins them."""
+
+    def __init__(self, tokenizer: Tokenizer, *, max_length: int) -> None:
+        self.template = PairTemplate.learn(tokenizer, max_length=max_length)
+        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        self.tokenizer.no_padding()
+        # One token more than any pair can hold, so a join can tell that a document was cut.
+        self.tokenizer.enable_truncation(max_length + 1)
+        self.pad_id = 0
+
+    def tokenize(self, texts: Sequence[str]) -> list[Ids]:
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]
+
+    def join(self, query: Ids, documents: Sequence[Ids]) -> list[JoinedPair]:
+        return [self.template.join(query, document) for document in documents]
+
+
+def pad_pairs(pairs: Sequence[JoinedPair], *, pad_id: int = 0) -> TokenBatch:
+    return pad_rows(
+        [pair.input_ids for pair in pairs],
+        [pair.token_type_ids for pair in pairs],
+        [pair.truncated for pair in pairs],
+        pad_id=pad_id,
+    )

@@ -1,0 +1,259 @@
+"""The durable document store (SQLite, WAL): the source of truth the vector index is rebuilt from.
+
+Each document keeps its external id, text, JSON metadata, its bi-encoder vector and the
+reranker's token ids, so neither a rerank nor an index repair has to run a model again. Keys
+are internal uint64 ids, never reused, so an index entry can never point at the wrong text.
+Every write bumps ``generation``; the index records the generation it was saved at, which is
+how start-up tells that the two disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    key INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    text TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    token_ids BLOB NOT NULL,
+    vector BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class StoreError(Exception):
+    """A request the store cannot honour (a malformed document, a read-only database)."""
+
+
+@dataclass(frozen=True)
+class NewDocument:
+    id: str
+    text: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    key: int
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    token_ids: NDArray[np.int32]
+
+
+@dataclass(frozen=True)
+class Upserted:
+    """Keys written, and the keys they replaced (documents re-sent under an existing id)."""
+
+    keys: list[int]
+    replaced: list[int]
+
+
+class DocumentStore:
+    """One SQLite file. Not thread-safe: the server owns it from one thread."""
+
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        self.path = path
+        uri = f"file:{path}?mode=ro" if read_only else f"file:{path}"
+        self.db = sqlite3.connect(uri, uri=True, isolation_level=None)
+        if not read_only:
+            # WAL lets replicas read while the writer commits; synchronous=FULL makes a commit
+            # durable before it is acknowledged.
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __len__(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM documents").fetchone()[0])
+
+    @property
+    def generation(self) -> int:
+        return int(self.get_meta("generation") or 0)
+
+    def get_meta(self, name: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, name: str, value: str) -> None:
+        with self._transaction():
+            self._put_meta(name, value)
+
+    def _put_meta(self, name: str, value: str) -> None:
+        self.db.execute(
+            "INSERT INTO meta(name, value) VALUES(?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self.db)
+
+    def upsert(
+        self,
+        documents: Sequence[NewDocument],
+        vectors: NDArray[np.float32],
+        token_ids: Sequence[NDArray[np.int32]],
+    ) -> Upserted:
+        """Writes documents in one transaction; an id seen before gets a fresh key."""
+        if not (len(documents) == len(vectors) == len(token_ids)):
+            raise StoreError("documents, vectors and token ids differ in count")
+        ids = [document.id for document in documents]
+        if len(set(ids)) != len(ids):
+            duplicate = next(item for item in ids if ids.count(item) > 1)
+            raise StoreError(f"id {duplicate!r} appears twice in one batch; send it once")
+        with self._transaction():
+            replaced = self._keys_for(ids)
+            if replaced:
+                self.db.executemany(
+                    "DELETE FROM documents WHERE key = ?", [(key,) for key in replaced]
+                )
+            first = int(self.get_meta("next_key") or 1)
+            keys = list(range(first, first + len(documents)))
+            self.db.executemany(
+                "INSERT INTO documents(key, id, text, metadata, token_ids, vector) "
+                "VALUES(?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        key,
+                        document.id,
+                        document.text,
+                        json.dumps(dict(document.metadata), ensure_ascii=False),
+                        np.asarray(tokens, dtype=np.int32).tobytes(),
+                        np.asarray(vector, dtype=np.float32).tobytes(),
+                    )
+                    for key, document, tokens, vector in zip(
+                        keys, documents, token_ids, vectors, strict=True
+                    )
+                ],
+            )
+            self._put_meta("next_key", str(first + len(documents)))
+            self._bump_generation()
+        return Upserted(keys=keys, replaced=replaced)
+
+    def replace_token_ids(
+        self, keys: Sequence[int], token_ids: Sequence[NDArray[np.int32]]
+    ) -> None:
+        with self._transaction():
+            self.db.executemany(
+                "UPDATE documents SET token_ids = ? WHERE key = ?",
+                [
+                    (np.asarray(tokens, dtype=np.int32).tobytes(), int(key))
+                    for key, tokens in zip(keys, token_ids, strict=True)
+                ],
+            )
+
+    def delete(self, ids: Sequence[str]) -> list[int]:
+        """Removes documents by external id; returns the keys that existed."""
+        with self._transaction():
+            keys = self._keys_for(ids)
+            self.db.executemany("DELETE FROM documents WHERE key = ?", [(key,) for key in keys])
+            if keys:
+                self._bump_generation()
+        return keys
+
+    def _bump_generation(self) -> None:
+        self._put_meta("generation", str(self.generation + 1))
+
+    def _keys_for(self, ids: Sequence[str]) -> list[int]:
+        keys: list[int] = []
+        for start in range(0, len(ids), 500):  # SQLite caps bound parameters per statement
+            chunk = list(ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(f"SELECT key FROM documents WHERE id IN ({marks})", chunk)
+            keys.extend(int(row[0]) for row in rows)
+        return keys
+
+    def by_ids(self, ids: Sequence[str]) -> dict[str, StoredDocument]:
+        return {document.id: document for document in self._select("id", ids)}
+
+    def by_keys(self, keys: Sequence[int]) -> dict[int, StoredDocument]:
+        return {document.key: document for document in self._select("key", [int(k) for k in keys])}
+
+    def _select(self, column: str, values: Sequence[object]) -> Iterator[StoredDocument]:
+        for start in range(0, len(values), 500):
+            chunk = list(values[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(
+                "SELECT key, id, text, metadata, token_ids FROM documents "
+                f"WHERE {column} IN ({marks})",
+                chunk,
+            )
+            for key, external, text, metadata, tokens in rows:
+                yield StoredDocument(
+                    key=int(key),
+                    id=str(external),
+                    text=str(text),
+                    metadata=json.loads(metadata),
+                    token_ids=np.frombuffer(tokens, dtype=np.int32),
+                )
+
+    def keys(self) -> NDArray[np.uint64]:
+        rows = self.db.execute("SELECT key FROM documents ORDER BY key").fetchall()
+        return np.array([row[0] for row in rows], dtype=np.uint64)
+
+    def vectors(
+        self, keys: Sequence[int] | None = None, *, batch: int = 4096
+    ) -> Iterator[tuple[NDArray[np.uint64], NDArray[np.float32]]]:
+        """Yields (keys, vectors) in batches: all documents, or only ``keys``."""
+        if keys is None:
+            cursor = self.db.execute("SELECT key, vector FROM documents ORDER BY key")
+            while rows := cursor.fetchmany(batch):
+                yield _unpack_vectors(rows)
+            return
+        for start in range(0, len(keys), 500):
+            chunk = [int(key) for key in keys[start : start + 500]]
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(
+                f"SELECT key, vector FROM documents WHERE key IN ({marks}) ORDER BY key", chunk
+            ).fetchall()
+            if rows:
+                yield _unpack_vectors(rows)
+
+
+def _unpack_vectors(
+    rows: list[tuple[int, bytes]],
+) -> tuple[NDArray[np.uint64], NDArray[np.float32]]:
+    keys = np.array([row[0] for row in rows], dtype=np.uint64)
+    vectors = np.stack([np.frombuffer(row[1], dtype=np.float32) for row in rows])
+    return keys, vectors
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"the document store cannot be written: {exc}") from exc
+        return self.db
+
+    def __exit__(self, kind: object, value: BaseException | None, traceback: object) -> None:
+        if kind is None:
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self.db.execute("ROLLBACK")
+                raise StoreError(f"the document store cannot be written: {exc}") from exc
+            return
+        self.db.execute("ROLLBACK")
+        if isinstance(value, sqlite3.OperationalError):
+            # Read-only files and full disks surface here, mid-statement.
+            raise StoreError(f"the document store cannot be written: {value}") from value

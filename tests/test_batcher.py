@@ -1,0 +1,249 @@
+"""The rerank batcher, deterministically: exact sizes, huge timeouts, a gated runner, no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from server.batcher import (
+    BatchLimits,
+    CostModel,
+    EdfQueue,
+    Entry,
+    Overloaded,
+    RerankBatcher,
+    RunnerFailed,
+    build_batch,
+)
+from server.pairs import JoinedPair
+
+HOUR = 3600.0
+
+
+def pair(tag: int, length: int = 10) -> JoinedPair:
+    """A pair whose first id carries ``tag``, so a runner can tell which pair it scores."""
+    ids = np.full(length, 7, dtype=np.int64)
+    ids[0] = tag
+    return JoinedPair(ids, np.zeros(length, dtype=np.int64), truncated=False)
+
+
+def entry(tag: int, length: int = 10, deadline: float = math.inf, order=(0, 0)) -> Entry:
+    return Entry(pair(tag, length), deadline, order)
+
+
+def queue_of(*entries: Entry) -> EdfQueue:
+    queue = EdfQueue()
+    for item in entries:
+        queue.push(item)
+    return queue
+
+
+FREE = CostModel(seconds_per_token=0.0, weight=0.0)
+
+
+def test_batch_respects_the_padded_token_budget() -> None:
+    queue = queue_of(*(entry(i, 100, order=(0, i)) for i in range(10)))
+    batch, expired = build_batch(queue, BatchLimits(max_batch_tokens=450), FREE, now=0.0)
+    assert [e.pair.input_ids[0] for e in batch] == [0, 1, 2, 3]
+    assert expired == []
+    assert len(queue) == 6
+
+
+def test_batch_respects_the_pair_cap() -> None:
+    queue = queue_of(*(entry(i, order=(0, i)) for i in range(10)))
+    batch, _ = build_batch(queue, BatchLimits(max_batch_pairs=3), FREE, now=0.0)
+    assert len(batch) == 3
+
+
+def test_window_prefers_lengths_close_to_the_head() -> None:
+    queue = queue_of(
+        entry(0, 10, order=(0, 0)), entry(1, 100, order=(0, 1)), entry(2, 12, order=(0, 2)),
+        entry(3, 50, order=(0, 3)),
+    )  # fmt: skip
+    batch, _ = build_batch(queue, BatchLimits(max_batch_tokens=40), FREE, now=0.0)
+    assert [e.pair.input_ids[0] for e in batch] == [0, 2]
+
+
+def test_earliest_deadline_leads_the_batch() -> None:
+    queue = queue_of(entry(0, deadline=50.0, order=(0, 0)), entry(1, deadline=5.0, order=(1, 0)))
+    batch, _ = build_batch(queue, BatchLimits(max_batch_pairs=1), FREE, now=0.0)
+    assert batch[0].pair.input_ids[0] == 1
+
+
+def test_entries_that_cannot_finish_in_time_expire() -> None:
+    cost = CostModel(seconds_per_token=0.01, weight=0.0)  # 0.1 s for a 10-token pair
+    queue = queue_of(
+        entry(0, deadline=0.05, order=(0, 0)),
+        *(entry(i, deadline=0.25, order=(1, i)) for i in (1, 2, 3)),
+    )
+    batch, expired = build_batch(queue, BatchLimits(), cost, now=0.0)
+    assert [e.pair.input_ids[0] for e in expired] == [0]
+    # Two pairs are predicted to take 0.2 s; a third would end after the 0.25 s deadline.
+    assert [e.pair.input_ids[0] for e in batch] == [1, 2]
+
+
+def test_departed_callers_are_dropped() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        gone = entry(0, order=(0, 0))
+        gone.future = loop.create_future()
+        gone.future.cancel()
+        queue = queue_of(gone, entry(1, order=(1, 0)))
+        batch, expired = build_batch(queue, BatchLimits(), FREE, now=0.0)
+        assert [e.pair.input_ids[0] for e in batch] == [1]
+        assert expired == []
+    finally:
+        loop.close()
+
+
+class GatedRunner:
+    """Scores pair ``tag`` as ``tag``; blocks each run until the test opens the gate."""
+
+    def __init__(self, *, gated: bool = True, clock: list[float] | None = None) -> None:
+        self.calls: list[list[int]] = []
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+        self.clock = clock
+        self.poison: int | None = None
+
+    def __call__(self, pairs: Sequence[JoinedPair]) -> np.ndarray:
+        tags = [int(p.input_ids[0]) for p in pairs]
+        self.calls.append(tags)
+        self.started.set()
+        assert self.gate.wait(HOUR)
+        if self.clock is not None:
+            self.clock[0] += len(pairs)  # one fake second per pair
+        if self.poison in tags:
+            raise ValueError("model exploded")
+        return np.array(tags, dtype=np.float32)
+
+
+async def wait_started(runner: GatedRunner) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, runner.started.wait, HOUR)
+    runner.started.clear()
+
+
+def test_pairs_from_concurrent_requests_share_batches() -> None:
+    async def scenario() -> None:
+        runner = GatedRunner()
+        batcher = RerankBatcher(runner, limits=BatchLimits(max_batch_pairs=64), cost=FREE)
+        await batcher.start()
+        first = asyncio.create_task(batcher.score([pair(100)], budget=HOUR))
+        await wait_started(runner)
+        others = [
+            asyncio.create_task(batcher.score([pair(10 * r + i) for i in range(5)], budget=HOUR))
+            for r in range(1, 4)
+        ]
+        while batcher.queued < 15:
+            await asyncio.sleep(0)  # yield to the tasks being scheduled; no wall-clock wait
+        runner.gate.set()
+        results = await asyncio.gather(first, *others)
+        assert runner.calls[0] == [100]
+        assert sorted(runner.calls[1]) == sorted(10 * r + i for r in range(1, 4) for i in range(5))
+        assert results[2].scores.tolist() == [20, 21, 22, 23, 24]
+        assert all(result.scored.all() for result in results)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_failure_reaches_only_the_failing_batch() -> None:
+    async def scenario() -> None:
+        runner = GatedRunner(gated=False)
+        runner.poison = 66
+        batcher = RerankBatcher(runner, cost=FREE)
+        await batcher.start()
+        with pytest.raises(RunnerFailed, match="model exploded"):
+            await batcher.score([pair(65), pair(66)], budget=HOUR)
+        healthy = await batcher.score([pair(5), pair(6)], budget=HOUR)
+        assert healthy.scores.tolist() == [5, 6]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_request_leaves_the_queue() -> None:
+    async def scenario() -> None:
+        runner = GatedRunner()
+        batcher = RerankBatcher(runner, cost=FREE)
+        await batcher.start()
+        blocker = asyncio.create_task(batcher.score([pair(1)], budget=HOUR))
+        await wait_started(runner)
+        doomed = asyncio.create_task(batcher.score([pair(2), pair(3)], budget=HOUR))
+        kept = asyncio.create_task(batcher.score([pair(4)], budget=HOUR))
+        while batcher.queued < 3:
+            await asyncio.sleep(0)
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        runner.gate.set()
+        await asyncio.gather(blocker, kept)
+        assert runner.calls == [[1], [4]]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_earliest_deadline_first_across_requests() -> None:
+    async def scenario() -> None:
+        runner = GatedRunner()
+        batcher = RerankBatcher(runner, limits=BatchLimits(max_batch_pairs=1), cost=FREE)
+        await batcher.start()
+        blocker = asyncio.create_task(batcher.score([pair(1)], budget=HOUR))
+        await wait_started(runner)
+        late = asyncio.create_task(batcher.score([pair(30), pair(31)], budget=3 * HOUR))
+        early = asyncio.create_task(batcher.score([pair(20), pair(21)], budget=2 * HOUR))
+        while batcher.queued < 4:
+            await asyncio.sleep(0)
+        runner.gate.set()
+        await asyncio.gather(blocker, late, early)
+        assert runner.calls == [[1], [20], [21], [30], [31]]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_budget_scores_stage_one_order_first_and_reports_the_rest_unscored() -> None:
+    async def scenario() -> None:
+        clock = [0.0]
+        runner = GatedRunner(gated=False, clock=clock)
+        batcher = RerankBatcher(
+            runner,
+            limits=BatchLimits(max_batch_pairs=1),
+            cost=CostModel(seconds_per_token=0.1, weight=0.0),  # 1 fake second per 10-token pair
+            clock=lambda: clock[0],
+        )
+        await batcher.start()
+        outcome = await batcher.score([pair(i) for i in range(10)], budget=3.5)
+        assert runner.calls == [[0], [1], [2]]
+        assert outcome.scored.tolist() == [True] * 3 + [False] * 7
+        assert outcome.scores[:3].tolist() == [0, 1, 2]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_admission_refuses_past_the_queue_bound() -> None:
+    async def scenario() -> None:
+        runner = GatedRunner()
+        batcher = RerankBatcher(runner, limits=BatchLimits(max_queued_pairs=4), cost=FREE)
+        await batcher.start()
+        blocker = asyncio.create_task(batcher.score([pair(1)], budget=HOUR))
+        await wait_started(runner)
+        waiting = asyncio.create_task(batcher.score([pair(i) for i in range(3)], budget=HOUR))
+        while batcher.queued < 3:
+            await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="limit of 4"):
+            await batcher.score([pair(9), pair(9)], budget=HOUR)
+        runner.gate.set()
+        await asyncio.gather(blocker, waiting)
+        await batcher.stop()
+
+    asyncio.run(scenario())

@@ -1,0 +1,50 @@
+"""Joining stored document ids with a query gives exactly what the tokenizer gives for the pair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.pairs import PairTokenizer, longest_first, pad_pairs
+from tandem.encoders import load_tokenizer, pad_encodings
+
+
+@pytest.mark.parametrize("max_length", [512, 96, 24])
+def test_join_matches_the_tokenizer_on_real_pairs(
+    reranker_path: Path, data, max_length: int
+) -> None:
+    reference = load_tokenizer(reranker_path, max_length=max_length)
+    pairs = PairTokenizer(reference, max_length=max_length)
+    documents = [segment.text for segment in data.segments[:60]] + ["", "x", "word " * 700]
+    queries = [topic.query for topic in data.topics[:4]] + ["a " * 40]
+    stored = pairs.tokenize(documents)
+    for query in queries:
+        query_ids = pairs.tokenize([query])[0]
+        joined = pad_pairs(pairs.join(query_ids, stored))
+        expected = pad_encodings(reference.encode_batch([(query, doc) for doc in documents]))
+        assert joined.input_ids.tolist() == expected.input_ids.tolist()
+        assert joined.token_type_ids.tolist() == expected.token_type_ids.tolist()
+        assert joined.attention_mask.tolist() == expected.attention_mask.tolist()
+        assert joined.truncated.tolist() == expected.truncated.tolist()
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "budget", "kept"),
+    [(5, 5, 20, (5, 5)), (3, 30, 20, (3, 17)), (30, 3, 20, (17, 3)), (30, 40, 21, (10, 11)),
+     (40, 30, 21, (11, 10)), (12, 12, 20, (10, 10))],
+)  # fmt: skip
+def test_longest_first_rule(first: int, second: int, budget: int, kept: tuple[int, int]) -> None:
+    assert longest_first(first, second, budget) == kept
+    assert sum(kept) <= budget
+
+
+def test_padding_marks_only_real_tokens(reranker_path: Path) -> None:
+    pairs = PairTokenizer(load_tokenizer(reranker_path, max_length=64), max_length=64)
+    query = pairs.tokenize(["q"])[0]
+    batch = pad_pairs(pairs.join(query, pairs.tokenize(["short", "a much longer document text"])))
+    assert batch.attention_mask.sum(axis=1).tolist() == [
+        len(p) for p in pairs.join(query, pairs.tokenize(["short", "a much longer document text"]))
+    ]
+    assert np.all(batch.input_ids[batch.attention_mask == 0] == 0)

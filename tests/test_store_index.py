@@ -1,0 +1,145 @@
+"""The store and the index stay consistent through add, remove, save, reopen and crashes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.index import IndexCorrupt, IndexSettings, VectorIndex, load_consistent
+from server.store import DocumentStore, NewDocument, StoreError
+
+DIM = 16
+SETTINGS = IndexSettings(dtype="f32", exact_below=0)
+
+
+def unit_vectors(count: int, seed: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((count, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def add_documents(store: DocumentStore, ids: list[str], seed: int = 0):
+    docs = [
+        NewDocument(id=item, text=f"text of {item}", metadata={"n": i})
+        for i, item in enumerate(ids)
+    ]
+    tokens = [np.arange(i + 1, dtype=np.int32) for i in range(len(ids))]
+    vectors = unit_vectors(len(ids), seed)
+    return store.upsert(docs, vectors, tokens), vectors
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    opened = DocumentStore(tmp_path / "docs.sqlite")
+    yield opened
+    opened.close()
+
+
+def test_upsert_get_delete_round_trip(store: DocumentStore) -> None:
+    written, _ = add_documents(store, ["a", "b", "c"])
+    assert written.keys == [1, 2, 3]
+    assert written.replaced == []
+    got = store.by_ids(["b", "missing"])
+    assert list(got) == ["b"]
+    assert got["b"].text == "text of b"
+    assert got["b"].metadata == {"n": 1}
+    assert got["b"].token_ids.tolist() == [0, 1]
+    assert store.delete(["a", "nope"]) == [1]
+    assert len(store) == 2
+    assert store.generation == 2
+
+
+def test_reupsert_gets_a_fresh_key(store: DocumentStore) -> None:
+    add_documents(store, ["a", "b"])
+    again, _ = add_documents(store, ["a"], seed=5)
+    assert again.keys == [3]
+    assert again.replaced == [1]
+    assert store.by_ids(["a"])["a"].key == 3
+    assert store.keys().tolist() == [2, 3]
+
+
+def test_duplicate_ids_in_one_batch_are_refused_whole(store: DocumentStore) -> None:
+    add_documents(store, ["keep"])
+    with pytest.raises(StoreError, match="'x' appears twice"):
+        add_documents(store, ["x", "y", "x"])
+    assert store.keys().tolist() == [1]
+
+
+def test_index_search_finds_nearest_and_survives_reopen(tmp_path: Path, store) -> None:
+    written, vectors = add_documents(store, [f"d{i}" for i in range(200)])
+    index = load_consistent(tmp_path / "vectors.usearch", store, ndim=DIM, settings=SETTINGS)
+    hits = index.search(vectors[17], 5)
+    assert int(hits.keys[0]) == written.keys[17]
+    assert hits.similarities[0] == pytest.approx(1.0, abs=1e-5)
+    assert np.all(np.diff(hits.similarities) <= 1e-6)
+    reopened, sidecar = VectorIndex.open(tmp_path / "vectors.usearch", ndim=DIM, settings=SETTINGS)
+    assert sidecar["generation"] == store.generation
+    assert sorted(reopened.keys().tolist()) == written.keys
+
+
+def test_crash_between_store_commit_and_index_save_is_repaired(tmp_path: Path, store) -> None:
+    path = tmp_path / "vectors.usearch"
+    add_documents(store, [f"d{i}" for i in range(50)])
+    load_consistent(path, store, ndim=DIM, settings=SETTINGS)
+    # The store commits more writes; the process dies before the index is saved again.
+    store.delete(["d3", "d4"])
+    later, later_vectors = add_documents(store, ["n1", "n2"], seed=9)
+    repaired = load_consistent(path, store, ndim=DIM, settings=SETTINGS)
+    assert sorted(repaired.keys().tolist()) == store.keys().tolist()
+    assert int(repaired.search(later_vectors[1], 1).keys[0]) == later.keys[1]
+    _, sidecar = VectorIndex.open(path, ndim=DIM, settings=SETTINGS)
+    assert sidecar["generation"] == store.generation
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "flip"])
+def test_damaged_index_file_is_rebuilt_from_the_store(
+    tmp_path: Path, store, damage, caplog
+) -> None:
+    path = tmp_path / "vectors.usearch"
+    add_documents(store, [f"d{i}" for i in range(30)])
+    load_consistent(path, store, ndim=DIM, settings=SETTINGS)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "delete":
+        path.unlink()
+    else:
+        content = bytearray(path.read_bytes())
+        content[len(content) // 2] ^= 0xFF
+        path.write_bytes(bytes(content))
+    with pytest.raises(IndexCorrupt):
+        VectorIndex.open(path, ndim=DIM, settings=SETTINGS)
+    rebuilt = load_consistent(path, store, ndim=DIM, settings=SETTINGS)
+    assert sorted(rebuilt.keys().tolist()) == store.keys().tolist()
+    assert "rebuilding from the store" in caplog.text
+
+
+def test_exact_search_below_threshold_matches_brute_force(tmp_path: Path, store) -> None:
+    _, vectors = add_documents(store, [f"d{i}" for i in range(300)])
+    exact = load_consistent(
+        tmp_path / "v.usearch",
+        store,
+        ndim=DIM,
+        settings=IndexSettings(dtype="f32", exact_below=10_000),
+    )
+    query = unit_vectors(1, 77)[0]
+    brute = np.argsort(-(vectors @ query))[:20] + 1
+    assert exact.search(query, 20).keys.tolist() == brute.tolist()
+
+
+def test_view_opens_read_only_memory_map(tmp_path: Path, store) -> None:
+    written, vectors = add_documents(store, [f"d{i}" for i in range(40)])
+    load_consistent(tmp_path / "v.usearch", store, ndim=DIM, settings=SETTINGS)
+    view, _ = VectorIndex.open(tmp_path / "v.usearch", ndim=DIM, settings=SETTINGS, view=True)
+    assert int(view.search(vectors[5], 1).keys[0]) == written.keys[5]
+
+
+def test_read_only_store_refuses_writes_but_reads(tmp_path: Path, store) -> None:
+    add_documents(store, ["a"])
+    reader = DocumentStore(tmp_path / "docs.sqlite", read_only=True)
+    try:
+        assert reader.by_ids(["a"])["a"].text == "text of a"
+        with pytest.raises(StoreError, match="cannot be written"):
+            reader.delete(["a"])
+    finally:
+        reader.close()
