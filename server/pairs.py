@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 from tokenizers import Tokenizer
 
-from tandem.encoders import TokenBatch, pad_rows
+from tandem.encoders import CrossEncoder, TokenBatch, pad_rows
 
 Ids = NDArray[np.int32]
 
@@ -120,6 +120,10 @@ class PairTokenizer:
         # One token more than any pair can hold, so a join can tell that a document was cut.
         self.tokenizer.enable_truncation(max_length + 1)
         self.pad_id = 0
+
+    @classmethod
+    def for_reranker(cls, reranker: CrossEncoder) -> PairTokenizer:
+        return cls(reranker.tokenizer, max_length=reranker.manifest.max_length)
 
     def tokenize(self, texts: Sequence[str]) -> list[Ids]:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
