@@ -70,7 +70,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the artifact on this device (cuda for FP16 on a GPU)",
     )
     _add_verification_flags(verify)
+    index = commands.add_parser("index", help="build a collection from a corpus")
+    index_commands = index.add_subparsers(dest="index_command", required=True)
+    build = index_commands.add_parser("build", help="bulk-load a JSONL corpus (resumable)")
+    build.add_argument(
+        "--corpus",
+        type=Path,
+        required=True,
+        help='.jsonl or .jsonl.gz, one {"id", "text", "metadata"} per line',
+    )
+    build.add_argument("--out", type=Path, required=True, help="collection folder")
+    build.add_argument("--bi-encoder", type=Path, default=Path("artifacts/bi-encoder"))
+    build.add_argument(
+        "--reranker",
+        type=Path,
+        default=Path("artifacts/cross-encoder"),
+        help="its tokenizer pre-tokenizes documents; a missing folder skips it",
+    )
+    build.add_argument("--batch-size", type=int, default=64, help="documents per transaction")
+    build.add_argument("--dtype", choices=("i8", "f16", "f32"), default="i8")
+    build.add_argument("--threads", type=int, default=2)
     return parser
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from server.collection import Collection, CollectionError
+    from server.index import IndexSettings
+    from server.indexer import CorpusError, build
+    from server.pairs import PairTokenizer
+    from server.store import StoreError
+    from tandem.artifact import ArtifactError
+    from tandem.encoders import BiEncoder, CrossEncoder
+
+    try:
+        embedder = BiEncoder(args.bi_encoder, threads=args.threads)
+        pairs = None
+        if (args.reranker / "manifest.json").is_file():
+            pairs = PairTokenizer.for_reranker(CrossEncoder(args.reranker, threads=1))
+        collection = Collection(
+            args.out, embedder=embedder, pairs=pairs, settings=IndexSettings(dtype=args.dtype)
+        )
+        try:
+            report = build(collection, args.corpus, batch_size=args.batch_size)
+        finally:
+            collection.close()
+    except (CorpusError, ArtifactError, CollectionError) as exc:
+        print(f"tandem index build: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreError as exc:
+        print(f"tandem index build: error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.out}: {report.added} documents added, {report.skipped} already present, "
+        f"{report.total} read in {report.seconds:.1f} s"
+    )
+    return 0
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -139,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.command == "export":
         return _run_export(args)
+    if args.command == "index":
+        return _run_index(args)
     return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands first
 
 
