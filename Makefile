@@ -53,7 +53,9 @@ test: check data
 	$(BIN)/pytest
 
 bench: data
-	$(BIN)/python -m benchmarks.encoders
+	$(BIN)/python -m benchmarks.encoders --out benchmarks/results
+	$(BIN)/python -m benchmarks.batcher --out benchmarks/results/batcher.json
+	$(BIN)/python -m benchmarks.vector_search --out benchmarks/results/vector_search.json
 
 clean:
 	rm -rf $(VENV) $(ARTIFACTS) .cache .mypy_cache .pytest_cache .ruff_cache

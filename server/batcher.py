@@ -107,6 +107,11 @@ class EdfQueue:
     def pop(self) -> Entry:
         return heapq.heappop(self.heap)[2]
 
+    def discard_unwanted(self) -> None:
+        """Drops entries whose caller has gone; O(n), and n is bounded by admission."""
+        self.heap = [item for item in self.heap if item[2].wanted]
+        heapq.heapify(self.heap)
+
 
 def build_batch(
     queue: EdfQueue, limits: BatchLimits, cost: CostModel, *, now: float
@@ -223,10 +228,12 @@ class RerankBatcher:
         try:
             _, pending = await asyncio.wait(futures, timeout=None if budget is None else budget)
         finally:
-            # Cancelled callers and expired budgets leave the queue: the builder skips them.
-            for future in futures:
-                if not future.done():
-                    future.cancel()
+            # Cancelled callers and expired budgets leave the queue at once.
+            abandoned = [future for future in futures if not future.done()]
+            for future in abandoned:
+                future.cancel()
+            if abandoned:
+                self.queue.discard_unwanted()
         scores = np.full(len(pairs), np.nan, dtype=np.float32)
         for position, future in enumerate(futures):
             if future.cancelled() or future in pending:

@@ -5,6 +5,7 @@
 Modes: two-stage (default), retrieve-only, rerank of documents the client sends, and rerank
 of stored documents by id. Reranked hits come first by rerank score; candidates the budget
 left unscored follow in stage-1 order, and ``reranked_count`` says how many were scored.
+A budget of 0 (or None) means no deadline.
 """
 
 from __future__ import annotations
@@ -226,11 +227,13 @@ class Searcher:
     ) -> Result:
         pairs = self._require_reranker()
         assert self.batcher is not None
+        if budget_s is not None and budget_s < 0:
+            raise SearchError(f"the rerank budget must be >= 0 (got {budget_s}); 0 means none")
         started = time.perf_counter()
         query_ids = pairs.tokenize([query])[0]
         joined = pairs.join(query_ids, [candidate.token_ids for candidate in candidates])
         timings["tokenize"] = timings.get("tokenize", 0.0) + _ms_since(started)
-        outcome = await self.batcher.score(joined, budget=budget_s)
+        outcome = await self.batcher.score(joined, budget=budget_s or None)
         timings["rerank"] = outcome.queue_seconds * 1000
         scored = outcome.scored
         order = sorted(

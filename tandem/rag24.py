@@ -26,6 +26,8 @@ FILES = {
     "topics": "data/topics.rag24.test.txt",
     "umbrela": "data/qrels.rag24.test-umbrela-all.txt",
     "nist": "data/2024-retrieval-qrels.txt",
+    # Human-written RAG answers for the same topics: more real text, for scale benchmarks.
+    "responses": "data/crowd/responses.jsonl.gz",
 }
 
 
@@ -115,6 +117,18 @@ def load(folder: Path | None = None) -> Rag24:
         umbrela=_read_qrels(folder / Path(FILES["umbrela"]).name),
         nist=_read_qrels(folder / Path(FILES["nist"]).name),
     )
+
+
+def response_texts(folder: Path | None = None) -> list[str]:
+    """The crowd's written answers to the topics (``cleaned_text``), in file order."""
+    folder = ensure_files(folder)
+    texts = []
+    with gzip.open(folder / Path(FILES["responses"]).name, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            answer = json.loads(line).get("cleaned_text")
+            if isinstance(answer, str) and answer.strip():
+                texts.append(answer)
+    return texts
 
 
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:

@@ -183,6 +183,7 @@ def test_cancelled_request_leaves_the_queue() -> None:
         doomed.cancel()
         with pytest.raises(asyncio.CancelledError):
             await doomed
+        assert batcher.queued == 1  # the cancelled pairs left the queue at once
         runner.gate.set()
         await asyncio.gather(blocker, kept)
         assert runner.calls == [[1], [4]]

@@ -149,6 +149,14 @@ def test_rerank_by_id_and_unknown_ids(int8_parts, data) -> None:
         scenario(int8_parts, lambda s: s.rerank_ids("q", ["nope", ids[0]], budget_s=None))
 
 
+def test_zero_budget_means_no_deadline_and_negative_is_refused(int8_parts, data) -> None:
+    query = data.topics[5].query
+    result = scenario(int8_parts, lambda s: s.search(query, recall_k=10, budget_s=0))
+    assert result.reranked_count == 10
+    with pytest.raises(SearchError, match="budget must be >= 0"):
+        scenario(int8_parts, lambda s: s.search(query, budget_s=-1))
+
+
 @pytest.mark.parametrize(("recall_k", "top_n"), [(0, 5), (10, 0), (-1, 5)])
 def test_bad_sizes_are_refused(int8_parts, recall_k: int, top_n: int) -> None:
     with pytest.raises(SearchError, match="must be at least 1"):
