@@ -7,7 +7,6 @@ compares those with the store and repairs (or rebuilds) rather than serve a mism
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from numpy.typing import NDArray
 from usearch.index import Index
 
 from server.store import DocumentStore
+from tandem.durable import fsync_file, sha256_file, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,8 @@ class VectorIndex:
         """Writes ``path`` and its sidecar atomically: temporary file, fsync, rename."""
         temporary = path.with_name(f".{path.name}.tmp")
         self.index.save(str(temporary))
-        _fsync(temporary)
-        digest = _sha256(temporary)
+        fsync_file(temporary)
+        digest = sha256_file(temporary)
         os.replace(temporary, path)
         sidecar = {
             "generation": generation,
@@ -106,8 +106,7 @@ class VectorIndex:
             "ndim": self.ndim,
             "settings": asdict(self.settings),
         }
-        _write_json_atomically(_sidecar(path), sidecar)
-        _fsync_dir(path.parent)
+        write_text_atomically(_sidecar(path), json.dumps(sidecar, indent=2) + "\n")
 
     @classmethod
     def open(
@@ -121,7 +120,7 @@ class VectorIndex:
             sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise IndexCorrupt(f"{sidecar_path} is unreadable: {exc}") from exc
-        if sidecar.get("sha256") != _sha256(path):
+        if sidecar.get("sha256") != sha256_file(path):
             raise IndexCorrupt(f"{path} does not match the checksum in its sidecar")
         if (
             sidecar.get("ndim") != ndim
@@ -178,33 +177,3 @@ def load_consistent(
 
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

@@ -7,12 +7,12 @@ longer match what was exported and verified.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
+
+from tandem.durable import sha256_file, write_text_atomically
 
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
@@ -141,14 +141,6 @@ def _manifest_from_dict(raw: dict[str, Any]) -> Manifest:
         raise ArtifactError(f"manifest.json is missing or has a malformed field: {exc}") from exc
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def hash_folder(folder: Path) -> dict[str, str]:
     """Hashes every file in ``folder`` except the manifest itself, by relative name."""
     return {
@@ -160,13 +152,7 @@ def hash_folder(folder: Path) -> dict[str, str]:
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     """Replaces the manifest atomically, so a reader never sees half of one."""
-    target = folder / MANIFEST_NAME
-    temporary = folder / f".{MANIFEST_NAME}.tmp"
-    with temporary.open("w", encoding="utf-8") as handle:
-        handle.write(manifest.to_json())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, target)
+    write_text_atomically(folder / MANIFEST_NAME, manifest.to_json())
 
 
 def read_manifest(folder: Path) -> Manifest:
