@@ -105,3 +105,19 @@ def test_cli_builds_a_collection(tmp_path: Path, data, bi_int8, ce_int8, capsys)
     )  # fmt: skip
     assert code == 0
     assert "30 documents added, 0 already present" in capsys.readouterr().out
+
+
+def test_compaction_rebuilds_only_live_vectors(tmp_path: Path, data, bi_int8, ce_int8) -> None:
+    corpus = write_corpus(tmp_path / "corpus.jsonl.gz", data, 40)
+    collection = open_collection(tmp_path / "c", bi_int8, ce_int8)
+    build(collection, corpus, batch_size=20, progress=Progress(40, stream=io.StringIO()))
+    removed = [segment.id for segment in data.segments[:10]]
+    assert len(collection.delete(removed)) == 10
+    collection.compact()
+    assert sorted(collection.index.keys().tolist()) == collection.store.keys().tolist()
+    _, sidecar = VectorIndex.open(
+        tmp_path / "c" / "vectors.usearch", ndim=384, settings=IndexSettings()
+    )
+    assert sidecar["count"] == 30
+    assert sidecar["generation"] == collection.store.generation
+    collection.close()
