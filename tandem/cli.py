@@ -31,6 +31,8 @@ def _add_verification_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.index import IndexSettings
+
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tandem {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -88,7 +90,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="its tokenizer pre-tokenizes documents; a missing folder skips it",
     )
     build.add_argument("--batch-size", type=int, default=64, help="documents per transaction")
-    build.add_argument("--dtype", choices=("i8", "f16", "f32"), default="i8")
+    defaults = IndexSettings()
+    build.add_argument(
+        "--dtype",
+        choices=("i8", "f16", "f32"),
+        default=defaults.dtype,
+        help="vector type in the index (i8: a quarter of f32's memory)",
+    )
+    build.add_argument(
+        "--connectivity",
+        type=int,
+        default=defaults.connectivity,
+        help="HNSW graph degree M: more recall, more memory",
+    )
+    build.add_argument(
+        "--expansion-add",
+        type=int,
+        default=defaults.expansion_add,
+        help="HNSW ef at build time: better graph, slower build",
+    )
+    build.add_argument(
+        "--expansion-search",
+        type=int,
+        default=defaults.expansion_search,
+        help="HNSW ef at query time: more recall, slower search",
+    )
+    build.add_argument(
+        "--exact-below",
+        type=int,
+        default=defaults.exact_below,
+        help="search exactly while the index holds fewer vectors than this",
+    )
     build.add_argument("--threads", type=int, default=2)
     return parser
 
@@ -107,9 +139,14 @@ def _run_index(args: argparse.Namespace) -> int:
         pairs = None
         if (args.reranker / "manifest.json").is_file():
             pairs = PairTokenizer.for_reranker(CrossEncoder(args.reranker, threads=1))
-        collection = Collection(
-            args.out, embedder=embedder, pairs=pairs, settings=IndexSettings(dtype=args.dtype)
+        settings = IndexSettings(
+            dtype=args.dtype,
+            connectivity=args.connectivity,
+            expansion_add=args.expansion_add,
+            expansion_search=args.expansion_search,
+            exact_below=args.exact_below,
         )
+        collection = Collection(args.out, embedder=embedder, pairs=pairs, settings=settings)
         try:
             report = build(collection, args.corpus, batch_size=args.batch_size)
         finally:

@@ -101,10 +101,16 @@ def test_cli_builds_a_collection(tmp_path: Path, data, bi_int8, ce_int8, capsys)
     corpus = write_corpus(tmp_path / "corpus.jsonl.gz", data, 30)
     code = main(
         ["index", "build", "--corpus", str(corpus), "--out", str(tmp_path / "c"),
-         "--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0]), "--batch-size", "10"]
+         "--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0]), "--batch-size", "10",
+         "--dtype", "f16", "--connectivity", "8", "--expansion-search", "32"]
     )  # fmt: skip
     assert code == 0
     assert "30 documents added, 0 already present" in capsys.readouterr().out
+    _, sidecar = VectorIndex.open(
+        tmp_path / "c" / "vectors.usearch", ndim=384, settings=IndexSettings(dtype="f16")
+    )
+    assert sidecar["settings"]["connectivity"] == 8
+    assert sidecar["settings"]["expansion_search"] == 32
 
 
 def test_compaction_rebuilds_only_live_vectors(tmp_path: Path, data, bi_int8, ce_int8) -> None:
