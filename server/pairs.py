@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 from tokenizers import Tokenizer
 
-from tandem.encoders import CrossEncoder, TokenBatch, pad_rows
+from tandem.artifact import open_checked
+from tandem.encoders import CrossEncoder, TokenBatch, load_tokenizer, pad_rows
 
 Ids = NDArray[np.int32]
 
@@ -119,11 +121,17 @@ class PairTokenizer:
         self.tokenizer.no_padding()
         # One token more than any pair can hold, so a join can tell that a document was cut.
         self.tokenizer.enable_truncation(max_length + 1)
-        self.pad_id = 0
 
     @classmethod
     def for_reranker(cls, reranker: CrossEncoder) -> PairTokenizer:
         return cls(reranker.tokenizer, max_length=reranker.manifest.max_length)
+
+    @classmethod
+    def from_artifact(cls, folder: Path) -> PairTokenizer:
+        """The reranker's pair tokenizer without loading its model (for indexing)."""
+        manifest = open_checked(folder, "cross-encoder")
+        tokenizer = load_tokenizer(folder, max_length=manifest.max_length)
+        return cls(tokenizer, max_length=manifest.max_length)
 
     def tokenize(self, texts: Sequence[str]) -> list[Ids]:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)

@@ -162,6 +162,18 @@ def read_manifest(folder: Path) -> Manifest:
     return Manifest.from_json(path.read_text(encoding="utf-8"))
 
 
+def open_checked(folder: Path, kind: Kind, *, check_hashes: bool = True) -> Manifest:
+    """Reads the manifest of a ``kind`` artifact, refusing another kind or altered files."""
+    manifest = read_manifest(folder)
+    if manifest.kind != kind:
+        raise ArtifactError(
+            f"{folder} holds a {manifest.kind}, not a {kind}; pass the {kind} export instead"
+        )
+    if check_hashes:
+        check_files(folder, manifest)
+    return manifest
+
+
 def check_files(folder: Path, manifest: Manifest) -> None:
     """Raises if any file the manifest names is missing or differs from what was exported."""
     for name, expected in sorted(manifest.files.items()):

@@ -132,13 +132,13 @@ def _run_index(args: argparse.Namespace) -> int:
     from server.pairs import PairTokenizer
     from server.store import StoreError
     from tandem.artifact import ArtifactError
-    from tandem.encoders import BiEncoder, CrossEncoder
+    from tandem.encoders import BiEncoder
 
     try:
         embedder = BiEncoder(args.bi_encoder, threads=args.threads)
         pairs = None
         if (args.reranker / "manifest.json").is_file():
-            pairs = PairTokenizer.for_reranker(CrossEncoder(args.reranker, threads=1))
+            pairs = PairTokenizer.from_artifact(args.reranker)
         settings = IndexSettings(
             dtype=args.dtype,
             connectivity=args.connectivity,

@@ -6,6 +6,7 @@ the session and cap batches by padded tokens (the seam Infinity's backends use).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 from tokenizers import Encoding, Tokenizer
 
-from tandem.artifact import MODEL_NAME, ArtifactError, Manifest, check_files, read_manifest
+from tandem.artifact import MODEL_NAME, ArtifactError, Kind, Manifest, open_checked
 
 Device = Literal["cpu", "cuda"]
 
@@ -98,6 +99,15 @@ def pad_encodings(encodings: Sequence[Encoding], *, pad_id: int = 0) -> TokenBat
     )
 
 
+def pad_token_id(folder: Path) -> int:
+    """The model's padding id from its config.json (0 for BERT, 1 for RoBERTa/XLM-R)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return 0
+    value = json.loads(path.read_text(encoding="utf-8")).get("pad_token_id")
+    return int(value) if isinstance(value, int) else 0
+
+
 def create_session(model_path: Path, *, threads: int, device: Device) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -113,7 +123,7 @@ def create_session(model_path: Path, *, threads: int, device: Device) -> ort.Inf
 class OnnxEncoder:
     """An artifact folder opened for inference: manifest checked, tokenizer and session loaded."""
 
-    kind: str = ""
+    kind: Kind
 
     def __init__(
         self,
@@ -124,20 +134,9 @@ class OnnxEncoder:
         check_hashes: bool = True,
     ) -> None:
         self.folder = folder
-        self.manifest: Manifest = read_manifest(folder)
-        if self.manifest.kind != self.kind:
-            raise ArtifactError(
-                f"{folder} holds a {self.manifest.kind}, not a {self.kind}; "
-                f"pass the {self.kind} export instead"
-            )
-        if check_hashes:
-            check_files(folder, self.manifest)
+        self.manifest: Manifest = open_checked(folder, self.kind, check_hashes=check_hashes)
         self.tokenizer = load_tokenizer(folder, max_length=self.manifest.max_length)
-        self.pad_id = (
-            self.tokenizer.token_to_id(self.tokenizer.padding["pad_token"])
-            if (self.tokenizer.padding)
-            else 0
-        )
+        self.pad_id = pad_token_id(folder)
         self.session = create_session(folder / MODEL_NAME, threads=threads, device=device)
         self.input_names = tuple(node.name for node in self.session.get_inputs())
         self.output_name = self.session.get_outputs()[0].name
@@ -150,7 +149,7 @@ class OnnxEncoder:
 class BiEncoder(OnnxEncoder):
     """Embeds texts into unit (or raw, per the manifest) sentence vectors."""
 
-    kind = "bi-encoder"
+    kind: Kind = "bi-encoder"
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
         return pad_encodings(self.tokenizer.encode_batch(list(texts)), pad_id=self.pad_id)
@@ -181,7 +180,7 @@ class BiEncoder(OnnxEncoder):
 class CrossEncoder(OnnxEncoder):
     """Scores (query, document) pairs; higher means more relevant. Scores are raw logits."""
 
-    kind = "cross-encoder"
+    kind: Kind = "cross-encoder"
 
     def tokenize_pairs(self, query: str, documents: Sequence[str]) -> TokenBatch:
         encodings = self.tokenizer.encode_batch([(query, document) for document in documents])

@@ -15,9 +15,11 @@ from tandem.artifact import (
     Pooling,
     check_files,
     hash_folder,
+    open_checked,
     read_manifest,
     write_manifest,
 )
+from tandem.encoders import pad_token_id
 
 
 def make_manifest(files: dict[str, str]) -> Manifest:
@@ -105,3 +107,18 @@ def test_altered_and_missing_files_are_detected(tmp_path: Path) -> None:
     (tmp_path / "model.onnx").unlink()
     with pytest.raises(ArtifactError, match="missing"):
         check_files(tmp_path, manifest)
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [({"pad_token_id": 1}, 1), ({"pad_token_id": 0}, 0), ({"pad_token_id": None}, 0), ({}, 0)],
+)
+def test_pad_id_comes_from_the_model_config(tmp_path: Path, config: dict, expected: int) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert pad_token_id(tmp_path) == expected
+
+
+def test_open_checked_refuses_the_wrong_kind(tmp_path: Path) -> None:
+    write_manifest(tmp_path, make_manifest({}))
+    with pytest.raises(ArtifactError, match="holds a bi-encoder, not a cross-encoder"):
+        open_checked(tmp_path, "cross-encoder")
