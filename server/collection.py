@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 
 from server.index import IndexSettings, VectorIndex, load_consistent, rebuild
 from server.pairs import PairTokenizer
@@ -39,6 +40,16 @@ class CollectionPaths:
     @property
     def index(self) -> Path:
         return self.folder / INDEX_NAME
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Documents with their vectors and reranker token ids, ready to commit."""
+
+    documents: list[NewDocument]
+    vectors: NDArray[np.float32]
+    token_ids: list[NDArray[np.int32]]
+    truncated: NDArray[np.bool_]  # text cut to the bi-encoder's max length
 
 
 class CollectionError(Exception):
@@ -107,15 +118,23 @@ class Collection:
 
     def upsert(self, documents: Sequence[NewDocument], *, batch_size: int = 32) -> Upserted:
         """Embeds, tokenizes and commits ``documents``; durable once this returns."""
+        return self.commit(self.prepare(documents, batch_size=batch_size))
+
+    def prepare(self, documents: Sequence[NewDocument], *, batch_size: int = 32) -> Prepared:
+        """The model work of an upsert. Touches neither store nor index, so it may run on
+        another thread than ``commit`` (the server keeps it off the store's thread)."""
         texts = [document.text for document in documents]
-        vectors = self.embedder.embed(texts, batch_size=batch_size)
+        vectors, truncated = self.embedder.encode(texts, batch_size=batch_size)
         if self.pairs is not None:
             token_ids = self.pairs.tokenize(texts)
         else:
             token_ids = [np.zeros(0, dtype=np.int32) for _ in texts]
-        written = self.store.upsert(documents, vectors, token_ids)
+        return Prepared(list(documents), vectors, token_ids, truncated)
+
+    def commit(self, prepared: Prepared) -> Upserted:
+        written = self.store.upsert(prepared.documents, prepared.vectors, prepared.token_ids)
         self.index.remove(written.replaced)
-        self.index.add(np.asarray(written.keys, dtype=np.uint64), vectors)
+        self.index.add(np.asarray(written.keys, dtype=np.uint64), prepared.vectors)
         return written
 
     def delete(self, ids: Sequence[str]) -> list[int]:

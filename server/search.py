@@ -2,20 +2,29 @@
 
     query -> bi-encoder (LRU-cached) -> index top recall_k -> cross-encoder -> top_n
 
-Modes: two-stage (default), retrieve-only, rerank of documents the client sends, and rerank
-of stored documents by id. Reranked hits come first by rerank score; candidates the budget
-left unscored follow in stage-1 order, and ``reranked_count`` says how many were scored.
-A budget of 0 (or None) means no deadline.
+Modes: two-stage (default), retrieve-only, and rerank of documents the client names (sent as
+text, or stored ids). Reranked hits come first by rerank score; candidates the budget left
+unscored follow in stage-1 order, and ``reranked_count`` says how many were scored. A budget
+of 0 (or None) means no deadline.
+
+Errors (each maps to one gRPC status in ``server.status``)::
+
+    SearchError
+    ├── InvalidRequest     sizes out of range, overlong input with truncate=False
+    ├── UnknownDocuments   stored ids that do not exist
+    └── NoReranker         a rerank on a retrieve-only server
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -28,6 +37,7 @@ from tandem.encoders import BiEncoder, CrossEncoder
 DEFAULT_RECALL_K = 100
 DEFAULT_TOP_N = 5
 DEFAULT_BUDGET_S = 0.100
+T = TypeVar("T")
 
 
 class Mode(enum.Enum):
@@ -36,7 +46,19 @@ class Mode(enum.Enum):
 
 
 class SearchError(Exception):
-    """A request the pipeline cannot serve as asked (bad sizes, no reranker, unknown ids)."""
+    """A request the pipeline cannot serve as asked."""
+
+
+class InvalidRequest(SearchError):
+    pass
+
+
+class UnknownDocuments(SearchError):
+    pass
+
+
+class NoReranker(SearchError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -57,6 +79,11 @@ class Result:
     candidates: int
     query_truncated: bool
     timings_ms: dict[str, float] = field(default_factory=dict)
+    pairs_truncated: bool = False  # some (query, candidate) pair was cut, returned or not
+
+    @property
+    def truncated(self) -> bool:
+        return self.query_truncated or self.pairs_truncated
 
 
 @dataclass(frozen=True)
@@ -68,26 +95,66 @@ class Candidate:
     stage1_score: float | None
 
 
+@dataclass(frozen=True)
+class DocumentRef:
+    """A document to rerank: its text, or the id of a stored one (exactly one is set)."""
+
+    text: str | None = None
+    id: str | None = None
+
+
 class QueryCache:
     """Bounded LRU of query vectors: popular queries skip the bi-encoder."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.items: OrderedDict[str, NDArray[np.float32]] = OrderedDict()
+        self.items: OrderedDict[str, tuple[NDArray[np.float32], bool]] = OrderedDict()
 
-    def get(self, query: str) -> NDArray[np.float32] | None:
-        vector = self.items.get(query)
-        if vector is not None:
+    def get(self, query: str) -> tuple[NDArray[np.float32], bool] | None:
+        entry = self.items.get(query)
+        if entry is not None:
             self.items.move_to_end(query)
-        return vector
+        return entry
 
-    def put(self, query: str, vector: NDArray[np.float32]) -> None:
+    def put(self, query: str, entry: tuple[NDArray[np.float32], bool]) -> None:
         if self.capacity <= 0:
             return
-        self.items[query] = vector
+        self.items[query] = entry
         self.items.move_to_end(query)
         while len(self.items) > self.capacity:
             self.items.popitem(last=False)
+
+
+class Lanes:
+    """The threads blocking work runs on, so the event loop only moves messages.
+
+    - ``query``: the bi-encoder for queries and Embed calls;
+    - ``ingest``: the bi-encoder and tokenizer for upserts, apart from ``query`` so a large
+      upsert never holds a search back;
+    - ``store``: the document store and the vector index. Neither is thread-safe, so one
+      thread owns both; its calls are short (an index probe, a commit).
+    Without executors (``Lanes()``) everything runs inline, as the library tests want.
+    """
+
+    def __init__(self, executors: Mapping[str, Executor] | None = None) -> None:
+        self.executors = dict(executors or {})
+
+    @classmethod
+    def threaded(cls) -> Lanes:
+        return cls({name: ThreadPoolExecutor(1, thread_name_prefix=name) for name in LANE_NAMES})
+
+    async def run(self, lane: str, function: Callable[..., T], *args: Any) -> T:
+        executor = self.executors.get(lane)
+        if executor is None:
+            return function(*args)
+        return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
+
+    def shutdown(self) -> None:
+        for executor in self.executors.values():
+            executor.shutdown(wait=True)
+
+
+LANE_NAMES = ("query", "ingest", "store")
 
 
 class Searcher:
@@ -100,6 +167,7 @@ class Searcher:
         pairs: PairTokenizer | None,
         batcher: RerankBatcher | None,
         cache_size: int = 10_000,
+        lanes: Lanes | None = None,
     ) -> None:
         self.collection = collection
         self.embedder = embedder
@@ -107,15 +175,16 @@ class Searcher:
         self.pairs = pairs
         self.batcher = batcher
         self.cache = QueryCache(cache_size)
+        self.lanes = lanes or Lanes()
 
     def embed_query(self, query: str) -> tuple[NDArray[np.float32], bool]:
-        cached = self.cache.get(query)
-        batch = None
-        if cached is None:
+        """(vector, truncated); runs on the query lane, which also owns the cache."""
+        entry = self.cache.get(query)
+        if entry is None:
             batch = self.embedder.tokenize([query])
-            cached = self.embedder.forward(batch)[0]
-            self.cache.put(query, cached)
-        return cached, bool(batch is not None and batch.truncated[0])
+            entry = (self.embedder.forward(batch)[0], bool(batch.truncated[0]))
+            self.cache.put(query, entry)
+        return entry
 
     async def search(
         self,
@@ -127,18 +196,44 @@ class Searcher:
         budget_s: float | None = DEFAULT_BUDGET_S,
         include_text: bool = True,
         metadata_filter: Mapping[str, Any] | None = None,
+        truncate: bool = True,
     ) -> Result:
         _check_sizes(recall_k=recall_k, top_n=top_n)
+        if mode is Mode.TWO_STAGE:
+            self._require_reranker()
         timings: dict[str, float] = {}
-        started = time.perf_counter()
-        vector, query_truncated = self.embed_query(query)
+        arrived = started = time.perf_counter()
+        vector, query_truncated = await self.lanes.run("query", self.embed_query, query)
         timings["embed"] = _ms_since(started)
+        if query_truncated and not truncate:
+            raise InvalidRequest(
+                f"the query is longer than the bi-encoder's "
+                f"{self.embedder.manifest.max_length} tokens; shorten it, or allow truncate"
+            )
         started = time.perf_counter()
+        candidates = await self.lanes.run(
+            "store", self._candidates, vector, recall_k, metadata_filter
+        )
+        timings["search"] = _ms_since(started)
+        if mode is Mode.RETRIEVE_ONLY:
+            hits_out = [
+                _hit(candidate, rank, None, include_text=include_text, truncated=False)
+                for rank, candidate in enumerate(candidates[:top_n])
+            ]
+            return Result(hits_out, 0, len(candidates), query_truncated, timings)
+        return await self._rerank(
+            query, candidates, top_n=top_n, budget_s=budget_s, include_text=include_text,
+            timings=timings, query_truncated=query_truncated, truncate=True, arrived=arrived,
+        )  # fmt: skip
+
+    def _candidates(
+        self, vector: NDArray[np.float32], recall_k: int, metadata_filter: Mapping[str, Any] | None
+    ) -> list[Candidate]:
         # A metadata filter drops candidates after the search, so fetch more to keep recall_k.
         fetch = recall_k * 4 if metadata_filter else recall_k
         hits = self.collection.index.search(vector, fetch)
         documents = self.collection.store.by_keys([int(key) for key in hits.keys])
-        candidates = []
+        candidates: list[Candidate] = []
         for key, similarity in zip(hits.keys, hits.similarities, strict=True):
             document = documents.get(int(key))
             if document is None or not _matches(document.metadata, metadata_filter):
@@ -149,16 +244,57 @@ class Searcher:
             )  # fmt: skip
             if len(candidates) == recall_k:
                 break
-        timings["search"] = _ms_since(started)
-        if mode is Mode.RETRIEVE_ONLY:
-            hits_out = [
-                _hit(candidate, rank, None, include_text=include_text, truncated=False)
-                for rank, candidate in enumerate(candidates[:top_n])
-            ]
-            return Result(hits_out, 0, len(candidates), query_truncated, timings)
+        return candidates
+
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[DocumentRef],
+        *,
+        top_n: int | None = None,
+        budget_s: float | None = DEFAULT_BUDGET_S,
+        include_text: bool = True,
+        truncate: bool = True,
+    ) -> Result:
+        """Reranks documents the client names, sent as text or as stored ids, in any mix.
+
+        ``top_n`` None returns every document. Hit ids are stored ids, or the position in
+        ``documents`` for texts."""
+        _check_sizes(recall_k=max(len(documents), 1), top_n=1 if top_n is None else top_n)
+        pairs = self._require_reranker()
+        arrived = time.perf_counter()
+        timings: dict[str, float] = {}
+        wanted = [ref.id for ref in documents if ref.id is not None]
+        stored = {}
+        if wanted:
+            started = time.perf_counter()
+            stored = await self.lanes.run("store", self.collection.get, wanted)
+            timings["search"] = _ms_since(started)
+            missing = list(dict.fromkeys(item for item in wanted if item not in stored))
+            if missing:
+                raise UnknownDocuments(
+                    f"{len(missing)} document ids are not stored: "
+                    f"{', '.join(map(repr, missing[:5]))}{' …' if len(missing) > 5 else ''}"
+                )
+        started = time.perf_counter()
+        texts = [ref.text for ref in documents if ref.text is not None]
+        text_ids = iter(pairs.tokenize(texts)) if texts else iter(())
+        candidates = []
+        for position, ref in enumerate(documents):
+            if ref.id is not None:
+                document = stored[ref.id]
+                candidates.append(
+                    Candidate(ref.id, document.text, document.metadata, document.token_ids, None)
+                )
+            else:
+                candidates.append(
+                    Candidate(str(position), ref.text or "", {}, next(text_ids), None)
+                )
+        timings["tokenize"] = _ms_since(started)
         return await self._rerank(
-            query, candidates, top_n=top_n, budget_s=budget_s, include_text=include_text,
-            timings=timings, query_truncated=query_truncated,
+            query, candidates, top_n=len(candidates) if top_n is None else top_n,
+            budget_s=budget_s, include_text=include_text, timings=timings,
+            query_truncated=False, truncate=truncate, arrived=arrived,
         )  # fmt: skip
 
     async def rerank_texts(
@@ -170,19 +306,8 @@ class Searcher:
         budget_s: float | None = DEFAULT_BUDGET_S,
     ) -> Result:
         """Reranks documents the client sends (small corpora: no index at all)."""
-        _check_sizes(recall_k=max(len(documents), 1), top_n=top_n)
-        pairs = self._require_reranker()
-        started = time.perf_counter()
-        token_ids = pairs.tokenize(documents)
-        timings = {"tokenize": _ms_since(started)}
-        candidates = [
-            Candidate(str(position), text, {}, ids, None)
-            for position, (text, ids) in enumerate(zip(documents, token_ids, strict=True))
-        ]
-        return await self._rerank(
-            query, candidates, top_n=top_n, budget_s=budget_s, include_text=True,
-            timings=timings, query_truncated=False,
-        )  # fmt: skip
+        refs = [DocumentRef(text=text) for text in documents]
+        return await self.rerank(query, refs, top_n=top_n, budget_s=budget_s)
 
     async def rerank_ids(
         self,
@@ -194,24 +319,17 @@ class Searcher:
         include_text: bool = True,
     ) -> Result:
         """Reranks stored documents by external id, in the order given."""
-        _check_sizes(recall_k=max(len(ids), 1), top_n=top_n)
-        self._require_reranker()
-        found = self.collection.get(ids)
-        missing = [item for item in ids if item not in found]
-        if missing:
-            raise SearchError(f"unknown document ids: {', '.join(map(repr, missing[:5]))}")
-        candidates = [
-            Candidate(item, found[item].text, found[item].metadata, found[item].token_ids, None)
-            for item in ids
-        ]
-        return await self._rerank(
-            query, candidates, top_n=top_n, budget_s=budget_s, include_text=include_text,
-            timings={}, query_truncated=False,
-        )  # fmt: skip
+        refs = [DocumentRef(id=item) for item in ids]
+        return await self.rerank(
+            query, refs, top_n=top_n, budget_s=budget_s, include_text=include_text
+        )
 
     def _require_reranker(self) -> PairTokenizer:
         if self.pairs is None or self.batcher is None:
-            raise SearchError("no reranker is loaded: this server is retrieve-only")
+            raise NoReranker(
+                "no reranker is loaded: this server is retrieve-only "
+                "(use SEARCH_MODE_RETRIEVE_ONLY, or start it with a reranker)"
+            )
         return self.pairs
 
     async def _rerank(
@@ -224,17 +342,31 @@ class Searcher:
         include_text: bool,
         timings: dict[str, float],
         query_truncated: bool,
+        truncate: bool,
+        arrived: float,
     ) -> Result:
         pairs = self._require_reranker()
         assert self.batcher is not None
         if budget_s is not None and budget_s < 0:
-            raise SearchError(f"the rerank budget must be >= 0 (got {budget_s}); 0 means none")
+            raise InvalidRequest(f"the rerank budget must be >= 0 (got {budget_s}); 0 means none")
+        deadline = None if not budget_s else arrived + budget_s
         started = time.perf_counter()
         query_ids = pairs.tokenize([query])[0]
         joined = pairs.join(query_ids, [candidate.token_ids for candidate in candidates])
         timings["tokenize"] = timings.get("tokenize", 0.0) + _ms_since(started)
-        outcome = await self.batcher.score(joined, budget=budget_s or None)
-        timings["rerank"] = outcome.queue_seconds * 1000
+        cut = [i for i, pair in enumerate(joined) if pair.truncated]
+        if cut and not truncate:
+            raise InvalidRequest(
+                f"{len(cut)} (query, document) pairs are longer than the reranker's "
+                f"{pairs.template.max_length} tokens (first: document {cut[0]}); shorten them, "
+                "or allow truncate"
+            )
+        # The budget runs from the call's arrival, so embedding and search time count against
+        # it: a caller's 100 ms means 100 ms of latency, not 100 ms after the index answers.
+        remaining = None if deadline is None else max(deadline - time.perf_counter(), 1e-6)
+        outcome = await self.batcher.score(joined, budget=remaining)
+        timings["queue"] = outcome.queue_seconds * 1000
+        timings["rerank"] = outcome.run_seconds * 1000
         scored = outcome.scored
         order = sorted(
             range(len(candidates)),
@@ -250,7 +382,7 @@ class Searcher:
             )
             for i in order[:top_n]
         ]
-        return Result(hits, int(scored.sum()), len(candidates), query_truncated, timings)
+        return Result(hits, int(scored.sum()), len(candidates), query_truncated, timings, bool(cut))
 
 
 def make_runner(reranker: CrossEncoder) -> Runner:
@@ -264,9 +396,9 @@ def make_runner(reranker: CrossEncoder) -> Runner:
 
 def _check_sizes(*, recall_k: int, top_n: int) -> None:
     if recall_k < 1:
-        raise SearchError(f"recall_k must be at least 1 (got {recall_k})")
+        raise InvalidRequest(f"recall_k must be at least 1 (got {recall_k})")
     if top_n < 1:
-        raise SearchError(f"top_n must be at least 1 (got {top_n})")
+        raise InvalidRequest(f"top_n must be at least 1 (got {top_n})")
 
 
 def _matches(metadata: Mapping[str, Any], wanted: Mapping[str, Any] | None) -> bool:

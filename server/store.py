@@ -33,7 +33,33 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 
 class StoreError(Exception):
-    """A request the store cannot honour (a malformed document, a read-only database)."""
+    """A write the store cannot honour. Reads never raise it.
+
+    StoreError
+    ├── InvalidDocuments   the batch itself is wrong (an id twice): the caller must fix it
+    ├── StoreReadOnly      the database or its folder cannot be written
+    └── StoreFull          the disk (or a quota) is full
+    """
+
+
+class InvalidDocuments(StoreError):
+    pass
+
+
+class StoreReadOnly(StoreError):
+    pass
+
+
+class StoreFull(StoreError):
+    pass
+
+
+def unwritable(exc: sqlite3.Error) -> StoreError:
+    """Names why a write failed, so callers can tell a full disk from a read-only one."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_FULL" or "disk is full" in str(exc):
+        return StoreFull(f"the document store is out of disk space: {exc}")
+    return StoreReadOnly(f"the document store cannot be written: {exc}")
 
 
 @dataclass(frozen=True)
@@ -61,12 +87,13 @@ class Upserted:
 
 
 class DocumentStore:
-    """One SQLite file. Not thread-safe: the server owns it from one thread."""
+    """One SQLite file. Not thread-safe: its owner calls it from one thread at a time (the
+    server from its single store thread, which need not be the thread that opened it)."""
 
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
         uri = f"file:{path}?mode=ro" if read_only else f"file:{path}"
-        self.db = sqlite3.connect(uri, uri=True, isolation_level=None)
+        self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         if not read_only:
             # WAL lets replicas read while the writer commits; synchronous=FULL makes a commit
             # durable before it is acknowledged.
@@ -110,11 +137,11 @@ class DocumentStore:
     ) -> Upserted:
         """Writes documents in one transaction; an id seen before gets a fresh key."""
         if not (len(documents) == len(vectors) == len(token_ids)):
-            raise StoreError("documents, vectors and token ids differ in count")
+            raise InvalidDocuments("documents, vectors and token ids differ in count")
         ids = [document.id for document in documents]
         if len(set(ids)) != len(ids):
             duplicate = next(item for item in ids if ids.count(item) > 1)
-            raise StoreError(f"id {duplicate!r} appears twice in one batch; send it once")
+            raise InvalidDocuments(f"id {duplicate!r} appears twice in one batch; send it once")
         with self._transaction():
             replaced = self._keys_for(ids)
             if replaced:
@@ -242,7 +269,7 @@ class _Transaction:
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            raise StoreError(f"the document store cannot be written: {exc}") from exc
+            raise unwritable(exc) from exc
         return self.db
 
     def __exit__(self, kind: object, value: BaseException | None, traceback: object) -> None:
@@ -251,9 +278,9 @@ class _Transaction:
                 self.db.execute("COMMIT")
             except sqlite3.OperationalError as exc:
                 self.db.execute("ROLLBACK")
-                raise StoreError(f"the document store cannot be written: {exc}") from exc
+                raise unwritable(exc) from exc
             return
         self.db.execute("ROLLBACK")
         if isinstance(value, sqlite3.OperationalError):
             # Read-only files and full disks surface here, mid-statement.
-            raise StoreError(f"the document store cannot be written: {value}") from value
+            raise unwritable(value) from value

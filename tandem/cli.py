@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="search exactly while the index holds fewer vectors than this",
     )
     build.add_argument("--threads", type=int, default=2)
+    from server import settings
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Settings come from flags, then TANDEM_<NAME> env, then a TOML file "
+        "(--config or TANDEM_CONFIG), then the defaults shown.",
+    )
+    settings.build_parser(serve)
     return parser
 
 
@@ -218,8 +227,38 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from server import logs
+    from server.app import serve
+    from server.collection import CollectionError
+    from server.settings import SettingsError, from_namespace
+    from tandem.artifact import ArtifactError
+
+    try:
+        settings = from_namespace(args, os.environ)
+    except SettingsError as exc:
+        print(f"tandem serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(level="debug" if args.verbose else settings.log_level, style=settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except (ArtifactError, CollectionError) as exc:
+        logging.getLogger("server").error("refusing to start: %s", exc)
+        return 1
+    except RuntimeError as exc:
+        # grpc reports a port it cannot bind as a RuntimeError.
+        logging.getLogger("server").error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _run_serve(args)
     # Root stays at WARNING: onnxruntime's quantizer logs every tensor at INFO on it.
     logging.basicConfig(
         level=logging.WARNING,

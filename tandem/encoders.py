@@ -164,13 +164,19 @@ class BiEncoder(OnnxEncoder):
     def embed(
         self, texts: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> NDArray[np.float32]:
-        parts = [
-            self.forward(self.tokenize(texts[start : start + batch_size]))
-            for start in range(0, len(texts), batch_size)
-        ]
-        if not parts:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        return np.concatenate(parts)
+        return self.encode(texts, batch_size=batch_size)[0]
+
+    def encode(
+        self, texts: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+        """Vectors, and which texts were cut to ``max_length`` before embedding."""
+        vectors = [np.zeros((0, self.dimension), dtype=np.float32)]
+        truncated = [np.zeros(0, dtype=np.bool_)]
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenize(texts[start : start + batch_size])
+            vectors.append(self.forward(batch))
+            truncated.append(batch.truncated)
+        return np.concatenate(vectors), np.concatenate(truncated)
 
     @property
     def dimension(self) -> int:

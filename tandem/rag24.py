@@ -140,7 +140,24 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     return qrels
 
 
+def write_corpus(path: Path, folder: Path | None = None) -> int:
+    """Writes the segments as a ``tandem index build`` corpus (JSONL); returns the count."""
+    segments = load(folder).segments
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".partial")
+    with gzip.open(staging, "wt", encoding="utf-8") as handle:
+        for segment in segments:
+            record = {"id": segment.id, "text": segment.text, "metadata": {"source": "rag24"}}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    staging.replace(path)
+    return len(segments)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--corpus-out":
+        written = write_corpus(Path(sys.argv[2]))
+        print(f"{sys.argv[2]}: {written} RAG24 segments")
+        sys.exit(0)
     location = ensure_files()
     loaded = load(location)
     print(

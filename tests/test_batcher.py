@@ -76,7 +76,8 @@ def test_earliest_deadline_leads_the_batch() -> None:
 
 
 def test_entries_that_cannot_finish_in_time_expire() -> None:
-    cost = CostModel(seconds_per_token=0.01, weight=0.0)  # 0.1 s for a 10-token pair
+    # 0.1 s for a 10-token pair
+    cost = CostModel(seconds_per_token=0.01, weight=0.0, headroom=1.0)
     queue = queue_of(
         entry(0, deadline=0.05, order=(0, 0)),
         *(entry(i, deadline=0.25, order=(1, i)) for i in (1, 2, 3)),

@@ -1,0 +1,126 @@
+"""Prometheus metrics for one server, in its own registry, served over HTTP on their own port.
+
+A registry per server (not prometheus_client's global one) lets tests run several servers in
+one process and read each one's counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from threading import Thread
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+
+# Seconds: the rerank budget is 100 ms, so resolution is finest around it.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)  # fmt: skip
+PAIR_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 1536, 2048, 4096)
+FRACTION_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "tandem_requests",
+            "Finished calls by method and gRPC status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tandem_request_seconds",
+            "Call latency as the server saw it, by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stages = Histogram(
+            "tandem_stage_seconds",
+            "Time per stage of a call: embed, search, tokenize, queue, rerank",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_pairs = Histogram(
+            "tandem_batch_pairs",
+            "Pairs per reranker run",
+            buckets=PAIR_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_tokens = Histogram(
+            "tandem_batch_padded_tokens",
+            "Padded tokens per reranker run",
+            buckets=TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.reranked_fraction = Histogram(
+            "tandem_reranked_fraction",
+            "Share of a call's candidates the reranker scored within the budget",
+            buckets=FRACTION_BUCKETS,
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            "tandem_rejections",
+            "Calls refused before any work: in_flight, queue_full, unauthenticated",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge("tandem_in_flight", "Calls being served now", registry=self.registry)
+        self.queue_depth = Gauge(
+            "tandem_rerank_queue_pairs",
+            "Pairs waiting for the reranker",
+            registry=self.registry,
+        )
+        self.documents = Gauge(
+            "tandem_documents", "Documents in the collection", registry=self.registry
+        )
+
+    def watch_queue(self, depth: Callable[[], int]) -> None:
+        self.queue_depth.set_function(depth)
+
+    def watch_documents(self, count: Callable[[], int]) -> None:
+        self.documents.set_function(count)
+
+    def observe_batch(self, pairs: int, padded_tokens: int) -> None:
+        self.batch_pairs.observe(pairs)
+        self.batch_tokens.observe(padded_tokens)
+
+    def observe_stages(self, timings_ms: dict[str, float]) -> None:
+        for stage, milliseconds in timings_ms.items():
+            if stage != "total":
+                self.stages.labels(stage).observe(milliseconds / 1000)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> MetricsEndpoint:
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        return MetricsEndpoint(server, thread)
+
+
+class MetricsEndpoint:
+    """The /metrics HTTP server's handle: its port, and how to stop it."""
+
+    def __init__(self, server: WSGIServer, thread: Thread) -> None:
+        self.server = server
+        self.thread = thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)

@@ -1,0 +1,294 @@
+"""The server's one frozen settings object: flags, then ``TANDEM_*`` env, then a TOML file.
+
+Every field is documented once, in ``FIELDS``' help text, which becomes the flag's help. Flags
+are the field names with dashes (``--max-in-flight``); env names are ``TANDEM_`` plus the
+field name in capitals (``TANDEM_MAX_IN_FLIGHT``); TOML keys are the field names. Nothing
+reads the environment at import time: ``load`` takes argv and an environ mapping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "TANDEM_"
+
+
+class SettingsError(Exception):
+    """A setting that is malformed, contradicts another, or names a missing file."""
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Network
+    host: str = field(
+        default="127.0.0.1",
+        metadata=_doc("address to bind; anything but loopback also needs --allow-remote"),
+    )
+    port: int = field(default=50051, metadata=_doc("gRPC port; 0 picks a free one"))
+    allow_remote: bool = field(
+        default=False,
+        metadata=_doc("allow binding a non-loopback address (set a token, and TLS, first)"),
+    )
+    metrics_port: int = field(
+        default=9464,
+        metadata=_doc("Prometheus /metrics HTTP port on --host; 0 picks one, -1 turns it off"),
+    )
+    # Data and models
+    collection: Path = field(
+        default=Path("artifacts/demo"),
+        metadata=_doc("collection folder (documents.sqlite + vectors.usearch); made if missing"),
+    )
+    bi_encoder: Path = field(
+        default=Path("artifacts/bi-encoder"), metadata=_doc("bi-encoder artifact folder")
+    )
+    reranker: Path | None = field(
+        default=Path("artifacts/cross-encoder"),
+        metadata=_doc("cross-encoder artifact folder; 'none' or a missing folder: retrieve-only"),
+    )
+    reranker_stand_in: bool | None = field(
+        default=None,
+        metadata=_doc("the reranker is the stand-in (no quality); default: from its manifest"),
+    )
+    index_dtype: str = field(
+        default="i8", metadata=_doc("vector type of a new index: i8, f16 or f32")
+    )
+    threads: int = field(default=2, metadata=_doc("CPU threads per onnxruntime session"))
+    # Security
+    tls_cert: Path | None = field(default=None, metadata=_doc("PEM certificate chain: TLS on"))
+    tls_key: Path | None = field(default=None, metadata=_doc("PEM private key for --tls-cert"))
+    token: str | None = field(
+        default=None,
+        repr=False,
+        metadata=_doc("bearer token every RPC but health must send (prefer TANDEM_TOKEN)"),
+    )
+    token_file: Path | None = field(
+        default=None, metadata=_doc("file holding the bearer token (one line)")
+    )
+    # Limits
+    max_in_flight: int = field(
+        default=64,
+        metadata=_doc(
+            "calls served at once before RESOURCE_EXHAUSTED; 64 x 100 candidates is ~1.5x "
+            "what 2 cores rerank in a 100 ms budget, so callers past it would only queue"
+        ),
+    )
+    max_message_bytes: int = field(
+        default=16 * 1024 * 1024,
+        metadata=_doc("largest request message (each streamed Upsert message) in bytes"),
+    )
+    max_recall_k: int = field(default=1000, metadata=_doc("largest Search recall_k"))
+    max_top_n: int = field(default=1000, metadata=_doc("largest Search/Rerank top_n"))
+    max_rerank_documents: int = field(
+        default=1000, metadata=_doc("documents per Rerank call (no small fixed cap: raise it)")
+    )
+    max_embed_texts: int = field(default=256, metadata=_doc("texts per Embed call"))
+    max_upsert_documents: int = field(
+        default=1000, metadata=_doc("documents per streamed Upsert message")
+    )
+    max_id_bytes: int = field(default=512, metadata=_doc("longest document id, UTF-8 bytes"))
+    default_recall_k: int = field(default=100, metadata=_doc("Search recall_k when unset"))
+    default_top_n: int = field(default=5, metadata=_doc("Search top_n when unset"))
+    default_rerank_budget_ms: int = field(
+        default=100, metadata=_doc("rerank budget when a call sets none; 0: no deadline")
+    )
+    # Batching
+    max_batch_tokens: int = field(
+        default=2048, metadata=_doc("padded tokens per reranker run (activation memory)")
+    )
+    max_batch_pairs: int = field(default=32, metadata=_doc("pairs per reranker run"))
+    max_queued_pairs: int = field(
+        default=4096,
+        metadata=_doc("pairs waiting to be reranked before RESOURCE_EXHAUSTED (~25 s of work)"),
+    )
+    query_cache: int = field(default=10_000, metadata=_doc("query vectors kept (LRU); 0: off"))
+    # Lifecycle
+    checkpoint_seconds: float = field(
+        default=30.0,
+        metadata=_doc("save the index this often after writes (the store is always durable)"),
+    )
+    drain_seconds: float = field(
+        default=10.0, metadata=_doc("on SIGTERM, time in-flight calls get to finish")
+    )
+    log_level: str = field(default="info", metadata=_doc("debug, info, warning or error"))
+    log_format: str = field(default="json", metadata=_doc("json (one object per line) or text"))
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def reranker_enabled(self) -> bool:
+        return self.reranker is not None and (self.reranker / "manifest.json").is_file()
+
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(Settings)
+
+
+def _base_type(hint: Any) -> Any:
+    """``int`` for ``int``; ``Path`` for ``Path | None``."""
+    if isinstance(hint, types.UnionType):
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return options[0]
+    return hint
+
+
+def _optional(hint: Any) -> bool:
+    return isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def _convert(name: str, raw: Any, hint: Any, origin: str) -> Any:
+    base = _base_type(hint)
+    if isinstance(raw, str) and _optional(hint) and raw.strip().lower() in ("", "none"):
+        return None
+    try:
+        if base is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{raw!r} is not a boolean")
+        if base is int and isinstance(raw, float):
+            raise ValueError(f"{raw!r} is not an integer")
+        if base is float and isinstance(raw, bool):
+            raise ValueError(f"{raw!r} is not a number")
+        return base(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{name} ({origin}): {exc}") from exc
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Adds one flag per field; every default is None so unset flags fall through to env."""
+    parser = parser or argparse.ArgumentParser(prog="tandem serve")
+    parser.add_argument(
+        "--config", type=Path, help="TOML file of settings (env: TANDEM_CONFIG)", default=None
+    )
+    hints = _hints()
+    for item in fields(Settings):
+        flag = "--" + item.name.replace("_", "-")
+        help_text = f"{item.metadata.get('help', '')} (default: {item.default})"
+        if _base_type(hints[item.name]) is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(flag, default=None, metavar=item.name.upper(), help=help_text)
+    return parser
+
+
+def load(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Settings:
+    return from_namespace(build_parser().parse_args(list(argv)), environ or {})
+
+
+def from_namespace(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    config_path = args.config or environ.get(f"{ENV_PREFIX}CONFIG")
+    file_values = _read_toml(Path(config_path)) if config_path else {}
+    hints = _hints()
+    values: dict[str, Any] = {}
+    for item in fields(Settings):
+        flag_value = getattr(args, item.name, None)
+        env_value = environ.get(ENV_PREFIX + item.name.upper())
+        if flag_value is not None:
+            values[item.name] = _convert(item.name, flag_value, hints[item.name], "flag")
+        elif env_value is not None:
+            values[item.name] = _convert(item.name, env_value, hints[item.name], "env")
+        elif item.name in file_values:
+            values[item.name] = _convert(
+                item.name, file_values[item.name], hints[item.name], str(config_path)
+            )
+    settings = Settings(**values)
+    if settings.token_file is not None and settings.token is None:
+        try:
+            token = settings.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SettingsError(f"token_file: cannot read {settings.token_file}: {exc}") from exc
+        settings = replace(settings, token=token)
+    validate(settings)
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"config: cannot read {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config: {path} is not valid TOML: {exc}") from exc
+    known = {item.name for item in fields(Settings)}
+    normalised = {key.replace("-", "_"): value for key, value in document.items()}
+    unknown = sorted(set(normalised) - known)
+    if unknown:
+        raise SettingsError(f"config: {path} has unknown settings: {', '.join(unknown)}")
+    return normalised
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate(settings: Settings) -> None:
+    problems: list[str] = []
+    if not is_loopback(settings.host) and not settings.allow_remote:
+        problems.append(
+            f"host {settings.host!r} is not loopback: pass --allow-remote to bind it on purpose"
+        )
+    if not 0 <= settings.port <= 65535:
+        problems.append(f"port {settings.port} is outside 0-65535")
+    if not -1 <= settings.metrics_port <= 65535:
+        problems.append(f"metrics_port {settings.metrics_port} is outside -1-65535")
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        problems.append("tls_cert and tls_key go together: set both or neither")
+    for name in ("tls_cert", "tls_key", "token_file"):
+        path = getattr(settings, name)
+        if path is not None and not path.is_file():
+            problems.append(f"{name}: {path} is not a file")
+    if settings.token is not None and not settings.token.strip():
+        problems.append("token is empty: unset it, or set a real secret")
+    if settings.index_dtype not in ("i8", "f16", "f32"):
+        problems.append(f"index_dtype {settings.index_dtype!r} is not i8, f16 or f32")
+    if settings.log_level not in ("debug", "info", "warning", "error"):
+        problems.append(f"log_level {settings.log_level!r} is not debug/info/warning/error")
+    if settings.log_format not in ("json", "text"):
+        problems.append(f"log_format {settings.log_format!r} is not json or text")
+    positive = (
+        "threads", "max_in_flight", "max_message_bytes", "max_recall_k", "max_top_n",
+        "max_rerank_documents", "max_embed_texts", "max_upsert_documents", "max_id_bytes",
+        "default_recall_k", "default_top_n", "max_batch_tokens", "max_batch_pairs",
+        "max_queued_pairs",
+    )  # fmt: skip
+    problems.extend(
+        f"{name} must be at least 1 (got {getattr(settings, name)})"
+        for name in positive
+        if getattr(settings, name) < 1
+    )
+    for name in ("default_rerank_budget_ms", "query_cache", "checkpoint_seconds", "drain_seconds"):
+        if getattr(settings, name) < 0:
+            problems.append(f"{name} must be >= 0 (got {getattr(settings, name)})")
+    if settings.default_recall_k > settings.max_recall_k:
+        problems.append("default_recall_k is larger than max_recall_k")
+    if settings.default_top_n > settings.max_top_n:
+        problems.append("default_top_n is larger than max_top_n")
+    if settings.max_message_bytes > 2**31 - 1:
+        problems.append("max_message_bytes must fit gRPC's 2 GiB limit")
+    if problems:
+        raise SettingsError("; ".join(problems))
