@@ -1,0 +1,81 @@
+"""Test helpers: a real server on port 0 in a background event loop, and seeded collections."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from server.app import Running, create_server
+from server.settings import Settings
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc
+
+START_TIMEOUT = 120
+
+
+class ServerThread:
+    """Runs ``create_server(settings)`` on its own loop, so tests can use blocking stubs."""
+
+    def __init__(self, settings: Settings, *, warm: bool = True) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.running: Running = self.call(create_server(settings, warm=warm))
+
+    def call(self, coroutine: Coroutine[Any, Any, Any], timeout: float = START_TIMEOUT) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def stub(self) -> tandem_pb2_grpc.RetrievalStub:
+        return tandem_pb2_grpc.RetrievalStub(self.channel())
+
+    def stop(self, grace: float = 1.0) -> None:
+        try:
+            self.call(self.running.stop(grace), timeout=60)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            self.loop.close()
+
+
+def settings_for(
+    collection: Path, bi_encoder: Path, reranker: Path | None, **overrides: Any
+) -> Settings:
+    base = Settings(
+        port=0,
+        metrics_port=0,
+        collection=collection,
+        bi_encoder=bi_encoder,
+        reranker=reranker,
+        checkpoint_seconds=0.5,
+        drain_seconds=1.0,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def upsert(stub: tandem_pb2_grpc.RetrievalStub, documents: list[pb.Document], *,
+           per_message: int = 50, **kwargs: Any) -> pb.UpsertResponse:  # fmt: skip
+    messages = [
+        pb.UpsertRequest(documents=documents[start : start + per_message])
+        for start in range(0, len(documents), per_message)
+    ]
+    response: pb.UpsertResponse = stub.Upsert(iter(messages), **kwargs)
+    return response
+
+
+def document(identifier: str, text: str, **metadata: Any) -> pb.Document:
+    message = pb.Document(id=identifier, text=text)
+    message.metadata.update(metadata)
+    return message
