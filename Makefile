@@ -8,12 +8,15 @@ ARTIFACTS ?= artifacts
 RERANKER ?= cross-encoder/ms-marco-MiniLM-L-6-v2
 STAND_IN ?= ../shared/models/stand-in-reranker
 export TANDEM_DATA_DIR ?= $(CURDIR)/.cache/rag24
+DEMO ?= $(ARTIFACTS)/demo
+SERVE_FLAGS ?=
 
-.PHONY: install data models run test check bench clean
+.PHONY: install data models demo run node test check bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# setup.py runs protoc on protos/ during the install, so a changed .proto reinstalls.
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard protos/tandem/v1/*.proto)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch==2.13.0 resolves to the CPU build on local disk (see pyproject's export extra).
@@ -40,16 +43,35 @@ $(ARTIFACTS)/cross-encoder/manifest.json: | data
 		echo "!!! no reranker could be exported: search will be retrieve-only"; \
 	fi
 
-run: models
-	@echo "Verified INT8 artifacts are in $(ARTIFACTS)/ (see each manifest.json)."
-	@echo "The gRPC server is not built yet (issue #4): make run stops after the export."
+# The demo collection: the 6,011 TREC RAG 2024 segments, embedded and pre-tokenized.
+$(ARTIFACTS)/demo-corpus.jsonl.gz: | data
+	$(BIN)/python -m tandem.rag24 --corpus-out $@
+
+$(DEMO)/.built: $(ARTIFACTS)/demo-corpus.jsonl.gz | models
+	$(BIN)/tandem index build --corpus $< --out $(DEMO) \
+		--bi-encoder $(ARTIFACTS)/bi-encoder --reranker $(ARTIFACTS)/cross-encoder
+	touch $@
+
+demo: $(DEMO)/.built
+
+# Serves on 127.0.0.1:50051 (metrics on :9464) until Ctrl-C; add flags with SERVE_FLAGS=...
+run: demo
+	$(BIN)/tandem serve --collection $(DEMO) --bi-encoder $(ARTIFACTS)/bi-encoder \
+		--reranker $(ARTIFACTS)/cross-encoder $(SERVE_FLAGS)
+
+# The cross-language test's Node.js client (@grpc/grpc-js, @grpc/proto-loader from npm).
+node: tests/node/node_modules/.installed
+
+tests/node/node_modules/.installed: tests/node/package-lock.json
+	npm ci --prefix tests/node --no-audit --no-fund
+	touch $@
 
 check: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: check data
+test: check data node
 	$(BIN)/pytest
 
 bench: data
@@ -58,4 +80,5 @@ bench: data
 	$(BIN)/python -m benchmarks.vector_search --out benchmarks/results/vector_search.json
 
 clean:
-	rm -rf $(VENV) $(ARTIFACTS) .cache .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(ARTIFACTS) .cache .mypy_cache .pytest_cache .ruff_cache tandem/v1 \
+		tests/node/node_modules

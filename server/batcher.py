@@ -2,7 +2,7 @@
 
 Three parts, as in Ray Serve's batcher and TEI's queue:
 - ``build_batch``: pure. Takes the earliest-deadline entry, then fills a batch from a small
-  window of the queue with the entries closest to it in length, while
+  window of the queue (in EDF order under a deadline; closest in length without one), while
   ``max_len * (n + 1) <= max_batch_tokens`` and the predicted run still ends before the
   earliest deadline in the batch. Entries that cannot finish in time even alone expire.
 - ``RerankBatcher._mover``: an asyncio task that wakes on an event (never polls or sleeps),
@@ -141,7 +141,12 @@ def build_batch(
         candidate = queue.pop()
         if candidate.wanted:
             window.append(candidate)
-    window.sort(key=lambda entry: (abs(entry.length - head.length), entry.sort_key()))
+    if math.isinf(head.deadline):
+        # No deadline (bulk work): pick similar lengths, since padding is wasted compute.
+        window.sort(key=lambda entry: (abs(entry.length - head.length), entry.sort_key()))
+    # With a deadline the window stays in EDF order, which within a request is stage-1 order:
+    # under a budget the best stage-1 candidates must be the ones that get scored, even at
+    # the cost of some padding.
     batch, width = [head], head.length
     for index, candidate in enumerate(window):
         grown = max(width, candidate.length)

@@ -151,7 +151,10 @@ def _optional(hint: Any) -> bool:
 
 def _convert(name: str, raw: Any, hint: Any, origin: str) -> Any:
     base = _base_type(hint)
-    if isinstance(raw, str) and _optional(hint) and raw.strip().lower() in ("", "none"):
+    # "none" unsets a path ("--reranker none"); a string (the token) is kept as given, so an
+    # empty TANDEM_TOKEN is an error rather than a silently open server.
+    unsettable = isinstance(raw, str) and _optional(hint) and base is not str
+    if unsettable and raw.strip().lower() in ("", "none"):
         return None
     try:
         if base is bool:

@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(--config or TANDEM_CONFIG), then the defaults shown.",
     )
     settings.build_parser(serve)
+    from tandem import client
+
+    search = commands.add_parser("search", help="query a running server")
+    client.add_arguments(search)
     return parser
 
 
@@ -259,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _run_serve(args)
+    if args.command == "search":
+        from tandem import client
+
+        return client.run(args)
     # Root stays at WARNING: onnxruntime's quantizer logs every tensor at INFO on it.
     logging.basicConfig(
         level=logging.WARNING,

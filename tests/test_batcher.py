@@ -69,6 +69,18 @@ def test_window_prefers_lengths_close_to_the_head() -> None:
     assert [e.pair.input_ids[0] for e in batch] == [0, 2]
 
 
+def test_under_a_deadline_stage_one_order_beats_length() -> None:
+    queue = queue_of(
+        entry(0, 10, 9.0, order=(0, 0)), entry(1, 100, 9.0, order=(0, 1)),
+        entry(2, 12, 9.0, order=(0, 2)),
+    )  # fmt: skip
+    batch, _ = build_batch(queue, BatchLimits(max_batch_tokens=400), FREE, now=0.0)
+    assert [e.pair.input_ids[0] for e in batch] == [0, 1, 2]
+    queue = queue_of(*(entry(i, 10 + 90 * (i % 2), 9.0, order=(0, i)) for i in range(6)))
+    batch, _ = build_batch(queue, BatchLimits(max_batch_tokens=250), FREE, now=0.0)
+    assert [e.pair.input_ids[0] for e in batch] == [0, 1]  # not the short 2 and 4
+
+
 def test_earliest_deadline_leads_the_batch() -> None:
     queue = queue_of(entry(0, deadline=50.0, order=(0, 0)), entry(1, deadline=5.0, order=(1, 0)))
     batch, _ = build_batch(queue, BatchLimits(max_batch_pairs=1), FREE, now=0.0)

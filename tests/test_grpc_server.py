@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,3 +249,36 @@ def test_sigterm_drains_in_flight_calls(tmp_path, collection, bi_int8, ce_int8, 
             process.wait()
         if process.stderr is not None:
             process.stderr.close()
+
+
+NODE_CLIENT = Path(__file__).parent / "node"
+
+
+def test_node_client_upserts_searches_reranks_and_checks_health(tmp_path, bi_int8, ce_int8):
+    """A Node.js client (@grpc/grpc-js + @grpc/proto-loader) that loads the .proto file."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed (the CI machine has it)")
+    assert (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir(), (
+        "run `make test` (it runs `npm ci --prefix tests/node`) to install the Node client"
+    )
+    running = ServerThread(settings_for(tmp_path / "c", bi_int8[0], ce_int8[0]))
+    try:
+        finished = subprocess.run(
+            [node, str(NODE_CLIENT / "client.mjs"), running.address],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert finished.returncode == 0, finished.stderr
+        seen = json.loads(finished.stdout)
+    finally:
+        running.stop()
+    assert seen["health"] == "SERVING"
+    assert seen["upsert"]["received"] == 3
+    assert seen["upsert"]["inserted"] == 3
+    assert seen["search"][0]["id"] == "node-1"  # the Eiffel Tower answers "tower in Paris"
+    assert seen["search"][0]["reranked"] is True
+    assert "Eiffel" in seen["search"][0]["text"]
+    assert seen["search_reranked"] == 3
+    assert sorted(item["index"] for item in seen["rerank"]) == [0, 1]
+    assert {item["id"] for item in seen["rerank"]} == {None, "node-2"}
+    assert seen["bad_request"] == "INVALID_ARGUMENT"

@@ -1,0 +1,44 @@
+"""A minimal Tandem client: search the demo index, then rerank two texts of your own.
+
+python examples/python_client.py "how do vaccines train the immune system"
+"""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc
+
+
+def main() -> None:
+    query = " ".join(sys.argv[1:]) or "how do vaccines train the immune system"
+    with grpc.insecure_channel("127.0.0.1:50051") as channel:
+        stub = tandem_pb2_grpc.RetrievalStub(channel)
+        # With a token: stub.Search(request, metadata=[("authorization", "Bearer <token>")])
+        reply = stub.Search(
+            pb.SearchRequest(query=query, recall_k=50, top_n=3, include_text=True), timeout=5
+        )
+        print(f"{reply.reranked_count}/{reply.candidates} candidates reranked in "
+              f"{reply.timings.total_ms:.0f} ms")  # fmt: skip
+        for hit in reply.hits:
+            print(f"{hit.score:7.3f}  {hit.id}\n         {hit.text[:160]!r}")
+        ranked = stub.Rerank(
+            pb.RerankRequest(
+                query=query,
+                documents=[
+                    pb.RerankDocument(text="Vaccines expose the immune system to an antigen."),
+                    pb.RerankDocument(text="The stock market closed higher on Friday."),
+                ],
+                return_documents=True,
+            ),
+            timeout=5,
+        )
+        for result in ranked.results:
+            print(f"{result.relevance_score:7.3f}  {result.text}")
+
+
+if __name__ == "__main__":
+    main()
