@@ -283,10 +283,12 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         started = time.perf_counter()
         totals = {"received": 0, "inserted": 0, "replaced": 0, "truncated": 0}
         stages = {"embed": 0.0, "search": 0.0}
-        generation = self.collection.store.generation
+        generation = await self.searcher.lanes.run(
+            "store", lambda: self.collection.store.generation
+        )
         async for message in request_iterator:
             try:
-                written, truncated = await self._upsert_message(message, stages)
+                written, truncated, generation = await self._upsert_message(message, stages)
             except (BadArgument, StoreError) as error:
                 if totals["received"]:
                     raise type(error)(
@@ -298,13 +300,14 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
             totals["inserted"] += len(written.keys) - len(written.replaced)
             totals["replaced"] += len(written.replaced)
             totals["truncated"] += truncated
-            generation = self.collection.store.generation
         self.metrics.observe_stages(stages)
         return pb.UpsertResponse(generation=generation, timings=_timings(stages, started), **totals)
 
     async def _upsert_message(
         self, message: pb.UpsertRequest, stages: dict[str, float]
-    ) -> tuple[Upserted, int]:
+    ) -> tuple[Upserted, int, int]:
+        """Commits one message; returns what was written, how many texts were cut, and the
+        store generation right after the commit."""
         documents = self._documents(message.documents)
         started = time.perf_counter()
         prepared = await self.searcher.lanes.run("ingest", self.collection.prepare, documents)
@@ -318,10 +321,14 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                 "truncate (nothing in this message was written)"
             )
         started = time.perf_counter()
-        written = await self.searcher.lanes.run("store", self.collection.commit, prepared)
+
+        def commit() -> tuple[Upserted, int]:
+            return self.collection.commit(prepared), self.collection.store.generation
+
+        written, generation = await self.searcher.lanes.run("store", commit)
         stages["search"] += _ms_since(started)
         self.on_write()
-        return written, truncated
+        return written, truncated, generation
 
     def _documents(self, documents: Sequence[pb.Document]) -> list[NewDocument]:
         if len(documents) > self.settings.max_upsert_documents:
@@ -390,6 +397,9 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         embedder = self.searcher.embedder
         pairs = self.searcher.pairs
         index = self.collection.index
+        index_size, generation = await self.searcher.lanes.run(
+            "store", lambda: (len(index), self.collection.store.generation)
+        )
         response = pb.InfoResponse(
             version=__version__,
             bi_encoder=_model_info(self.models.bi_encoder),
@@ -409,9 +419,9 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                 query_max_tokens=embedder.manifest.max_length,
                 pair_max_tokens=pairs.template.max_length if pairs is not None else 0,
             ),
-            index_size=len(index),
+            index_size=index_size,
             index_dtype=index.settings.dtype,
-            store_generation=self.collection.store.generation,
+            store_generation=generation,
             dimension=embedder.dimension,
         )
         if self.models.reranker is not None:
