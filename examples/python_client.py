@@ -1,6 +1,6 @@
 """A minimal Tandem client: search the demo index, then rerank two texts of your own.
 
-python examples/python_client.py "how do vaccines train the immune system"
+python examples/python_client.py "what is vicarious trauma and how can it be coped with"
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tandem.v1 import tandem_pb2_grpc
 
 
 def main() -> None:
-    query = " ".join(sys.argv[1:]) or "how do vaccines train the immune system"
+    query = " ".join(sys.argv[1:]) or "what is vicarious trauma and how can it be coped with"
     with grpc.insecure_channel("127.0.0.1:50051") as channel:
         stub = tandem_pb2_grpc.RetrievalStub(channel)
         # With a token: stub.Search(request, metadata=[("authorization", "Bearer <token>")])
@@ -29,7 +29,7 @@ def main() -> None:
             pb.RerankRequest(
                 query=query,
                 documents=[
-                    pb.RerankDocument(text="Vaccines expose the immune system to an antigen."),
+                    pb.RerankDocument(text="Vicarious trauma comes from hearing about the trauma of others."),
                     pb.RerankDocument(text="The stock market closed higher on Friday."),
                 ],
                 return_documents=True,

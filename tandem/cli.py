@@ -135,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="query a running server")
     client.add_arguments(search)
+    bench = commands.add_parser("bench", help="load tests and quality evaluation")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    from benchmarks import load, quality, serving
+
+    load.add_arguments(benches.add_parser("load", help="load generator against a server"))
+    serving.add_arguments(
+        benches.add_parser("serving", help="Tandem against the seeds' pipeline, side by side")
+    )
+    quality.add_arguments(benches.add_parser("quality", help="nDCG/MRR/recall on RAG24"))
     return parser
 
 
@@ -267,6 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tandem import client
 
         return client.run(args)
+    if args.command == "bench":
+        from benchmarks import load, quality, serving
+
+        modules = {"load": load, "serving": serving, "quality": quality}
+        return int(modules[args.bench].main(args))
     # Root stays at WARNING: onnxruntime's quantizer logs every tensor at INFO on it.
     logging.basicConfig(
         level=logging.WARNING,

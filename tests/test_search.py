@@ -145,7 +145,7 @@ def test_rerank_by_id_and_unknown_ids(int8_parts, data) -> None:
     )
     assert len(result.hits) == 3
     assert {hit.id for hit in result.hits} <= set(ids)
-    with pytest.raises(SearchError, match="unknown document ids: 'nope'"):
+    with pytest.raises(SearchError, match="document ids are not stored: 'nope'"):
         scenario(int8_parts, lambda s: s.rerank_ids("q", ["nope", ids[0]], budget_s=None))
 
 
