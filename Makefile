@@ -74,10 +74,12 @@ check: install
 test: check data node
 	$(BIN)/pytest
 
-bench: data
+bench: demo
 	$(BIN)/python -m benchmarks.encoders --out benchmarks/results
 	$(BIN)/python -m benchmarks.batcher --out benchmarks/results/batcher.json
 	$(BIN)/python -m benchmarks.vector_search --out benchmarks/results/vector_search.json
+	$(BIN)/tandem bench serving --collection $(DEMO) --out benchmarks/results
+	$(BIN)/tandem bench quality --out benchmarks/results/quality.json
 
 clean:
 	rm -rf $(VENV) $(ARTIFACTS) .cache .mypy_cache .pytest_cache .ruff_cache tandem/v1 \

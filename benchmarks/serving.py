@@ -128,7 +128,7 @@ def start_baseline(args: argparse.Namespace, log: Path) -> Process:
     command = [
         sys.executable, "-m", "benchmarks.baseline_server", "--port", "0",
         "--collection", str(args.collection), "--reranker", args.reranker_source,
-        "--threads", str(args.threads), "--workers", "1",
+        "--threads", str(args.threads), "--workers", "1", "--cache", str(args.cache),
     ]  # fmt: skip
     return Process(command, log, "READY")
 
@@ -280,6 +280,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bare-queries", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--cache", type=Path, default=Path("artifacts/bench"), help="baseline's torch vectors"
+    )
     parser.add_argument("--smoke", action="store_true", help="seconds, not minutes; no plots")
 
 

@@ -29,7 +29,9 @@ def main() -> None:
             pb.RerankRequest(
                 query=query,
                 documents=[
-                    pb.RerankDocument(text="Vicarious trauma comes from hearing about the trauma of others."),
+                    pb.RerankDocument(
+                        text="Vicarious trauma comes from hearing about the trauma of others."
+                    ),
                     pb.RerankDocument(text="The stock market closed higher on Friday."),
                 ],
                 return_documents=True,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from pathlib import Path
 
 import pytest
 
-from benchmarks import batcher, encoders, vector_search
+from benchmarks import batcher, encoders, load, quality, serving, vector_search
 
 pytestmark = pytest.mark.slow
 
@@ -49,3 +51,89 @@ def test_vector_search_benchmark_smoke(capsys) -> None:
     table = capsys.readouterr().out
     assert "| usearch HNSW i8, ef=64 |" in table
     assert "| numpy brute force f32 |" in table
+
+
+@pytest.fixture(scope="module")
+def small_collection(tmp_path_factory, bi_int8, ce_int8, data) -> Path:
+    from server.collection import Collection
+    from server.index import IndexSettings
+    from server.pairs import PairTokenizer
+    from server.store import NewDocument
+    from tandem.encoders import BiEncoder
+
+    folder = tmp_path_factory.mktemp("bench-collection")
+    collection = Collection(
+        folder,
+        embedder=BiEncoder(bi_int8[0]),
+        pairs=PairTokenizer.from_artifact(ce_int8[0]),
+        settings=IndexSettings(),
+    )
+    collection.upsert([NewDocument(s.id, s.text) for s in data.segments[:60]])
+    collection.checkpoint()
+    collection.close()
+    return folder
+
+
+def bench_args(module, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_load_generator_smoke(tmp_path, small_collection, bi_int8, ce_int8, capsys) -> None:
+    from serving import ServerThread, settings_for
+
+    running = ServerThread(settings_for(small_collection, bi_int8[0], ce_int8[0]))
+    try:
+        out = tmp_path / "load.json"
+        for mode in ("open", "closed"):
+            argv = ["--smoke", "--address", running.address, "--mode", mode, "--levels", "2",
+                    "--recall-k", "10", "--out", str(out)]  # fmt: skip
+            assert load.main(bench_args(load, argv)) == 0
+            level = json.loads(out.read_text())["levels"][0]
+            assert level["ok"] > 0
+            assert level["errors"] == {}
+            assert {"p50", "p90", "p99", "max"} <= set(level["latency_ms"])
+            assert level["candidates_mean"] == 10
+    finally:
+        running.stop()
+    reports = [load.LevelReport(**level)]
+    load.plot({"tandem": reports}, tmp_path / "load.png", title="smoke", budget_ms=100)
+    assert (tmp_path / "load.png").stat().st_size > 0
+    assert "QPS offered" in capsys.readouterr().out
+
+
+def test_serving_benchmark_smoke(tmp_path, small_collection, bi_int8, ce_int8, reranker_path):
+    argv = ["--smoke", "--collection", str(small_collection), "--bi-encoder", str(bi_int8[0]),
+            "--reranker", str(ce_int8[0]), "--reranker-source", str(reranker_path),
+            "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]  # fmt: skip
+    assert serving.main(bench_args(serving, argv)) == 0
+    result = json.loads((tmp_path / "serving_smoke.json").read_text())
+    assert result["bare_int8_pairs_per_s"] > 0
+    assert result["ratios"]["5"]["baseline_pairs_per_s"] > 0
+    assert result["ratios"]["5"]["tandem_pairs_per_s"] > 0
+    assert set(result["retrieve_only_speedup_p50"]) == {"two_stage_budget_100", "two_stage_full"}
+
+
+def test_quality_benchmark_smoke(tmp_path, bi_int8, ce_int8, reranker_path, minilm_path) -> None:
+    # INT8 exports stand in the FP32 slots: the smoke run checks the command, not the numbers.
+    argv = ["--smoke", "--bi-encoder-int8", str(bi_int8[0]), "--reranker-int8", str(ce_int8[0]),
+            "--bi-encoder-fp32", str(bi_int8[0]), "--reranker-fp32", str(ce_int8[0]),
+            "--bi-encoder-source", str(minilm_path), "--reranker-source", str(reranker_path),
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "quality.json")]  # fmt: skip
+    assert quality.main(bench_args(quality, argv)) == 0
+    result = json.loads((tmp_path / "quality_smoke.json").read_text())
+    assert set(result["metrics"]) == {"retrieve_only", "two_stage_int8", "two_stage_fp32",
+                                      "reference"}  # fmt: skip
+    assert result["metrics"]["reference"]["umbrela"]["topics"] == 3
+    assert 0 <= result["metrics"]["two_stage_int8"]["umbrela"]["ndcg@10"] <= 1
+    assert result["stand_in_warning"] is True
+
+
+def test_ranking_metrics_on_a_hand_made_case() -> None:
+    grades = {"a": 3, "b": 0, "c": 2, "d": 1}
+    ranking = ["b", "c", "a"]
+    ideal = 3 + 2 / math.log2(3) + 1 / math.log2(4)
+    assert quality.ndcg_at(ranking, grades) == pytest.approx((2 / math.log2(3) + 3 / 2) / ideal)
+    assert quality.mrr_at(ranking, grades, relevant=2) == 0.5
+    assert quality.recall_at(ranking, grades, relevant=2, k=2) == 0.5
