@@ -63,10 +63,14 @@ def corpus_vectors(model: Any, texts: list[str], cache: Path) -> NDArray[np.floa
 
 class SeedPipeline(tandem_pb2_grpc.RetrievalServicer):
     def __init__(self, bi_encoder: str, reranker: str, collection: Path, cache: Path) -> None:
+        import torch
         from sentence_transformers import CrossEncoder, SentenceTransformer
 
-        self.embedder = SentenceTransformer(bi_encoder, device="cpu")
-        self.reranker = CrossEncoder(reranker, device="cpu")
+        # FP32 on purpose: checkpoints saved in fp16 (the stand-in is) run ~5x slower on a CPU
+        # in fp16, and a baseline that slow would flatter Tandem.
+        fp32 = {"torch_dtype": torch.float32}
+        self.embedder = SentenceTransformer(bi_encoder, device="cpu", model_kwargs=fp32)
+        self.reranker = CrossEncoder(reranker, device="cpu", model_kwargs=fp32)
         self.ids, self.texts = read_corpus(collection)
         self.vectors = corpus_vectors(self.embedder, self.texts, cache)
 
