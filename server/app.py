@@ -30,11 +30,11 @@ from server.index import IndexSettings
 from server.metrics import Metrics, MetricsEndpoint
 from server.pairs import PairTokenizer
 from server.search import Lanes, Searcher, make_runner
-from server.service import Context, Models, RetrievalService
+from server.service import Context, Models, RetrievalService, add_to_server
 from server.settings import Settings, is_loopback
 from server.status import Unauthenticated, describe
 from tandem.encoders import BiEncoder, CrossEncoder
-from tandem.v1 import tandem_pb2, tandem_pb2_grpc
+from tandem.v1 import tandem_pb2
 
 log = logging.getLogger(__name__)
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -121,7 +121,10 @@ class Running:
         if self.searcher.batcher is not None:
             await self.searcher.batcher.stop()
         collection = self.searcher.collection
-        await self.searcher.lanes.run("store", collection.checkpoint)
+        try:
+            await self.searcher.lanes.run("store", collection.checkpoint)
+        except (OSError, RuntimeError) as error:
+            log.error("final index checkpoint failed (start-up will repair it): %s", error)
         self.searcher.lanes.shutdown()
         collection.close()
         if self.metrics_endpoint is not None:
@@ -214,7 +217,13 @@ async def _checkpointer(running: Running) -> None:
         await running.dirty.wait()
         await asyncio.sleep(running.settings.checkpoint_seconds)
         running.dirty.clear()
-        await running.searcher.lanes.run("store", collection.checkpoint)
+        try:
+            await running.searcher.lanes.run("store", collection.checkpoint)
+        except (OSError, RuntimeError) as error:
+            # A full or read-only disk: the store still holds every acknowledged write, and
+            # start-up repairs the index from it; try again after the next write.
+            log.error("index checkpoint failed: %s", error)
+            continue
         log.debug("index saved", extra={"generation": collection.store.generation})
 
 
@@ -282,7 +291,7 @@ async def create_server(settings: Settings, *, warm: bool = True) -> Running:
     service = RetrievalService(
         searcher, settings=settings, metrics=metrics, models=models, on_write=running.dirty.set
     )
-    tandem_pb2_grpc.add_RetrievalServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    add_to_server(service, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )

@@ -95,10 +95,15 @@ class VectorIndex:
     def save(self, path: Path, *, generation: int) -> None:
         """Writes ``path`` and its sidecar atomically: temporary file, fsync, rename."""
         temporary = path.with_name(f".{path.name}.tmp")
-        self.index.save(str(temporary))
-        fsync_file(temporary)
-        digest = sha256_file(temporary)
-        os.replace(temporary, path)
+        try:
+            self.index.save(str(temporary))
+            fsync_file(temporary)
+            digest = sha256_file(temporary)
+            os.replace(temporary, path)
+        except BaseException:
+            # A full disk must not also keep a half-written copy filling it.
+            temporary.unlink(missing_ok=True)
+            raise
         sidecar = {
             "generation": generation,
             "count": len(self),

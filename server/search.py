@@ -211,20 +211,42 @@ class Searcher:
                 f"{self.embedder.manifest.max_length} tokens; shorten it, or allow truncate"
             )
         started = time.perf_counter()
-        candidates = await self.lanes.run(
-            "store", self._candidates, vector, recall_k, metadata_filter
-        )
+        if mode is Mode.RETRIEVE_ONLY and not metadata_filter:
+            # Only the returned hits need their documents read: the fast path stays fast.
+            candidates, found = await self.lanes.run(
+                "store", self._top_candidates, vector, recall_k, top_n
+            )
+        else:
+            candidates = await self.lanes.run(
+                "store", self._candidates, vector, recall_k, metadata_filter
+            )
+            found = len(candidates)
         timings["search"] = _ms_since(started)
         if mode is Mode.RETRIEVE_ONLY:
             hits_out = [
                 _hit(candidate, rank, None, include_text=include_text, truncated=False)
                 for rank, candidate in enumerate(candidates[:top_n])
             ]
-            return Result(hits_out, 0, len(candidates), query_truncated, timings)
+            return Result(hits_out, 0, found, query_truncated, timings)
         return await self._rerank(
             query, candidates, top_n=top_n, budget_s=budget_s, include_text=include_text,
             timings=timings, query_truncated=query_truncated, truncate=True, arrived=arrived,
         )  # fmt: skip
+
+    def _top_candidates(
+        self, vector: NDArray[np.float32], recall_k: int, top_n: int
+    ) -> tuple[list[Candidate], int]:
+        """The first ``top_n`` of the ``recall_k`` nearest, and how many there were."""
+        hits = self.collection.index.search(vector, recall_k)
+        keys = [int(key) for key in hits.keys[:top_n]]
+        documents = self.collection.store.by_keys(keys)
+        candidates = [
+            Candidate(documents[key].id, documents[key].text, documents[key].metadata,
+                      documents[key].token_ids, float(similarity))
+            for key, similarity in zip(keys, hits.similarities[:top_n], strict=True)
+            if key in documents
+        ]  # fmt: skip
+        return candidates, len(hits.keys)
 
     def _candidates(
         self, vector: NDArray[np.float32], recall_k: int, metadata_filter: Mapping[str, Any] | None

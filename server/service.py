@@ -19,6 +19,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 import numpy as np
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import DecodeError
 
 from server.batcher import Overloaded
 from server.collection import Collection
@@ -42,6 +43,53 @@ Handler = Callable[["RetrievalService", Request, Context], Awaitable[Response]]
 # Time kept back from a client's deadline to send the answer: a reply that lands after the
 # deadline is work thrown away.
 REPLY_MARGIN_S = 0.005
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands in for a request whose bytes are not a valid message (invalid UTF-8 from a
+    non-Python client, truncated fields): the call gets INVALID_ARGUMENT, not INTERNAL."""
+
+    reason: str
+
+
+def lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return Undecodable(str(error) or "malformed message")
+
+    return deserialize
+
+
+def add_to_server(service: RetrievalService, server: grpc.aio.Server) -> None:
+    """Registers the servicer like protoc's ``add_RetrievalServicer_to_server``, but with
+    lenient request decoding."""
+    descriptor = pb.DESCRIPTOR.services_by_name["Retrieval"]
+    handlers = {}
+    for method in descriptor.methods:
+        request = getattr(pb, method.input_type.name)
+        response = getattr(pb, method.output_type.name)
+        make = (
+            grpc.stream_unary_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=lenient(request.FromString),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+    )
+
+
+def _decoded(message: Any) -> Any:
+    if isinstance(message, Undecodable):
+        raise BadArgument(f"the request is not a valid protobuf message: {message.reason}")
+    return message
 
 
 @dataclass(frozen=True)
@@ -107,7 +155,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
-            return await handler(self, request, context)
+            return await handler(self, _decoded(request), context)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -288,7 +336,9 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         )
         async for message in request_iterator:
             try:
-                written, truncated, generation = await self._upsert_message(message, stages)
+                written, truncated, generation = await self._upsert_message(
+                    _decoded(message), stages
+                )
             except (BadArgument, StoreError) as error:
                 if totals["received"]:
                     raise type(error)(

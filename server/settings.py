@@ -105,7 +105,7 @@ class Settings:
     )
     # Batching
     max_batch_tokens: int = field(
-        default=2048, metadata=_doc("padded tokens per reranker run (activation memory)")
+        default=1024, metadata=_doc("padded tokens per reranker run (see BatchLimits)")
     )
     max_batch_pairs: int = field(default=32, metadata=_doc("pairs per reranker run"))
     max_queued_pairs: int = field(

@@ -1,0 +1,327 @@
+"""Faults: kill -9 mid-upsert, damaged index files, altered models, full and read-only disks,
+garbage on the port. Nothing acknowledged is lost, and the server keeps serving."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from serving import ServerThread, document, settings_for, upsert
+
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+WORDS = [
+    "amber",
+    "basalt",
+    "cedar",
+    "delta",
+    "ember",
+    "fjord",
+    "glacier",
+    "harbor",
+    "indigo",
+    "juniper",
+    "kelp",
+    "lagoon",
+    "meadow",
+    "nebula",
+    "obsidian",
+    "prairie",
+    "quartz",
+    "reef",
+    "savanna",
+    "tundra",
+    "umber",
+    "valley",
+    "willow",
+    "xenon",
+    "yarrow",
+    "zephyr",
+    "anchor",
+    "beacon",
+    "canyon",
+    "dune",
+    "estuary",
+    "forest",
+    "geyser",
+    "heath",
+    "island",
+    "jungle",
+    "knoll",
+    "lake",
+    "mesa",
+    "oasis",
+]
+
+
+def unique_texts(count: int, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    while len(seen) < count:
+        seen.add(" ".join(rng.sample(WORDS, 7)))
+    return sorted(seen)
+
+
+class ServerProcess:
+    """`tandem serve` in a child process; its JSON log lines are kept."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        command = [sys.executable, "-m", "tandem.cli", "serve", "--port", "0",
+                   "--metrics-port", "-1", *args]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+        )
+        self.lines: list[str] = []
+        self.port: int | None = None
+        ready = threading.Event()
+        self.reader = threading.Thread(target=self._read, args=(ready,), daemon=True)
+        self.reader.start()
+        ready.wait(timeout=300)
+
+    def _read(self, ready: threading.Event) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if '"msg": "serving"' in line:
+                self.port = int(json.loads(line)["address"].rsplit(":", 1)[1])
+                ready.set()
+        ready.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stub(self) -> tandem_pb2_grpc.RetrievalStub:
+        assert self.port, self.log
+        return tandem_pb2_grpc.RetrievalStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))
+
+    def finish(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout=120)
+        self.reader.join(timeout=10)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        return code
+
+
+def model_args(bi_int8, ce_int8) -> list[str]:
+    return ["--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0])]
+
+
+def test_kill_9_during_upsert_loses_nothing_acknowledged(tmp_path, bi_int8, ce_int8):
+    folder = tmp_path / "collection"
+    texts = unique_texts(10_000)
+    sent = {f"doc-{i}": text for i, text in enumerate(texts)}
+    server = ServerProcess("--collection", str(folder), *model_args(bi_int8, ce_int8))
+    stub = server.stub()
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        items = list(sent.items())
+        for start in range(0, len(items), 100):  # 100 calls of 4 messages of 25
+            if stop.is_set():
+                return
+            call = items[start : start + 100]
+            messages = [
+                pb.UpsertRequest(documents=[document(i, t, n=int(i[4:])) for i, t in part])
+                for part in (call[k : k + 25] for k in range(0, 100, 25))
+            ]
+            try:
+                stub.Upsert(iter(messages), timeout=60)
+            except grpc.RpcError:
+                return  # the server died under this call: not acknowledged
+            acknowledged.extend(i for i, _ in call)
+
+    writer = threading.Thread(target=stream)
+    writer.start()
+    deadline = time.monotonic() + 300
+    while len(acknowledged) < 3000 and time.monotonic() < deadline and writer.is_alive():
+        time.sleep(0.05)
+    server.process.kill()  # SIGKILL, mid-stream
+    stop.set()
+    writer.join(timeout=60)
+    server.finish()
+    assert 3000 <= len(acknowledged) < 10_000, "the kill must land mid-stream"
+
+    restarted = ServerProcess("--collection", str(folder), *model_args(bi_int8, ce_int8))
+    try:
+        stub = restarted.stub()
+        found: dict[str, pb.Document] = {}
+        ids = list(sent)
+        for start in range(0, len(ids), 1000):
+            reply = stub.Get(pb.GetRequest(ids=ids[start : start + 1000]), timeout=60)
+            found.update({d.id: d for d in reply.documents})
+        assert set(acknowledged) <= set(found)  # every acknowledged document survived
+        for identifier, stored in found.items():  # nothing half-written
+            assert stored.text == sent[identifier]
+            assert stored.metadata["n"] == int(identifier[4:])
+        info = stub.Info(pb.InfoRequest(), timeout=30)
+        assert info.index_size == len(found)  # the index agrees with the store
+        for identifier in random.Random(1).sample(acknowledged, 100):
+            reply = stub.Search(
+                pb.SearchRequest(query=sent[identifier], top_n=1,
+                                 mode=pb.SEARCH_MODE_RETRIEVE_ONLY), timeout=30,
+            )  # fmt: skip
+            assert reply.hits[0].id == identifier
+    finally:
+        restarted.finish()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_index_is_rebuilt_from_the_store_at_start_up(
+    tmp_path, bi_int8, ce_int8, data, damage, caplog
+):
+    folder = tmp_path / "collection"
+    running = ServerThread(settings_for(folder, bi_int8[0], ce_int8[0]))
+    upsert(running.stub(), [document(s.id, s.text) for s in data.segments[:40]])
+    running.stop()  # saves the index
+    index = folder / "vectors.usearch"
+    if damage == "flip":
+        raw = bytearray(index.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        index.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        index.write_bytes(index.read_bytes()[:100])
+    else:
+        index.unlink()
+    with caplog.at_level(logging.WARNING, logger="server.index"):
+        running = ServerThread(settings_for(folder, bi_int8[0], ce_int8[0]))
+    try:
+        assert "rebuilding from the store" in caplog.text
+        stub = running.stub()
+        assert stub.Info(pb.InfoRequest()).index_size == 40
+        reply = stub.Search(pb.SearchRequest(query=data.segments[3].text, top_n=1,
+                                             mode=pb.SEARCH_MODE_RETRIEVE_ONLY))  # fmt: skip
+        assert reply.hits[0].id == data.segments[3].id
+    finally:
+        running.stop()
+
+
+def test_altered_or_missing_model_refuses_to_start(tmp_path, bi_int8, ce_int8):
+    altered = tmp_path / "bi-encoder"
+    shutil.copytree(bi_int8[0], altered)
+    model = altered / "model.onnx"
+    raw = bytearray(model.read_bytes())
+    raw[-10] ^= 0xFF
+    model.write_bytes(bytes(raw))
+    for bi_encoder, reason in ((altered, "model.onnx"), (tmp_path / "absent", "manifest")):
+        server = ServerProcess(
+            "--collection", str(tmp_path / "c"), "--bi-encoder", str(bi_encoder),
+            "--reranker", str(ce_int8[0]),
+        )  # fmt: skip
+        code = server.finish()
+        assert code == 1
+        assert "refusing to start" in server.log
+        assert reason in server.log
+        assert server.port is None
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, megabytes: int):
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    filler = folder / "filler"
+    with filler.open("wb") as handle:
+        block = b"\0" * (1 << 20)
+        with contextlib.suppress(OSError):
+            while True:
+                handle.write(block)
+                handle.flush()
+    return filler
+
+
+def test_full_and_read_only_disk_fail_writes_and_keep_reads(tmp_path, bi_int8, ce_int8, data):
+    with small_disk(tmp_path / "disk", 24) as disk:
+        running = ServerThread(settings_for(disk / "c", bi_int8[0], ce_int8[0]))
+        try:
+            stub = running.stub()
+            upsert(stub, [document(s.id, s.text) for s in data.segments[:20]])
+            query = pb.SearchRequest(query=data.topics[0].query, top_n=3)
+            filler = fill(disk)
+            batch = [document(f"more-{i}", s.text * 20) for i, s in enumerate(data.segments[:50])]
+            with pytest.raises(grpc.RpcError) as caught:
+                upsert(stub, batch)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "out of disk space" in caught.value.details()
+            assert len(stub.Search(query).hits) == 3  # reads keep working
+            assert len(stub.Get(pb.GetRequest(ids=[data.segments[0].id])).documents) == 1
+            filler.unlink()
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+            with pytest.raises(grpc.RpcError) as caught:
+                upsert(stub, [document("late", "written to a read-only disk")])
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "cannot be written" in caught.value.details()
+            assert len(stub.Search(query).hits) == 3
+            subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+            assert upsert(stub, [document("late", "the disk is writable again")]).inserted == 1
+            assert stub.Info(pb.InfoRequest()).index_size == 21
+        finally:
+            running.stop()
+
+
+def test_garbage_truncated_frames_and_idle_connections_leave_others_served(
+    tmp_path, bi_int8, ce_int8, data
+):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2500:
+        pytest.skip(f"the file descriptor limit ({hard}) is below 2,500")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
+    running = ServerThread(settings_for(tmp_path / "c", bi_int8[0], ce_int8[0]))
+    idle: list[socket.socket] = []
+    try:
+        stub = running.stub()
+        upsert(stub, [document(s.id, s.text) for s in data.segments[:10]])
+        address = ("127.0.0.1", running.running.port)
+        rng = random.Random(3)
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        for payload in (
+            bytes(rng.getrandbits(8) for _ in range(4096)),  # garbage
+            preface + b"\x00\x00\x12\x04\x00\x00\x00\x00\x00\x00\x03",  # truncated SETTINGS
+            preface + b"\x00\x40\x00\x01\x05\x00\x00\x00\x01" + b"\x82" * 10,  # short HEADERS
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # the wrong protocol
+        ):
+            with socket.create_connection(address, timeout=5) as raw:
+                raw.sendall(payload)
+                with contextlib.suppress(OSError):
+                    raw.recv(1024)
+        for _ in range(1000):
+            idle.append(socket.create_connection(address, timeout=5))
+        reply = stub.Search(pb.SearchRequest(query=data.topics[0].query, top_n=2), timeout=30)
+        assert len(reply.hits) == 2
+        fresh = tandem_pb2_grpc.RetrievalStub(grpc.insecure_channel(running.address))
+        assert fresh.Info(pb.InfoRequest(), timeout=30).index_size == 10
+    finally:
+        for connection in idle:
+            connection.close()
+        running.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
