@@ -72,7 +72,7 @@ class Metrics:
         )
         self.rejections = Counter(
             "tandem_rejections",
-            "Calls refused before any work: in_flight, queue_full, unauthenticated",
+            "Calls refused before any work: in_flight, queue_wait, queue_full, unauthenticated",
             ["reason"],
             registry=self.registry,
         )

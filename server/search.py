@@ -138,6 +138,9 @@ class Lanes:
 
     def __init__(self, executors: Mapping[str, Executor] | None = None) -> None:
         self.executors = dict(executors or {})
+        self.pending = dict.fromkeys(LANE_NAMES, 0)  # calls waiting or running, per lane
+        # Seconds per call, per lane (EWMA), so admission can predict a newcomer's wait.
+        self.service_seconds = dict.fromkeys(LANE_NAMES, 0.0)
 
     @classmethod
     def threaded(cls) -> Lanes:
@@ -147,7 +150,25 @@ class Lanes:
         executor = self.executors.get(lane)
         if executor is None:
             return function(*args)
-        return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
+        self.pending[lane] += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                executor, self._timed, lane, function, *args
+            )
+        finally:
+            self.pending[lane] -= 1
+
+    def _timed(self, lane: str, function: Callable[..., T], *args: Any) -> T:
+        started = time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            seconds = time.perf_counter() - started
+            self.service_seconds[lane] += 0.1 * (seconds - self.service_seconds[lane])
+
+    def expected_wait(self) -> float:
+        """Seconds a call arriving now would queue before its query and store work ran."""
+        return sum(self.pending[lane] * self.service_seconds[lane] for lane in ("query", "store"))
 
     def shutdown(self) -> None:
         for executor in self.executors.values():

@@ -40,6 +40,8 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[["RetrievalService", Request, Context], Awaitable[Response]]
 
+# Calls that queue for the query and store threads; shedding them protects admitted latency.
+QUEUED_METHODS = frozenset({"Search", "Rerank", "Embed"})
 # Time kept back from a client's deadline to send the answer: a reply that lands after the
 # deadline is work thrown away.
 REPLY_MARGIN_S = 0.005
@@ -149,6 +151,19 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                     Busy(
                         f"{self.in_flight} calls are in flight, the limit is "
                         f"{self.settings.max_in_flight}; retry with backoff"
+                    )
+                )
+            )
+        wait = self.searcher.lanes.expected_wait()
+        if method in QUEUED_METHODS and wait * 1000 > self.settings.max_queue_wait_ms:
+            self.metrics.rejections.labels("queue_wait").inc()
+            self._record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, started)
+            await context.abort(
+                *describe(
+                    Busy(
+                        f"the server is overloaded: a call now would wait ~{wait * 1000:.0f} ms "
+                        f"before any work (limit {self.settings.max_queue_wait_ms} ms); retry "
+                        "with backoff"
                     )
                 )
             )

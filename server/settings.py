@@ -84,6 +84,13 @@ class Settings:
             "what 2 cores rerank in a 100 ms budget, so callers past it would only queue"
         ),
     )
+    max_queue_wait_ms: int = field(
+        default=25,
+        metadata=_doc(
+            "refuse a call (RESOURCE_EXHAUSTED) when the work queued ahead of it would delay "
+            "it past this; keeps the latency of admitted calls within budget under overload"
+        ),
+    )
     max_message_bytes: int = field(
         default=16 * 1024 * 1024,
         metadata=_doc("largest request message (each streamed Upsert message) in bytes"),
@@ -284,7 +291,10 @@ def validate(settings: Settings) -> None:
         for name in positive
         if getattr(settings, name) < 1
     )
-    for name in ("default_rerank_budget_ms", "query_cache", "checkpoint_seconds", "drain_seconds"):
+    for name in (
+        "default_rerank_budget_ms", "query_cache", "checkpoint_seconds", "drain_seconds",
+        "max_queue_wait_ms",
+    ):  # fmt: skip
         if getattr(settings, name) < 0:
             problems.append(f"{name} must be >= 0 (got {getattr(settings, name)})")
     if settings.default_recall_k > settings.max_recall_k:

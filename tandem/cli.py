@@ -137,9 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_arguments(search)
     bench = commands.add_parser("bench", help="load tests and quality evaluation")
     benches = bench.add_subparsers(dest="bench", required=True)
-    from benchmarks import load, quality, serving
+    from benchmarks import load, overload, quality, serving
 
     load.add_arguments(benches.add_parser("load", help="load generator against a server"))
+    overload.add_arguments(
+        benches.add_parser("overload", help="2x/5x capacity shedding, or a memory soak")
+    )
     serving.add_arguments(
         benches.add_parser("serving", help="Tandem against the seeds' pipeline, side by side")
     )
@@ -277,9 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return client.run(args)
     if args.command == "bench":
-        from benchmarks import load, quality, serving
+        from benchmarks import load, overload, quality, serving
 
-        modules = {"load": load, "serving": serving, "quality": quality}
+        modules = {"load": load, "serving": serving, "quality": quality, "overload": overload}
         return int(modules[args.bench].main(args))
     # Root stays at WARNING: onnxruntime's quantizer logs every tensor at INFO on it.
     logging.basicConfig(

@@ -1,0 +1,148 @@
+"""`tandem bench overload` and `tandem bench soak`: shedding, recovery and memory under load.
+
+- overload: measure capacity (closed loop, many callers, ``rerank_budget_ms=100``), then
+  offer 2x and 5x that as open-loop Poisson load. The server must stay up, refuse the
+  excess with RESOURCE_EXHAUSTED, keep the p99 of the calls it admits within the budget plus
+  50 ms, and answer normally as soon as the load stops.
+- soak: 70% of capacity for minutes, sampling the server's resident memory; after warm-up
+  it must grow by less than 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.encoders import machine
+from benchmarks.load import CallShape, Level, LevelReport, format_report, sweep, topic_queries
+
+BUDGET_MS = 100
+ADMITTED_P99_LIMIT_MS = BUDGET_MS + 50
+CAPACITY_CALLERS = 32
+
+
+@dataclass
+class OverloadReport:
+    capacity_qps: float
+    levels: list[dict[str, Any]]
+    recovery: dict[str, Any]
+    alive: bool
+
+
+def _run(port: int, levels: list[Level], queries: list[str], shape: CallShape) -> list[LevelReport]:
+    return asyncio.run(sweep(f"127.0.0.1:{port}", levels, queries, shape, pause_s=0))
+
+
+def capacity(port: int, queries: list[str], *, seconds: float) -> float:
+    shape = CallShape(recall_k=100, top_n=5, budget_ms=BUDGET_MS)
+    level = Level("closed", CAPACITY_CALLERS, seconds, 1_000_000)
+    return _run(port, [level], queries, shape)[0].achieved_qps
+
+
+def overload(
+    port: int, queries: list[str], *, factors: tuple[float, ...], seconds: float,
+    capacity_seconds: float, alive: Any,
+) -> OverloadReport:  # fmt: skip
+    measured = capacity(port, queries, seconds=capacity_seconds)
+    shape = CallShape(recall_k=100, top_n=5, budget_ms=BUDGET_MS, timeout_s=5.0)
+    levels = []
+    for factor in factors:
+        offered = Level("open", measured * factor, seconds, 1_000_000)
+        report = _run(port, [offered], queries, shape)[0]
+        print(f"{factor:g}x capacity: {format_report(report)}", flush=True)
+        levels.append({"factor": factor, **asdict(report)})
+    started = time.perf_counter()
+    recovery = _run(port, [Level("closed", 1, 5.0, 50)], queries, shape)[0]
+    print(f"right after: {format_report(recovery)}", flush=True)
+    return OverloadReport(
+        capacity_qps=measured,
+        levels=levels,
+        recovery={**asdict(recovery), "began_after_s": time.perf_counter() - started},
+        alive=bool(alive()),
+    )
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def soak(
+    port: int, pid: int, queries: list[str], *, qps: float, seconds: float, warm_up_s: float,
+    sample_s: float = 10.0,
+) -> dict[str, Any]:  # fmt: skip
+    shape = CallShape(recall_k=100, top_n=5, budget_ms=BUDGET_MS)
+    samples: list[tuple[float, int]] = []
+    reports = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        level = Level("open", qps, sample_s, 1_000_000)
+        reports.append(_run(port, [level], queries, shape)[0])
+        samples.append((time.perf_counter() - started, rss_bytes(pid)))
+        print(f"t={samples[-1][0]:.0f}s rss={samples[-1][1] / 2**20:.1f} MiB "
+              f"{format_report(reports[-1])}", flush=True)  # fmt: skip
+    after_warm_up = next(rss for t, rss in samples if t >= warm_up_s)
+    final = samples[-1][1]
+    return {
+        "qps": qps,
+        "seconds": seconds,
+        "rss_after_warm_up_mib": after_warm_up / 2**20,
+        "rss_final_mib": final / 2**20,
+        "growth": (final - after_warm_up) / after_warm_up,
+        "samples": [{"t": t, "rss_mib": rss / 2**20} for t, rss in samples],
+        "errors": sum(sum(r.errors.values()) for r in reports),
+        "ok": sum(r.ok for r in reports),
+        "p99_ms_worst_window": max(r.latency_ms.get("p99", 0.0) for r in reports),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from benchmarks import serving
+
+    serving.add_arguments(parser)
+    parser.add_argument("--what", choices=("overload", "soak"), default="overload")
+    parser.add_argument("--seconds", type=float, default=60.0, help="per overload level")
+    parser.add_argument("--soak-seconds", type=float, default=300.0)
+    parser.add_argument("--capacity-seconds", type=float, default=20.0)
+
+
+def main(args: argparse.Namespace) -> int:
+    from benchmarks.serving import start_tandem
+
+    queries = topic_queries()
+    args.out.mkdir(parents=True, exist_ok=True)
+    server = start_tandem(args, args.out / "logs" / f"{args.what}.log")
+    try:
+        record: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv)}
+        if args.what == "overload":
+            report = overload(
+                server.port, queries, factors=(2.0, 5.0), seconds=args.seconds,
+                capacity_seconds=args.capacity_seconds,
+                alive=lambda: server.process.poll() is None,
+            )  # fmt: skip
+            record.update(asdict(report))
+        else:
+            measured = capacity(server.port, queries, seconds=args.capacity_seconds)
+            record["capacity_qps"] = measured
+            record.update(
+                soak(
+                    server.port,
+                    server.process.pid,
+                    queries,
+                    qps=0.7 * measured,
+                    seconds=args.soak_seconds,
+                    warm_up_s=30.0,
+                )
+            )
+    finally:
+        server.stop()
+    (args.out / f"{args.what}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return 0
