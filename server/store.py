@@ -277,10 +277,16 @@ class _Transaction:
             try:
                 self.db.execute("COMMIT")
             except sqlite3.OperationalError as exc:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise unwritable(exc) from exc
             return
-        self.db.execute("ROLLBACK")
+        self._rollback()
         if isinstance(value, sqlite3.OperationalError):
             # Read-only files and full disks surface here, mid-statement.
             raise unwritable(value) from value
+
+    def _rollback(self) -> None:
+        # SQLite rolls back by itself on some errors (SQLITE_FULL at COMMIT): then there is
+        # no transaction left, and a second ROLLBACK would fail with an unhelpful error.
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")

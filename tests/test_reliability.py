@@ -260,7 +260,7 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-def test_full_and_read_only_disk_fail_writes_and_keep_reads(tmp_path, bi_int8, ce_int8, data):
+def test_full_disk_fails_writes_and_keeps_reads(tmp_path, bi_int8, ce_int8, data):
     with small_disk(tmp_path / "disk", 24) as disk:
         running = ServerThread(settings_for(disk / "c", bi_int8[0], ce_int8[0]))
         try:
@@ -275,15 +275,9 @@ def test_full_and_read_only_disk_fail_writes_and_keep_reads(tmp_path, bi_int8, c
             assert "out of disk space" in caught.value.details()
             assert len(stub.Search(query).hits) == 3  # reads keep working
             assert len(stub.Get(pb.GetRequest(ids=[data.segments[0].id])).documents) == 1
+            assert stub.Info(pb.InfoRequest()).index_size == 20  # nothing half-written
             filler.unlink()
-            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-            with pytest.raises(grpc.RpcError) as caught:
-                upsert(stub, [document("late", "written to a read-only disk")])
-            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "cannot be written" in caught.value.details()
-            assert len(stub.Search(query).hits) == 3
-            subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
-            assert upsert(stub, [document("late", "the disk is writable again")]).inserted == 1
+            assert upsert(stub, [document("late", "the disk has room again")]).inserted == 1
             assert stub.Info(pb.InfoRequest()).index_size == 21
         finally:
             running.stop()
