@@ -144,29 +144,18 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         if self.in_flight >= self.settings.max_in_flight:
-            self.metrics.rejections.labels("in_flight").inc()
-            self._record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, started)
-            await context.abort(
-                *describe(
-                    Busy(
-                        f"{self.in_flight} calls are in flight, the limit is "
-                        f"{self.settings.max_in_flight}; retry with backoff"
-                    )
-                )
-            )
+            await self._refuse(
+                method, "in_flight", started, context,
+                f"{self.in_flight} calls are in flight, the limit is "
+                f"{self.settings.max_in_flight}; retry with backoff",
+            )  # fmt: skip
         wait = self.searcher.lanes.expected_wait()
         if method in QUEUED_METHODS and wait * 1000 > self.settings.max_queue_wait_ms:
-            self.metrics.rejections.labels("queue_wait").inc()
-            self._record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, started)
-            await context.abort(
-                *describe(
-                    Busy(
-                        f"the server is overloaded: a call now would wait ~{wait * 1000:.0f} ms "
-                        f"before any work (limit {self.settings.max_queue_wait_ms} ms); retry "
-                        "with backoff"
-                    )
-                )
-            )
+            await self._refuse(
+                method, "queue_wait", started, context,
+                f"the server is overloaded: a call now would wait ~{wait * 1000:.0f} ms before "
+                f"any work (limit {self.settings.max_queue_wait_ms} ms); retry with backoff",
+            )  # fmt: skip
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
@@ -184,6 +173,14 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
             self.in_flight -= 1
             self.metrics.in_flight.dec()
             self._record(method, code, started)
+
+    async def _refuse(
+        self, method: str, reason: str, started: float, context: Context, message: str
+    ) -> None:
+        """Admission said no: count it, then answer RESOURCE_EXHAUSTED (abort raises)."""
+        self.metrics.rejections.labels(reason).inc()
+        self._record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, started)
+        await context.abort(*describe(Busy(message)))
 
     def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
         seconds = time.perf_counter() - started
