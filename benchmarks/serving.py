@@ -147,6 +147,19 @@ def closed(
     return asyncio.run(sweep(f"127.0.0.1:{port}", [level], queries, shape, pause_s=0))[0]
 
 
+def full_rerank_throughput(
+    name: str, port: int, queries: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Closed loop at each recall_k with every candidate reranked (no budget)."""
+    reports = {}
+    for recall_k in args.recall_ks:
+        shape = CallShape(recall_k=recall_k, top_n=5, budget_ms=0, timeout_s=THROUGHPUT_TIMEOUT_S)
+        report = closed(port, queries, shape, args.callers, args)
+        reports[f"{name}_{recall_k}"] = asdict(report)
+        print(f"{name} recall_k={recall_k}: {format_report(report)}")
+    return reports
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     queries = topic_queries()
     out: dict[str, Any] = {"machine": machine(), "commit": _commit(), "command": " ".join(sys.argv)}
@@ -161,12 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     throughput: dict[str, Any] = {}
     tandem = start_tandem(args, args.out / "logs" / "tandem.log")
     try:
-        for recall_k in args.recall_ks:
-            shape = CallShape(recall_k=recall_k, top_n=5, budget_ms=0,
-                              timeout_s=THROUGHPUT_TIMEOUT_S)  # fmt: skip
-            report = closed(tandem.port, queries, shape, args.callers, args)
-            throughput[f"tandem_{recall_k}"] = asdict(report)
-            print(f"tandem recall_k={recall_k}: {format_report(report)}")
+        throughput.update(full_rerank_throughput("tandem", tandem.port, queries, args))
         offered = [Level("open", qps, args.duration, args.max_requests) for qps in args.qps]
         budget_shape = CallShape(recall_k=100, top_n=5, budget_ms=100)
         budget = asyncio.run(sweep(f"127.0.0.1:{tandem.port}", offered, queries, budget_shape))
@@ -184,12 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tandem.stop()
     baseline = start_baseline(args, args.out / "logs" / "baseline.log")
     try:
-        for recall_k in args.recall_ks:
-            shape = CallShape(recall_k=recall_k, top_n=5, budget_ms=0,
-                              timeout_s=THROUGHPUT_TIMEOUT_S)  # fmt: skip
-            report = closed(baseline.port, queries, shape, args.callers, args)
-            throughput[f"baseline_{recall_k}"] = asdict(report)
-            print(f"baseline recall_k={recall_k}: {format_report(report)}")
+        throughput.update(full_rerank_throughput("baseline", baseline.port, queries, args))
         # The baseline has no budget and falls behind at once: its two lowest loads suffice.
         baseline_budget = asyncio.run(
             sweep(f"127.0.0.1:{baseline.port}", offered[:2], queries, budget_shape)
