@@ -11,7 +11,7 @@ export TANDEM_DATA_DIR ?= $(CURDIR)/.cache/rag24
 DEMO ?= $(ARTIFACTS)/demo
 SERVE_FLAGS ?=
 
-.PHONY: install data models demo run node test check bench clean
+.PHONY: install data models demo run node nginx test check bench clean
 
 install: $(VENV)/.installed
 
@@ -66,12 +66,23 @@ tests/node/node_modules/.installed: tests/node/package-lock.json
 	npm ci --prefix tests/node --no-audit --no-fund
 	touch $@
 
+# Debian's nginx for the replica tests (tests/test_replicas.py): downloaded and unpacked
+# under .cache/, so it needs no root and starts no system service.
+NGINX_BIN := .cache/nginx/usr/sbin/nginx
+nginx: $(NGINX_BIN)
+
+$(NGINX_BIN):
+	mkdir -p .cache/nginx
+	cd .cache/nginx && { apt-get download nginx || { apt-get update -qq && apt-get download nginx; }; } \
+		&& dpkg -x nginx_*.deb . && rm nginx_*.deb
+	test -x $@
+
 check: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: check data node
+test: check data node nginx
 	$(BIN)/pytest
 
 bench: demo

@@ -45,6 +45,9 @@ class CallShape:
     budget_ms: int = 100
     mode: str = "two-stage"
     timeout_s: float = 10.0
+    # Closed loop: how long a caller waits after RESOURCE_EXHAUSTED before its next call, as
+    # the server asks. 0 retries at once, which measures how fast the server refuses.
+    backoff_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,10 @@ class LevelReport:
     ok: int
     seconds: float
     achieved_qps: float
-    latency_ms: dict[str, float]
+    latency_ms: dict[str, float]  # as the client saw it, from the scheduled arrival
+    # As the server saw it (its Timings.total_ms): the gap to latency_ms is time spent in
+    # the network stack, the server's gRPC queue before its handler ran, and client lag.
+    server_latency_ms: dict[str, float]
     errors: dict[str, int]
     reranked: dict[str, float]
     candidates_mean: float
@@ -74,6 +80,7 @@ class LevelReport:
 @dataclass
 class Sample:
     latencies: list[float] = field(default_factory=list)
+    server_latencies: list[float] = field(default_factory=list)
     reranked: list[int] = field(default_factory=list)
     candidates: list[int] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
@@ -104,8 +111,11 @@ async def _call(
         reply = await stub.Search(request, timeout=shape.timeout_s, metadata=metadata)
     except grpc.aio.AioRpcError as error:
         sample.errors[error.code().name] += 1
+        if error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and shape.backoff_s:
+            await asyncio.sleep(shape.backoff_s)
         return
     sample.latencies.append(time.perf_counter() - since)
+    sample.server_latencies.append(reply.timings.total_ms / 1000)
     sample.reranked.append(reply.reranked_count)
     sample.candidates.append(reply.candidates)
 
@@ -160,19 +170,20 @@ async def run_level(
     return summarize(level, sample, seconds)
 
 
+def milliseconds_quantiles(seconds: Sequence[float]) -> dict[str, float]:
+    if not seconds:
+        return {}
+    latencies = np.asarray(seconds) * 1000
+    return {
+        "p50": float(np.percentile(latencies, 50)),
+        "p90": float(np.percentile(latencies, 90)),
+        "p99": float(np.percentile(latencies, 99)),
+        "max": float(latencies.max()),
+        "mean": float(latencies.mean()),
+    }
+
+
 def summarize(level: Level, sample: Sample, seconds: float) -> LevelReport:
-    latencies = np.asarray(sample.latencies) * 1000
-    quantiles = (
-        {
-            "p50": float(np.percentile(latencies, 50)),
-            "p90": float(np.percentile(latencies, 90)),
-            "p99": float(np.percentile(latencies, 99)),
-            "max": float(latencies.max()),
-            "mean": float(latencies.mean()),
-        }
-        if len(latencies)
-        else {}
-    )
     reranked = np.asarray(sample.reranked, dtype=np.float64)
     return LevelReport(
         kind=level.kind,
@@ -182,7 +193,8 @@ def summarize(level: Level, sample: Sample, seconds: float) -> LevelReport:
         ok=len(sample.latencies),
         seconds=seconds,
         achieved_qps=len(sample.latencies) / seconds if seconds else 0.0,
-        latency_ms=quantiles,
+        latency_ms=milliseconds_quantiles(sample.latencies),
+        server_latency_ms=milliseconds_quantiles(sample.server_latencies),
         errors=dict(sample.errors),
         reranked=(
             {
@@ -304,6 +316,9 @@ def format_report(report: LevelReport) -> str:
         if latency
         else "no successful calls"
     )
+    server = report.server_latency_ms
+    if server:
+        quantiles += f" (server-side p50 {server['p50']:.1f} p99 {server['p99']:.1f})"
     reranked = report.reranked.get("mean", 0.0)
     return (
         f"{report.value:g} {unit}: {report.ok}/{report.sent} ok, {report.achieved_qps:.2f} QPS, "

@@ -1,9 +1,10 @@
 """`tandem bench overload` and `tandem bench soak`: shedding, recovery and memory under load.
 
-- overload: measure capacity (closed loop, many callers, ``rerank_budget_ms=100``), then
-  offer 2x and 5x that as open-loop Poisson load. The server must stay up, refuse the
-  excess with RESOURCE_EXHAUSTED, keep the p99 of the calls it admits within the budget plus
-  50 ms, and answer normally as soon as the load stops.
+- overload: measure capacity (the highest open-loop rate, doubling then one bisection, at
+  which the server refuses at most 1% of calls and keeps p99 within the budget plus 50 ms,
+  ``rerank_budget_ms=100``), then offer 2x and 5x that as open-loop Poisson load. The server
+  must stay up, refuse the excess with RESOURCE_EXHAUSTED, keep the p99 of the calls it
+  admits within the budget plus 50 ms, and answer normally as soon as the load stops.
 - soak: 70% of capacity for minutes, sampling the server's resident memory; after warm-up
   it must grow by less than 10%.
 """
@@ -24,7 +25,9 @@ from benchmarks.load import CallShape, Level, LevelReport, format_report, sweep,
 
 BUDGET_MS = 100
 ADMITTED_P99_LIMIT_MS = BUDGET_MS + 50
-CAPACITY_CALLERS = 32
+SOAK_MAX_GROWTH = 0.10  # resident memory after warm-up, as a fraction
+CAPACITY_START_QPS = 16.0
+CAPACITY_MAX_REFUSED = 0.01
 
 
 @dataclass
@@ -39,17 +42,43 @@ def _run(port: int, levels: list[Level], queries: list[str], shape: CallShape) -
     return asyncio.run(sweep(f"127.0.0.1:{port}", levels, queries, shape, pause_s=0))
 
 
+def within_slo(report: LevelReport) -> bool:
+    refused = sum(report.errors.values())
+    return (
+        report.ok > 0
+        and refused <= CAPACITY_MAX_REFUSED * report.sent
+        and report.latency_ms["p99"] <= ADMITTED_P99_LIMIT_MS
+    )
+
+
 def capacity(port: int, queries: list[str], *, seconds: float) -> float:
+    """The highest offered rate served within the SLO: double until a rate fails, then try
+    the midpoint once. A closed loop would not do: its callers retry a refusal at once, so it
+    measures how fast the server refuses."""
     shape = CallShape(recall_k=100, top_n=5, budget_ms=BUDGET_MS)
-    level = Level("closed", CAPACITY_CALLERS, seconds, 1_000_000)
-    return _run(port, [level], queries, shape)[0].achieved_qps
+
+    def passes(qps: float) -> bool:
+        report = _run(port, [Level("open", qps, seconds, 1_000_000)], queries, shape)[0]
+        print(f"capacity probe: {format_report(report)}", flush=True)
+        return within_slo(report)
+
+    passed, rate = 0.0, CAPACITY_START_QPS
+    while passes(rate):
+        passed, rate = rate, rate * 2
+    if passed:
+        middle = (passed + rate) / 2
+        if passes(middle):
+            passed = middle
+    if not passed:
+        raise RuntimeError(f"the server missed its SLO even at {CAPACITY_START_QPS} QPS")
+    return passed
 
 
 def overload(
-    port: int, queries: list[str], *, factors: tuple[float, ...], seconds: float,
-    capacity_seconds: float, alive: Any,
+    port: int, queries: list[str], *, capacity_qps: float, factors: tuple[float, ...],
+    seconds: float, alive: Any,
 ) -> OverloadReport:  # fmt: skip
-    measured = capacity(port, queries, seconds=capacity_seconds)
+    measured = capacity_qps
     shape = CallShape(recall_k=100, top_n=5, budget_ms=BUDGET_MS, timeout_s=5.0)
     levels = []
     for factor in factors:
@@ -111,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--what", choices=("overload", "soak"), default="overload")
     parser.add_argument("--seconds", type=float, default=60.0, help="per overload level")
     parser.add_argument("--soak-seconds", type=float, default=300.0)
-    parser.add_argument("--capacity-seconds", type=float, default=20.0)
+    parser.add_argument("--capacity-seconds", type=float, default=10.0, help="per probed rate")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -122,15 +151,14 @@ def main(args: argparse.Namespace) -> int:
     server = start_tandem(args, args.out / "logs" / f"{args.what}.log")
     try:
         record: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv)}
+        measured = capacity(server.port, queries, seconds=args.capacity_seconds)
         if args.what == "overload":
             report = overload(
-                server.port, queries, factors=(2.0, 5.0), seconds=args.seconds,
-                capacity_seconds=args.capacity_seconds,
-                alive=lambda: server.process.poll() is None,
+                server.port, queries, capacity_qps=measured, factors=(2.0, 5.0),
+                seconds=args.seconds, alive=lambda: server.process.poll() is None,
             )  # fmt: skip
             record.update(asdict(report))
         else:
-            measured = capacity(server.port, queries, seconds=args.capacity_seconds)
             record["capacity_qps"] = measured
             record.update(
                 soak(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import signal
@@ -26,9 +27,12 @@ from grpc_reflection.v1alpha import reflection
 
 from server.batcher import BatchLimits, RerankBatcher
 from server.collection import Collection
+from server.follow import Follower
 from server.index import IndexSettings
 from server.metrics import Metrics, MetricsEndpoint
 from server.pairs import PairTokenizer
+from server.priority import lower_this_thread, with_threads_lowered
+from server.publish import current_version, is_published_root, version_folder
 from server.search import Lanes, Searcher, make_runner
 from server.service import Context, Models, RetrievalService, add_to_server
 from server.settings import Settings, is_loopback
@@ -138,15 +142,21 @@ def is_stand_in(manifest_source: str, setting: bool | None) -> bool:
     return "stand-in" in Path(manifest_source).name
 
 
-def load_searcher(settings: Settings, metrics: Metrics) -> tuple[Searcher, Models]:
+def load_searcher(settings: Settings, metrics: Metrics) -> tuple[Searcher, Models, Follower | None]:
     """Opens both models (refusing altered artifacts) and the collection."""
-    embedder = BiEncoder(settings.bi_encoder, threads=settings.threads)
+    embedder = BiEncoder(
+        settings.bi_encoder, threads=settings.threads, spinning=settings.ort_spinning
+    )
     reranker = None
     pairs = None
     batcher = None
     if settings.reranker_enabled:
         assert settings.reranker is not None
-        reranker = CrossEncoder(settings.reranker, threads=settings.threads)
+        path = settings.reranker
+        reranker = with_threads_lowered(
+            lambda: CrossEncoder(path, threads=settings.threads, spinning=settings.ort_spinning),
+            settings.reranker_nice,
+        )
         pairs = PairTokenizer.for_reranker(reranker)
         batcher = RerankBatcher(
             make_runner(reranker),
@@ -156,13 +166,27 @@ def load_searcher(settings: Settings, metrics: Metrics) -> tuple[Searcher, Model
                 max_queued_pairs=settings.max_queued_pairs,
             ),
             on_batch=metrics.observe_batch,
+            worker_setup=functools.partial(lower_this_thread, settings.reranker_nice),
         )
-    collection = Collection(
-        settings.collection,
-        embedder=embedder,
-        pairs=pairs,
-        settings=IndexSettings(dtype=settings.index_dtype),  # type: ignore[arg-type]
-    )
+
+    def open_collection(folder: Path, version: str | None, read_only: bool) -> Collection:
+        return Collection(
+            folder,
+            embedder=embedder,
+            pairs=pairs,
+            settings=IndexSettings(dtype=settings.index_dtype),  # type: ignore[arg-type]
+            read_only=read_only,
+            version=version,
+        )
+
+    if is_published_root(settings.collection):
+        # A replica: the newest published version, read-only (see server.follow).
+        version = current_version(settings.collection)
+        collection = open_collection(
+            version_folder(settings.collection, version), version, read_only=True
+        )
+    else:
+        collection = open_collection(settings.collection, None, read_only=settings.read_only)
     stand_in = reranker is not None and is_stand_in(
         reranker.manifest.source, settings.reranker_stand_in
     )
@@ -176,7 +200,15 @@ def load_searcher(settings: Settings, metrics: Metrics) -> tuple[Searcher, Model
         cache_size=settings.query_cache,
         lanes=Lanes.threaded(),
     )
-    return searcher, models
+    follower = None
+    if collection.version is not None:
+        follower = Follower(
+            settings.collection,
+            searcher,
+            lambda folder, version: open_collection(folder, version, read_only=True),
+            every=settings.follow_seconds,
+        )
+    return searcher, models, follower
 
 
 def _announce_models(models: Models, settings: Settings) -> None:
@@ -245,7 +277,7 @@ async def create_server(settings: Settings, *, warm: bool = True) -> Running:
             extra={"host": settings.host},
         )
     metrics = Metrics()
-    searcher, models = load_searcher(settings, metrics)
+    searcher, models, follower = load_searcher(settings, metrics)
     _announce_models(models, settings)
     if searcher.batcher is not None:
         await searcher.batcher.start()
@@ -299,6 +331,9 @@ async def create_server(settings: Settings, *, warm: bool = True) -> Running:
     if settings.metrics_port >= 0:
         running.metrics_endpoint = metrics.serve(settings.host, settings.metrics_port)
     running.tasks.append(asyncio.create_task(_checkpointer(running), name="checkpointer"))
+    running.tasks.append(asyncio.create_task(service.loop_lag.watch(), name="loop-lag"))
+    if follower is not None:
+        running.tasks.append(asyncio.create_task(follower.run(), name="follower"))
     if warm:
         await running.warm_up()
     log.info(

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from server.pairs import JoinedPair
+from server.pairs import JoinedPair, PairIds
 
-Runner = Callable[[Sequence[JoinedPair]], NDArray[np.float32]]
+Runner = Callable[[Sequence[PairIds]], NDArray[np.float32]]
 
 
 class Overloaded(Exception):
@@ -61,14 +61,43 @@ class BatchLimits:
 
 
 @dataclass(eq=False)
+class Ticket:
+    """One request's share of the queue: its scores fill in as its pairs' batches finish.
+
+    One future per request, not per pair: a call's 100 pairs would otherwise cost the event
+    loop 100 futures, their callbacks and their cancellations, most never scored under a
+    budget.
+    """
+
+    scores: NDArray[np.float32]  # NaN until scored
+    done: asyncio.Future[None] | None = None
+    waiting: int = 0  # pairs neither scored nor expired
+    first_run: float | None = None  # when the first batch holding one of its pairs began
+
+    @property
+    def open(self) -> bool:
+        return self.done is None or not self.done.done()
+
+    def settle(self, position: int, value: float | None) -> None:
+        if value is not None:
+            self.scores[position] = value
+        self.waiting -= 1
+        if self.waiting <= 0 and self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def fail(self, error: BaseException) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(error)
+
+
+@dataclass(eq=False)
 class Entry:
-    """One pair waiting to be scored, with the future its request awaits."""
+    """One pair waiting to be scored, and the ticket of the request it belongs to."""
 
     pair: JoinedPair
     deadline: float  # time.monotonic() seconds; math.inf for no deadline
     order: tuple[int, int]  # (request arrival, stage-1 position): EDF tiebreak
-    future: asyncio.Future[float | None] | None = None
-    run_started: float | None = None  # when the batch holding this entry began to run
+    ticket: Ticket | None = None
 
     @property
     def length(self) -> int:
@@ -76,7 +105,7 @@ class Entry:
 
     @property
     def wanted(self) -> bool:
-        return self.future is None or not self.future.done()
+        return self.ticket is None or self.ticket.open
 
     def sort_key(self) -> tuple[float, int, int]:
         return (self.deadline, *self.order)
@@ -94,13 +123,22 @@ class CostModel:
     seconds_per_token: float
     weight: float = 0.2
     headroom: float = 1.25
+    # The estimate only moves when a batch runs. After a slow spell (cores taken by other
+    # work) it can predict that no pair fits any budget, so none would ever run again and
+    # it would never come down: past this long without a run, one pair runs as a probe.
+    stale_after: float = 1.0
+    observed_at: float = -math.inf
 
     def predict(self, pairs: int, width: int) -> float:
         return self.seconds_per_token * pairs * width * self.headroom
 
-    def observe(self, pairs: int, width: int, seconds: float) -> None:
+    def observe(self, pairs: int, width: int, seconds: float, *, now: float) -> None:
         sample = seconds / max(pairs * width, 1)
         self.seconds_per_token += self.weight * (sample - self.seconds_per_token)
+        self.observed_at = now
+
+    def stale(self, now: float) -> bool:
+        return now - self.observed_at > self.stale_after
 
 
 @dataclass
@@ -136,6 +174,8 @@ def build_batch(
         if not candidate.wanted:
             continue
         if now + cost.predict(1, candidate.length) > candidate.deadline:
+            if now < candidate.deadline and cost.stale(now):
+                return [candidate], expired  # a probe (see CostModel.stale_after)
             expired.append(candidate)
             continue
         head = candidate
@@ -198,6 +238,7 @@ class RerankBatcher:
         cost: CostModel | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_batch: Callable[[int, int], None] | None = None,
+        worker_setup: Callable[[], None] | None = None,
     ) -> None:
         self.runner = runner
         self.on_batch = on_batch  # (pairs, padded tokens) of each batch, for metrics
@@ -209,7 +250,9 @@ class RerankBatcher:
         self.arrivals = itertools.count()
         self.wake = asyncio.Event()
         # One thread: onnxruntime already spreads one run over the cores it was given.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank")
+        self.executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="rerank", initializer=worker_setup
+        )
         self.task: asyncio.Task[None] | None = None
         self.batches_run = 0
 
@@ -239,41 +282,33 @@ class RerankBatcher:
         started = self.clock()
         deadline = math.inf if budget is None else started + budget
         arrival = next(self.arrivals)
-        loop = asyncio.get_running_loop()
-        entries = [
-            Entry(pair, deadline, (arrival, position), loop.create_future())
-            for position, pair in enumerate(pairs)
-        ]
-        for entry in entries:
-            self.queue.push(entry)
+        ticket = Ticket(
+            np.full(len(pairs), np.nan, dtype=np.float32),
+            asyncio.get_running_loop().create_future(),
+            waiting=len(pairs),
+        )
+        for position, pair in enumerate(pairs):
+            self.queue.push(Entry(pair, deadline, (arrival, position), ticket))
         self.wake.set()
-        futures = [entry.future for entry in entries if entry.future is not None]
+        assert ticket.done is not None
         batches_before = self.batches_run
         try:
-            _, pending = await asyncio.wait(futures, timeout=None if budget is None else budget)
+            # Past the budget, what was scored by now is the answer (wait() never raises).
+            await asyncio.wait([ticket.done], timeout=budget)
         finally:
-            # Cancelled callers and expired budgets leave the queue at once.
-            abandoned = [future for future in futures if not future.done()]
-            for future in abandoned:
-                future.cancel()
-            if abandoned:
+            if not ticket.done.done():
+                # Cancelled callers and expired budgets leave the queue at once.
+                ticket.done.cancel()
                 self.queue.discard_unwanted()
-        scores = np.full(len(pairs), np.nan, dtype=np.float32)
-        for position, future in enumerate(futures):
-            if future.cancelled() or future in pending:
-                continue
-            error = future.exception()
-            if error is not None:
-                raise RunnerFailed(str(error)) from error
-            value = future.result()
-            if value is not None:
-                scores[position] = value
+        if not ticket.done.cancelled() and ticket.done.exception() is not None:
+            error = ticket.done.exception()
+            raise RunnerFailed(str(error)) from error
         ended = self.clock()
-        runs = [entry.run_started for entry in entries if entry.run_started is not None]
-        first_run = min(runs, default=ended)
+        first_run = ended if ticket.first_run is None else ticket.first_run
         return Outcome(
-            scores, first_run - started, ended - first_run, self.batches_run - batches_before
-        )
+            ticket.scores.copy(), first_run - started, ended - first_run,
+            self.batches_run - batches_before,
+        )  # fmt: skip
 
     async def _mover(self) -> None:
         loop = asyncio.get_running_loop()
@@ -286,11 +321,14 @@ class RerankBatcher:
                 if not self.queue:
                     self.wake.clear()
                 continue
-            pairs = [entry.pair for entry in batch]
+            # Assembled here, not in the runner's thread: that thread runs at a lower priority,
+            # and holding the GIL there would stall the event loop (priority inversion).
+            pairs = [entry.pair.assemble() for entry in batch]
             width = max(len(pair) for pair in pairs)
             started = self.clock()
             for entry in batch:
-                entry.run_started = started
+                if entry.ticket is not None and entry.ticket.first_run is None:
+                    entry.ticket.first_run = started
             if self.on_batch is not None:
                 self.on_batch(len(batch), width * len(batch))
             try:
@@ -303,16 +341,17 @@ class RerankBatcher:
                 continue
             finally:
                 self.batches_run += 1
-            self.cost.observe(len(batch), width, self.clock() - started)
+            ended = self.clock()
+            self.cost.observe(len(batch), width, ended - started, now=ended)
             for entry, value in zip(batch, scores, strict=True):
                 _resolve(entry, float(value))
 
 
 def _resolve(entry: Entry, value: float | None) -> None:
-    if entry.future is not None and not entry.future.done():
-        entry.future.set_result(value)
+    if entry.ticket is not None:
+        entry.ticket.settle(entry.order[1], value)
 
 
 def _fail(entry: Entry, error: BaseException) -> None:
-    if entry.future is not None and not entry.future.done():
-        entry.future.set_exception(error)
+    if entry.ticket is not None:
+        entry.ticket.fail(error)

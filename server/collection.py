@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from numpy.typing import NDArray
 
 from server.index import IndexSettings, VectorIndex, load_consistent, rebuild
 from server.pairs import PairTokenizer
-from server.store import DocumentStore, NewDocument, StoredDocument, Upserted
+from server.store import DocumentStore, NewDocument, StoredDocument, StoreUnavailable, Upserted
 from tandem.encoders import BiEncoder
 
 log = logging.getLogger(__name__)
@@ -64,17 +65,36 @@ class Collection:
         embedder: BiEncoder,
         pairs: PairTokenizer | None,
         settings: IndexSettings,
+        read_only: bool = False,
+        version: str | None = None,
     ) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
         self.paths = CollectionPaths(folder)
+        self.version = version  # the published version, for a replica (server.publish)
+        if not read_only:
+            folder.mkdir(parents=True, exist_ok=True)
+            read_only = not os.access(folder, os.W_OK)
+            if read_only:
+                log.warning(
+                    "the collection folder cannot be written: serving it read-only (reads "
+                    "work, writes get FAILED_PRECONDITION)",
+                    extra={"folder": str(folder)},
+                )
+        if read_only and not self.paths.store.is_file():
+            raise CollectionError(f"{self.paths.store} does not exist, and a read-only "
+                                  "collection cannot create it")  # fmt: skip
+        self.read_only = read_only
         self.embedder = embedder
         self.pairs = pairs
-        self.store = DocumentStore(self.paths.store)
+        try:
+            self.store = DocumentStore(self.paths.store, read_only=read_only)
+        except StoreUnavailable as exc:
+            raise CollectionError(str(exc)) from exc
         self._check_embedder()
         self._retokenize_if_stale()
         self.index: VectorIndex = load_consistent(
-            self.paths.index, self.store, ndim=embedder.dimension, settings=settings
-        )
+            self.paths.index, self.store, ndim=embedder.dimension, settings=settings,
+            writable=not read_only,
+        )  # fmt: skip
 
     def close(self) -> None:
         self.store.close()
@@ -86,7 +106,8 @@ class Collection:
         fingerprint = self.embedder.manifest.files.get("model.onnx", "")
         recorded = self.store.get_meta(EMBEDDER_KEY)
         if recorded is None:
-            self.store.set_meta(EMBEDDER_KEY, fingerprint)
+            if not self.read_only:
+                self.store.set_meta(EMBEDDER_KEY, fingerprint)
         elif recorded != fingerprint:
             raise CollectionError(
                 f"{self.paths.folder} was embedded with another bi-encoder (model sha256 "
@@ -103,6 +124,14 @@ class Collection:
         """Stored reranker ids must come from the reranker being served; redo them if not."""
         fingerprint = self._tokenizer_fingerprint()
         if self.store.get_meta(TOKENIZER_KEY) == fingerprint or self.pairs is None:
+            return
+        if self.read_only and len(self.store):
+            raise CollectionError(
+                f"{self.paths.folder} holds token ids from another reranker tokenizer, and a "
+                "read-only collection cannot redo them: open it writable once with this "
+                "reranker, or serve the reranker it was built with"
+            )
+        if self.read_only:
             return
         if len(self.store):
             log.warning("reranker tokenizer changed: re-tokenizing %d documents", len(self.store))
@@ -147,6 +176,8 @@ class Collection:
 
     def checkpoint(self) -> None:
         """Saves the index at the store's generation, so the next start-up need not repair."""
+        if self.read_only:
+            return  # nothing was written, and nothing could be
         self.index.save(self.paths.index, generation=self.store.generation)
 
     def compact(self) -> None:

@@ -152,16 +152,24 @@ def rebuild(store: DocumentStore, *, ndim: int, settings: IndexSettings) -> Vect
 
 
 def load_consistent(
-    path: Path, store: DocumentStore, *, ndim: int, settings: IndexSettings
+    path: Path, store: DocumentStore, *, ndim: int, settings: IndexSettings, writable: bool = True
 ) -> VectorIndex:
-    """Returns an index that agrees with the store, repairing or rebuilding it if needed."""
+    """Returns an index that agrees with the store, repairing or rebuilding it if needed.
+
+    ``writable``: the repair is saved. Otherwise (a read-only collection, a replica) an index
+    that agrees is memory-mapped rather than loaded, and a repair stays in memory."""
     try:
+        if not writable:
+            view, sidecar = VectorIndex.open(path, ndim=ndim, settings=settings, view=True)
+            if sidecar["generation"] == store.generation and len(view) == len(store):
+                return view
         index, sidecar = VectorIndex.open(path, ndim=ndim, settings=settings)
     except IndexCorrupt as exc:
         if len(store):
             log.warning("index %s unusable (%s): rebuilding from the store", path, exc)
         index = rebuild(store, ndim=ndim, settings=settings)
-        index.save(path, generation=store.generation)
+        if writable:
+            index.save(path, generation=store.generation)
         return index
     if sidecar["generation"] == store.generation and len(index) == len(store):
         return index
@@ -176,7 +184,8 @@ def load_consistent(
     index.remove(extra.tolist())
     for keys, vectors in store.vectors(missing.tolist()):
         index.add(keys, vectors)
-    index.save(path, generation=store.generation)
+    if writable:
+        index.save(path, generation=store.generation)
     return index
 
 

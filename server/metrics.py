@@ -72,11 +72,23 @@ class Metrics:
         )
         self.rejections = Counter(
             "tandem_rejections",
-            "Calls refused before any work: in_flight, queue_wait, queue_full, unauthenticated",
+            "Calls refused before any work: in_flight, concurrency_limit, queue_wait, "
+            "queue_full, unauthenticated",
             ["reason"],
             registry=self.registry,
         )
         self.in_flight = Gauge("tandem_in_flight", "Calls being served now", registry=self.registry)
+        self.loop_lag = Histogram(
+            "tandem_event_loop_lag_seconds",
+            "How late the event loop wakes a 5 ms timer: the wait every call sees on arrival",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
+            registry=self.registry,
+        )
+        self.concurrency_limit = Gauge(
+            "tandem_concurrency_limit",
+            "Search/Rerank/Embed calls let run at once, as the adaptive limit stands now",
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "tandem_rerank_queue_pairs",
             "Pairs waiting for the reranker",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -19,16 +20,6 @@ from tandem.artifact import open_checked
 from tandem.encoders import CrossEncoder, TokenBatch, load_tokenizer, pad_rows
 
 Ids = NDArray[np.int32]
-
-
-@dataclass(frozen=True)
-class JoinedPair:
-    input_ids: NDArray[np.int64]
-    token_type_ids: NDArray[np.int64]
-    truncated: bool
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
 
 
 @dataclass(frozen=True)
@@ -78,18 +69,77 @@ class PairTemplate:
         keep_query, keep_document = longest_first(
             len(query), len(document), self.max_length - self.specials
         )
+        return JoinedPair(self, query, document, keep_query, keep_document)
+
+
+@dataclass(frozen=True, slots=True)
+class JoinedPair:
+    """One (query, document) pair, cut to fit the reranker. Its ids are assembled only when
+    read, by the batch that runs it: under a budget most candidates are never scored, and
+    assembling all 100 of a call's pairs up front took a fifth of the event loop's time."""
+
+    template: PairTemplate
+    query: Ids
+    document: Ids
+    keep_query: int
+    keep_document: int
+
+    def __len__(self) -> int:
+        return self.template.specials + self.keep_query + self.keep_document
+
+    def assemble(self) -> PairIds:
+        return PairIds(self.input_ids, self.token_type_ids, self.truncated)
+
+    @property
+    def truncated(self) -> bool:
+        return self.keep_query < len(self.query) or self.keep_document < len(self.document)
+
+    @property
+    def input_ids(self) -> NDArray[np.int64]:
+        template = self.template
         parts = (
-            (self.prefix.ids, self.prefix.types),
-            (query[:keep_query], (self.query_type,) * keep_query),
-            (self.middle.ids, self.middle.types),
-            (document[:keep_document], (self.document_type,) * keep_document),
-            (self.suffix.ids, self.suffix.types),
+            template.prefix.ids,
+            self.query[: self.keep_query],
+            template.middle.ids,
+            self.document[: self.keep_document],
+            template.suffix.ids,
         )
-        return JoinedPair(
-            input_ids=np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _ in parts]),
-            token_type_ids=np.concatenate([np.asarray(t, dtype=np.int64) for _, t in parts]),
-            truncated=keep_query < len(query) or keep_document < len(document),
+        return np.concatenate([np.asarray(part, dtype=np.int64) for part in parts])
+
+    @property
+    def token_type_ids(self) -> NDArray[np.int64]:
+        template = self.template
+        parts = (
+            template.prefix.types,
+            (template.query_type,) * self.keep_query,
+            template.middle.types,
+            (template.document_type,) * self.keep_document,
+            template.suffix.types,
         )
+        return np.concatenate([np.asarray(part, dtype=np.int64) for part in parts])
+
+
+@dataclass(frozen=True)
+class PairIds:
+    """A pair's model inputs, assembled (see ``JoinedPair``)."""
+
+    input_ids: NDArray[np.int64]
+    token_type_ids: NDArray[np.int64]
+    truncated: bool
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class HasPairIds(Protocol):
+    @property
+    def input_ids(self) -> NDArray[np.int64]: ...
+
+    @property
+    def token_type_ids(self) -> NDArray[np.int64]: ...
+
+    @property
+    def truncated(self) -> bool: ...
 
 
 def longest_first(first: int, second: int, budget: int) -> tuple[int, int]:
@@ -141,7 +191,7 @@ class PairTokenizer:
         return [self.template.join(query, document) for document in documents]
 
 
-def pad_pairs(pairs: Sequence[JoinedPair], *, pad_id: int = 0) -> TokenBatch:
+def pad_pairs(pairs: Sequence[HasPairIds], *, pad_id: int = 0) -> TokenBatch:
     return pad_rows(
         [pair.input_ids for pair in pairs],
         [pair.token_type_ids for pair in pairs],

@@ -31,7 +31,7 @@ from numpy.typing import NDArray
 
 from server.batcher import RerankBatcher, Runner
 from server.collection import Collection
-from server.pairs import JoinedPair, PairTokenizer, pad_pairs
+from server.pairs import PairIds, PairTokenizer, pad_pairs
 from tandem.encoders import BiEncoder, CrossEncoder
 
 DEFAULT_RECALL_K = 100
@@ -311,7 +311,8 @@ class Searcher:
         stored = {}
         if wanted:
             started = time.perf_counter()
-            stored = await self.lanes.run("store", self.collection.get, wanted)
+            # Resolved on the store lane: a replica may swap its collection (server.follow).
+            stored = await self.lanes.run("store", lambda: self.collection.get(wanted))
             timings["search"] = _ms_since(started)
             missing = list(dict.fromkeys(item for item in wanted if item not in stored))
             if missing:
@@ -431,7 +432,7 @@ class Searcher:
 def make_runner(reranker: CrossEncoder) -> Runner:
     """The batcher's runner: pad the joined pairs and run the cross-encoder session."""
 
-    def run(pairs: Sequence[JoinedPair]) -> NDArray[np.float32]:
+    def run(pairs: Sequence[PairIds]) -> NDArray[np.float32]:
         return reranker.forward(pad_pairs(pairs, pad_id=reranker.pad_id))
 
     return run

@@ -13,6 +13,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
@@ -21,6 +22,7 @@ import numpy as np
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
+from server.admission import AdaptiveLimit, LoopLag, ShedLog
 from server.batcher import Overloaded
 from server.collection import Collection
 from server.metrics import Metrics
@@ -45,6 +47,10 @@ QUEUED_METHODS = frozenset({"Search", "Rerank", "Embed"})
 # Time kept back from a client's deadline to send the answer: a reply that lands after the
 # deadline is work thrown away.
 REPLY_MARGIN_S = 0.005
+# The latency target of the call being served (seconds; None: it has none), set by its
+# handler once it knows the budget and read by ``serve_call`` to teach the adaptive limit.
+# Each RPC runs in its own task, so each has its own value.
+latency_target: ContextVar[float | None] = ContextVar("latency_target", default=None)
 
 
 @dataclass(frozen=True)
@@ -127,12 +133,25 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         on_write: Callable[[], None] = lambda: None,
     ) -> None:
         self.searcher = searcher
-        self.collection: Collection = searcher.collection
         self.settings = settings
         self.metrics = metrics
         self.models = models
         self.on_write = on_write  # tells the checkpointer the index has unsaved changes
-        self.in_flight = 0  # only the event loop thread touches it
+        # Only the event loop thread touches these.
+        self.in_flight = 0
+        self.queued_in_flight = 0  # calls of QUEUED_METHODS among them
+        self.limit = AdaptiveLimit(limit=settings.max_in_flight, maximum=settings.max_in_flight)
+        metrics.concurrency_limit.set(self.limit.limit)
+        self.loop_lag = LoopLag(on_sample=metrics.loop_lag.observe)
+        self.shed_log = ShedLog(
+            lambda counts: log.warning("shedding load: calls refused", extra={"refused": counts})
+        )
+
+    @property
+    def collection(self) -> Collection:
+        # Always the searcher's: a replica swaps it for each published version. Work that
+        # runs on the store lane must look it up there, not capture it earlier.
+        return self.searcher.collection
 
     async def serve_call(
         self,
@@ -149,15 +168,25 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                 f"{self.in_flight} calls are in flight, the limit is "
                 f"{self.settings.max_in_flight}; retry with backoff",
             )  # fmt: skip
+        queued = method in QUEUED_METHODS
+        if queued and self.settings.adaptive_limit and not self.limit.admits(self.queued_in_flight):
+            await self._refuse(
+                method, "concurrency_limit", started, context,
+                f"the server is overloaded: {self.queued_in_flight} calls are running and "
+                f"recent ones finished late (limit now {int(self.limit.limit)}); retry "
+                "with backoff",
+            )  # fmt: skip
         wait = self.searcher.lanes.expected_wait()
-        if method in QUEUED_METHODS and wait * 1000 > self.settings.max_queue_wait_ms:
+        if queued and wait * 1000 > self.settings.max_queue_wait_ms:
             await self._refuse(
                 method, "queue_wait", started, context,
                 f"the server is overloaded: a call now would wait ~{wait * 1000:.0f} ms before "
                 f"any work (limit {self.settings.max_queue_wait_ms} ms); retry with backoff",
             )  # fmt: skip
         self.in_flight += 1
+        self.queued_in_flight += queued
         self.metrics.in_flight.inc()
+        latency_target.set(None)
         try:
             return await handler(self, _decoded(request), context)
         except asyncio.CancelledError:
@@ -171,22 +200,44 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
             raise  # unreachable: abort raises
         finally:
             self.in_flight -= 1
+            self.queued_in_flight -= queued
             self.metrics.in_flight.dec()
+            self._learn(code, started)
             self._record(method, code, started)
+
+    def _learn(self, code: grpc.StatusCode, started: float) -> None:
+        """Feed the adaptive limit: did a call with a latency target meet it?"""
+        target = latency_target.get()
+        if target is None or code not in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            return
+        # The loop's lag stands for the waits the handler cannot see: before it ran, and
+        # for the reply to be sent.
+        seconds = time.perf_counter() - started + 2 * self.loop_lag.seconds
+        late = code is grpc.StatusCode.RESOURCE_EXHAUSTED or seconds > target
+        self.limit.observe(late=late)
+        self.metrics.concurrency_limit.set(self.limit.limit)
+
+    def _expect(self, budget_s: float | None) -> None:
+        """This call should finish within ``budget_s`` plus the slack (None: no target)."""
+        if budget_s is not None:
+            latency_target.set(budget_s + self.settings.latency_slack_ms / 1000)
 
     async def _refuse(
         self, method: str, reason: str, started: float, context: Context, message: str
     ) -> None:
         """Admission said no: count it, then answer RESOURCE_EXHAUSTED (abort raises)."""
         self.metrics.rejections.labels(reason).inc()
-        self._record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, started)
+        self.shed_log.refused(reason, started)
+        self._record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, started, quiet=True)
         await context.abort(*describe(Busy(message)))
 
-    def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
+    def _record(
+        self, method: str, code: grpc.StatusCode, started: float, *, quiet: bool = False
+    ) -> None:
         seconds = time.perf_counter() - started
         self.metrics.requests.labels(method, code.name).inc()
         self.metrics.latency.labels(method).observe(seconds)
-        level = logging.DEBUG if code is grpc.StatusCode.OK else logging.INFO
+        level = logging.DEBUG if code is grpc.StatusCode.OK or quiet else logging.INFO
         log.log(
             level,
             "call",
@@ -221,12 +272,14 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         )
         top_n = _bounded("top_n", request, self.settings.default_top_n, self.settings.max_top_n)
         mode = self._mode(request.mode)
+        budget_s = self._budget(_get(request, "rerank_budget_ms"), context)
+        self._expect(budget_s if mode is Mode.TWO_STAGE else 0.0)
         result = await self.searcher.search(
             request.query,
             recall_k=recall_k,
             top_n=top_n,
             mode=mode,
-            budget_s=self._budget(_get(request, "rerank_budget_ms"), context),
+            budget_s=budget_s,
             include_text=request.include_text,
             metadata_filter=_filter(request.metadata_filter),
             truncate=_get(request, "truncate") is not False,
@@ -276,11 +329,13 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
             raise BadArgument(
                 f"top_n must be between 1 and {self.settings.max_top_n} (got {top_n})"
             )
+        budget_s = self._budget(_get(request, "rerank_budget_ms"), context)
+        self._expect(budget_s)
         result = await self.searcher.rerank(
             request.query,
             refs,
             top_n=None if top_n is None else min(top_n, count),
-            budget_s=self._budget(_get(request, "rerank_budget_ms"), context),
+            budget_s=budget_s,
             include_text=request.return_documents,
             truncate=_get(request, "truncate") is not False,
         )
@@ -341,6 +396,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         self, request_iterator: AsyncIterator[pb.UpsertRequest], context: Context
     ) -> pb.UpsertResponse:
         started = time.perf_counter()
+        self.collection.store.require_writable()  # before any document is embedded
         totals = {"received": 0, "inserted": 0, "replaced": 0, "truncated": 0}
         stages = {"embed": 0.0, "search": 0.0}
         generation = await self.searcher.lanes.run(
@@ -417,6 +473,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         self, request: pb.DeleteRequest, context: Context
     ) -> pb.DeleteResponse:
         started = time.perf_counter()
+        self.collection.store.require_writable()
         ids = _unique_ids(request.ids, self.settings.max_id_bytes)
 
         def delete() -> tuple[int, list[str]]:
@@ -438,7 +495,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
     ) -> pb.GetResponse:
         started = time.perf_counter()
         ids = _unique_ids(request.ids, self.settings.max_id_bytes)
-        found = await self.searcher.lanes.run("store", self.collection.get, ids)
+        found = await self.searcher.lanes.run("store", lambda: self.collection.get(ids))
         documents = []
         for item in ids:
             if item in found:
@@ -458,10 +515,11 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         settings = self.settings
         embedder = self.searcher.embedder
         pairs = self.searcher.pairs
-        index = self.collection.index
-        index_size, generation = await self.searcher.lanes.run(
-            "store", lambda: (len(index), self.collection.store.generation)
+        collection, index_size, generation = await self.searcher.lanes.run(
+            "store",
+            lambda: (self.collection, len(self.collection.index), self.collection.store.generation),
         )
+        index = collection.index
         response = pb.InfoResponse(
             version=__version__,
             bi_encoder=_model_info(self.models.bi_encoder),
@@ -484,6 +542,8 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
             index_size=index_size,
             index_dtype=index.settings.dtype,
             store_generation=generation,
+            collection_version=collection.version or "",
+            read_only=collection.read_only,
             dimension=embedder.dimension,
         )
         if self.models.reranker is not None:

@@ -61,10 +61,39 @@ class Settings:
         default=None,
         metadata=_doc("the reranker is the stand-in (no quality); default: from its manifest"),
     )
+    follow_seconds: float = field(
+        default=1.0,
+        metadata=_doc(
+            "when --collection is a published root (tandem index publish), how often to "
+            "look for a new version and swap it in"
+        ),
+    )
+    read_only: bool = field(
+        default=False,
+        metadata=_doc(
+            "serve the collection read-only: reads work, writes get FAILED_PRECONDITION "
+            "(automatic when its folder cannot be written)"
+        ),
+    )
     index_dtype: str = field(
         default="i8", metadata=_doc("vector type of a new index: i8, f16 or f32")
     )
     threads: int = field(default=2, metadata=_doc("CPU threads per onnxruntime session"))
+    ort_spinning: bool = field(
+        default=False,
+        metadata=_doc(
+            "let onnxruntime's idle threads spin: faster when the sessions have cores to "
+            "themselves; off by default because the two sessions, the event loop and the "
+            "store share them (on 2 cores, spinning tripled the p99 under overload)"
+        ),
+    )
+    reranker_nice: int = field(
+        default=10,
+        metadata=_doc(
+            "how much lower the reranker's threads run than the rest (Linux nice increment; "
+            "0: equal): reranking is elastic under a budget, the rest is on every call's path"
+        ),
+    )
     # Security
     tls_cert: Path | None = field(default=None, metadata=_doc("PEM certificate chain: TLS on"))
     tls_key: Path | None = field(default=None, metadata=_doc("PEM private key for --tls-cert"))
@@ -82,6 +111,20 @@ class Settings:
         metadata=_doc(
             "calls served at once before RESOURCE_EXHAUSTED; 64 x 100 candidates is ~1.5x "
             "what 2 cores rerank in a 100 ms budget, so callers past it would only queue"
+        ),
+    )
+    adaptive_limit: bool = field(
+        default=True,
+        metadata=_doc(
+            "adapt how many Search/Rerank/Embed calls run at once (up to max_in_flight) to "
+            "the lateness of recent ones; refused calls get RESOURCE_EXHAUSTED"
+        ),
+    )
+    latency_slack_ms: int = field(
+        default=10,
+        metadata=_doc(
+            "a call with a rerank budget is late (and lowers the adaptive limit) past its "
+            "budget plus this; a retrieve-only search, past this alone"
         ),
     )
     max_queue_wait_ms: int = field(
@@ -293,7 +336,7 @@ def validate(settings: Settings) -> None:
     )
     for name in (
         "default_rerank_budget_ms", "query_cache", "checkpoint_seconds", "drain_seconds",
-        "max_queue_wait_ms",
+        "max_queue_wait_ms", "latency_slack_ms", "reranker_nice",
     ):  # fmt: skip
         if getattr(settings, name) < 0:
             problems.append(f"{name} must be >= 0 (got {getattr(settings, name)})")

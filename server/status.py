@@ -57,6 +57,8 @@ NOT_ON_REQUEST_PATH: dict[str, str] = {
     "server.settings.SettingsError": "configuration is read once in main()",
     "server.search.SearchError": "abstract base; its subclasses are in TABLE",
     "server.store.StoreError": "abstract base; its subclasses are in TABLE",
+    "server.store.StoreUnavailable": "the store is opened at start-up (a CollectionError)",
+    "server.publish.PublishError": "`tandem index publish` only",
 }
 
 GENERIC_INTERNAL = "internal error; the server log has the details"

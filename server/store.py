@@ -10,6 +10,7 @@ how start-up tells that the two disagree.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ class StoreFull(StoreError):
     pass
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be opened at all (start-up refuses, saying why)."""
+
+
 def unwritable(exc: sqlite3.Error) -> StoreError:
     """Names why a write failed, so callers can tell a full disk from a read-only one."""
     name = getattr(exc, "sqlite_errorname", "")
@@ -92,8 +97,20 @@ class DocumentStore:
 
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
-        uri = f"file:{path}?mode=ro" if read_only else f"file:{path}"
-        self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        self.read_only = read_only
+        uri = f"file:{path}"
+        if read_only:
+            # Read-only, a WAL database needs its -shm file. Where the folder is writable,
+            # SQLite makes one and sees a writer's later commits. Where it is not (a read-only
+            # mount) and no -wal is left (a clean close), nothing can change the file, so it
+            # is opened immutable; after a crash the -wal holds acknowledged writes and is read.
+            wal = path.with_name(path.name + "-wal")
+            immutable = not os.access(path.parent, os.W_OK) and not wal.exists()
+            uri += "?mode=ro&immutable=1" if immutable else "?mode=ro"
+        try:
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open the document store {path}: {exc}") from exc
         if not read_only:
             # WAL lets replicas read while the writer commits; synchronous=FULL makes a commit
             # durable before it is acknowledged.
@@ -127,7 +144,16 @@ class DocumentStore:
         )
 
     def _transaction(self) -> _Transaction:
+        self.require_writable()
         return _Transaction(self.db)
+
+    def require_writable(self) -> None:
+        if self.read_only:
+            raise StoreReadOnly(
+                f"the collection at {self.path.parent} is open read-only (its folder cannot be "
+                "written, or the server runs with --read-only): reads are served, writes are "
+                "refused; send them to the writer"
+            )
 
     def upsert(
         self,

@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="search exactly while the index holds fewer vectors than this",
     )
     build.add_argument("--threads", type=int, default=2)
+    publish = index_commands.add_parser(
+        "publish",
+        help="publish a collection as the next version under a root that replicas follow",
+    )
+    publish.add_argument("--collection", type=Path, required=True, help="the writer's folder")
+    publish.add_argument("--root", type=Path, required=True, help="the published root")
+    publish.add_argument("--keep", type=int, default=3, help="versions kept (older pruned)")
     from server import settings
 
     serve = commands.add_parser(
@@ -137,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_arguments(search)
     bench = commands.add_parser("bench", help="load tests and quality evaluation")
     benches = bench.add_subparsers(dest="bench", required=True)
-    from benchmarks import load, overload, quality, serving
+    from benchmarks import load, overload, quality, replicas, serving
 
     load.add_arguments(benches.add_parser("load", help="load generator against a server"))
     overload.add_arguments(
@@ -147,10 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
         benches.add_parser("serving", help="Tandem against the seeds' pipeline, side by side")
     )
     quality.add_arguments(benches.add_parser("quality", help="nDCG/MRR/recall on RAG24"))
+    replicas.add_arguments(
+        benches.add_parser("replicas", help="throughput through nginx with 1, 2, 3 replicas")
+    )
     return parser
 
 
+def _run_publish(args: argparse.Namespace) -> int:
+    from server.publish import PublishError, publish
+
+    try:
+        version = publish(args.collection, args.root, keep=args.keep)
+    except PublishError as exc:
+        print(f"tandem index publish: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.root}: published version {version}")
+    return 0
+
+
 def _run_index(args: argparse.Namespace) -> int:
+    if args.index_command == "publish":
+        return _run_publish(args)
     from server.collection import Collection, CollectionError
     from server.index import IndexSettings
     from server.indexer import CorpusError, build
@@ -280,9 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return client.run(args)
     if args.command == "bench":
-        from benchmarks import load, overload, quality, serving
+        from benchmarks import load, overload, quality, replicas, serving
 
-        modules = {"load": load, "serving": serving, "quality": quality, "overload": overload}
+        modules = {
+            "load": load, "serving": serving, "quality": quality, "overload": overload,
+            "replicas": replicas,
+        }  # fmt: skip
         return int(modules[args.bench].main(args))
     # Root stays at WARNING: onnxruntime's quantizer logs every tensor at INFO on it.
     logging.basicConfig(

@@ -108,11 +108,17 @@ def pad_token_id(folder: Path) -> int:
     return int(value) if isinstance(value, int) else 0
 
 
-def create_session(model_path: Path, *, threads: int, device: Device) -> ort.InferenceSession:
+def create_session(
+    model_path: Path, *, threads: int, device: Device, spinning: bool = True
+) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     # One model runs at a time per session; a second inter-op pool would only contend for cores.
     options.inter_op_num_threads = 1
+    if not spinning:
+        # Idle worker threads spin by default, which wins when a session owns its cores and
+        # steals them from the other session, the event loop and the store when it does not.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
@@ -130,6 +136,7 @@ class OnnxEncoder:
         folder: Path,
         *,
         threads: int = 2,
+        spinning: bool = True,
         device: Device = "cpu",
         check_hashes: bool = True,
     ) -> None:
@@ -137,7 +144,9 @@ class OnnxEncoder:
         self.manifest: Manifest = open_checked(folder, self.kind, check_hashes=check_hashes)
         self.tokenizer = load_tokenizer(folder, max_length=self.manifest.max_length)
         self.pad_id = pad_token_id(folder)
-        self.session = create_session(folder / MODEL_NAME, threads=threads, device=device)
+        self.session = create_session(
+            folder / MODEL_NAME, threads=threads, device=device, spinning=spinning
+        )
         self.input_names = tuple(node.name for node in self.session.get_inputs())
         self.output_name = self.session.get_outputs()[0].name
 

@@ -18,18 +18,19 @@ from server.batcher import (
     Overloaded,
     RerankBatcher,
     RunnerFailed,
+    Ticket,
     build_batch,
 )
-from server.pairs import JoinedPair
+from server.pairs import JoinedPair, PairIds, PairTemplate, _Segment
 
 HOUR = 3600.0
+# No special tokens: a pair's ids are its query's then its document's.
+BARE = PairTemplate(_Segment((), ()), _Segment((), ()), _Segment((), ()), 0, 1, 10_000)
 
 
 def pair(tag: int, length: int = 10) -> JoinedPair:
     """A pair whose first id carries ``tag``, so a runner can tell which pair it scores."""
-    ids = np.full(length, 7, dtype=np.int64)
-    ids[0] = tag
-    return JoinedPair(ids, np.zeros(length, dtype=np.int64), truncated=False)
+    return BARE.join(np.array([tag], dtype=np.int32), np.full(length - 1, 7, dtype=np.int32))
 
 
 def entry(tag: int, length: int = 10, deadline: float = math.inf, order=(0, 0)) -> Entry:
@@ -88,8 +89,8 @@ def test_earliest_deadline_leads_the_batch() -> None:
 
 
 def test_entries_that_cannot_finish_in_time_expire() -> None:
-    # 0.1 s for a 10-token pair
-    cost = CostModel(seconds_per_token=0.01, weight=0.0, headroom=1.0)
+    # 0.1 s for a 10-token pair, measured just now
+    cost = CostModel(seconds_per_token=0.01, weight=0.0, headroom=1.0, observed_at=0.0)
     queue = queue_of(
         entry(0, deadline=0.05, order=(0, 0)),
         *(entry(i, deadline=0.25, order=(1, i)) for i in (1, 2, 3)),
@@ -104,8 +105,9 @@ def test_departed_callers_are_dropped() -> None:
     loop = asyncio.new_event_loop()
     try:
         gone = entry(0, order=(0, 0))
-        gone.future = loop.create_future()
-        gone.future.cancel()
+        gone.ticket = Ticket(np.zeros(1, dtype=np.float32), loop.create_future())
+        assert gone.ticket.done is not None
+        gone.ticket.done.cancel()
         queue = queue_of(gone, entry(1, order=(1, 0)))
         batch, expired = build_batch(queue, BatchLimits(), FREE, now=0.0)
         assert [e.pair.input_ids[0] for e in batch] == [1]
@@ -126,7 +128,7 @@ class GatedRunner:
         self.clock = clock
         self.poison: int | None = None
 
-    def __call__(self, pairs: Sequence[JoinedPair]) -> np.ndarray:
+    def __call__(self, pairs: Sequence[PairIds]) -> np.ndarray:
         tags = [int(p.input_ids[0]) for p in pairs]
         self.calls.append(tags)
         self.started.set()
@@ -222,6 +224,23 @@ def test_earliest_deadline_first_across_requests() -> None:
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_stale_estimate_is_probed_rather_than_expiring_every_pair_forever() -> None:
+    # After a slow spell the estimate says a 10-token pair takes 1 s: nothing fits 0.3 s.
+    cost = CostModel(seconds_per_token=0.1, weight=1.0, headroom=1.0, observed_at=0.0)
+    queue = queue_of(entry(0, deadline=0.5, order=(0, 0)), entry(1, deadline=0.5, order=(0, 1)))
+    batch, expired = build_batch(queue, BatchLimits(), cost, now=0.2)
+    assert batch == []
+    assert [e.pair.input_ids[0] for e in expired] == [0, 1]
+    # With no run for stale_after seconds, one pair runs anyway, so the estimate can recover.
+    queue = queue_of(entry(2, deadline=5.5, order=(1, 0)), entry(3, deadline=5.5, order=(1, 1)))
+    batch, expired = build_batch(queue, BatchLimits(), cost, now=5.0)
+    assert [e.pair.input_ids[0] for e in batch] == [2]
+    assert expired == []
+    cost.observe(1, 10, 0.01, now=5.01)  # the probe was fast: the cores are free again
+    assert cost.predict(1, 10) < 0.5
+    assert not cost.stale(5.02)
 
 
 def test_budget_scores_stage_one_order_first_and_reports_the_rest_unscored() -> None:

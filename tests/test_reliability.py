@@ -4,6 +4,7 @@ garbage on the port. Nothing acknowledged is lost, and the server keeps serving.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -281,6 +282,85 @@ def test_full_disk_fails_writes_and_keeps_reads(tmp_path, bi_int8, ce_int8, data
             assert stub.Info(pb.InfoRequest()).index_size == 21
         finally:
             running.stop()
+
+
+@contextlib.contextmanager
+def read_only_view(source: Path, path: Path):
+    """``source`` bind-mounted read-only at ``path``: writes fail with EROFS, even for root."""
+    path.mkdir()
+    steps = (
+        ["mount", "--bind", str(source), str(path)],
+        ["mount", "-o", "remount,bind,ro", str(path)],
+    )
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+            pytest.skip(f"cannot bind-mount read-only here (needs root): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def check_read_only_serving(stub: tandem_pb2_grpc.RetrievalStub, data, count: int) -> None:
+    """Reads answer as before; every write is FAILED_PRECONDITION and says why."""
+    reply = stub.Search(pb.SearchRequest(query=data.topics[0].query, top_n=3), timeout=60)
+    assert len(reply.hits) == 3
+    assert reply.reranked_count > 0
+    assert len(stub.Get(pb.GetRequest(ids=[data.segments[0].id])).documents) == 1
+    assert stub.Info(pb.InfoRequest()).index_size == count
+    for write in (
+        lambda: upsert(stub, [document("new", "a write to a read-only collection")]),
+        lambda: stub.Delete(pb.DeleteRequest(ids=[data.segments[0].id])),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            write()
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "read-only" in caught.value.details()
+    assert stub.Info(pb.InfoRequest()).index_size == count  # nothing lost, nothing added
+    assert len(stub.Get(pb.GetRequest(ids=[data.segments[0].id])).documents) == 1
+
+
+def collection_with(folder: Path, bi_int8, ce_int8, data, count: int) -> None:
+    running = ServerThread(settings_for(folder, bi_int8[0], ce_int8[0]))
+    try:
+        upsert(running.stub(), [document(s.id, s.text) for s in data.segments[:count]])
+    finally:
+        running.stop()
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """The collection's data files (SQLite may add its -shm beside them to read)."""
+    return {
+        name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        for name in ("documents.sqlite", "vectors.usearch", "vectors.usearch.json")
+    }
+
+
+def test_read_only_data_directory_serves_reads_and_refuses_writes(tmp_path, bi_int8, ce_int8, data):
+    collection_with(tmp_path / "c", bi_int8, ce_int8, data, 12)
+    before = digests(tmp_path / "c")
+    with read_only_view(tmp_path / "c", tmp_path / "ro") as folder:
+        server = ServerProcess("--collection", str(folder), *model_args(bi_int8, ce_int8))
+        try:
+            check_read_only_serving(server.stub(), data, 12)
+        finally:
+            code = server.finish()
+        assert code == 0, server.log
+        assert "serving it read-only" in server.log
+    assert digests(tmp_path / "c") == before
+
+
+def test_read_only_flag_serves_reads_and_refuses_writes(tmp_path, bi_int8, ce_int8, data):
+    collection_with(tmp_path / "c", bi_int8, ce_int8, data, 12)
+    before = digests(tmp_path / "c")
+    running = ServerThread(settings_for(tmp_path / "c", bi_int8[0], ce_int8[0], read_only=True))
+    try:
+        check_read_only_serving(running.stub(), data, 12)
+    finally:
+        running.stop()
+    assert digests(tmp_path / "c") == before
 
 
 def test_garbage_truncated_frames_and_idle_connections_leave_others_served(

@@ -1,0 +1,120 @@
+"""One writer publishes versions of a collection; read-only replicas follow a pointer.
+
+A published root holds immutable versions and a pointer to the newest::
+
+    root/versions/000007/documents.sqlite     a consistent snapshot of the writer's store
+    root/versions/000007/vectors.usearch      its index, at the snapshot's generation
+    root/versions/000007/vectors.usearch.json the index's sidecar (generation, count, sha256)
+    root/CURRENT                              "000007": written last
+
+Publishing writes a version under a temporary name, fsyncs every file, renames it into
+``versions/`` and fsyncs the folder, and only then replaces ``CURRENT`` the same way. A
+replica that reads ``CURRENT`` therefore finds a complete version, and the index checksum
+in the sidecar is checked again on open. Old versions are pruned after ``keep`` newer ones;
+a replica still reading one keeps its open files (POSIX unlink semantics).
+
+The snapshot uses SQLite's online backup, so the writer may go on writing (and serving)
+while it runs; the writer's index file may lag its store, so the version's index is
+repaired against the snapshot, not copied blindly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+from server.index import IndexSettings, load_consistent
+from server.store import DocumentStore
+from tandem.durable import fsync_dir, fsync_file, write_text_atomically
+
+log = logging.getLogger(__name__)
+
+POINTER = "CURRENT"
+VERSIONS = "versions"
+STORE_NAME = "documents.sqlite"
+INDEX_NAME = "vectors.usearch"
+
+
+class PublishError(Exception):
+    """The source cannot be published (missing, or not a collection)."""
+
+
+def is_published_root(folder: Path) -> bool:
+    return (folder / POINTER).is_file()
+
+
+def current_version(root: Path) -> str:
+    return (root / POINTER).read_text(encoding="utf-8").strip()
+
+
+def version_folder(root: Path, version: str) -> Path:
+    return root / VERSIONS / version
+
+
+def publish(source: Path, root: Path, *, keep: int = 3) -> str:
+    """Publishes the collection in ``source`` as the next version under ``root``."""
+    if keep < 1:
+        raise PublishError(f"keep must be at least 1 (got {keep})")
+    source_store = source / STORE_NAME
+    if not source_store.is_file():
+        raise PublishError(f"{source} holds no {STORE_NAME}: not a collection")
+    ndim, settings = _index_shape(source / (INDEX_NAME + ".json"))
+    versions = root / VERSIONS
+    versions.mkdir(parents=True, exist_ok=True)
+    existing = sorted(p.name for p in versions.iterdir() if p.name.isdigit())
+    version = f"{int(existing[-1]) + 1 if existing else 1:06d}"
+    staging = versions / f".{version}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        _snapshot_store(source_store, staging / STORE_NAME)
+        snapshot = DocumentStore(staging / STORE_NAME, read_only=True)
+        try:
+            index = load_consistent(
+                source / INDEX_NAME, snapshot, ndim=ndim, settings=settings, writable=False
+            )
+            index.save(staging / INDEX_NAME, generation=snapshot.generation)
+            generation, count = snapshot.generation, len(snapshot)
+        finally:
+            snapshot.close()
+        for path in staging.iterdir():
+            fsync_file(path)
+        fsync_dir(staging)
+        os.replace(staging, versions / version)
+        fsync_dir(versions)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    write_text_atomically(root / POINTER, version + "\n")
+    log.info("published", extra={"version": version, "generation": generation, "documents": count})
+    for old in existing[: max(len(existing) + 1 - keep, 0)]:
+        shutil.rmtree(versions / old, ignore_errors=True)
+    return version
+
+
+def _index_shape(sidecar: Path) -> tuple[int, IndexSettings]:
+    try:
+        recorded = json.loads(sidecar.read_text(encoding="utf-8"))
+        return int(recorded["ndim"]), IndexSettings(**recorded["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PublishError(
+            f"{sidecar} is missing or unreadable ({exc}): let the writer save its index "
+            "(it does every checkpoint_seconds after writes, and at shutdown), then publish"
+        ) from exc
+
+
+def _snapshot_store(source: Path, target: Path) -> None:
+    """A consistent copy of a live SQLite store, in rollback-journal mode so that a replica
+    can open it from a read-only folder without -wal or -shm files."""
+    reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    writer = sqlite3.connect(target)
+    try:
+        reader.backup(writer)
+        writer.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        writer.close()
+        reader.close()

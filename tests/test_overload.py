@@ -1,0 +1,57 @@
+"""Overload and soak, in CI's short form (10 s per overload level, a 40 s soak); the 60 s
+runs and the 5-minute soak are `tandem bench overload`."""
+
+from __future__ import annotations
+
+import pytest
+from serving import ServerThread, document, settings_for, upsert
+from test_reliability import ServerProcess, model_args
+
+from benchmarks import overload
+from benchmarks.load import topic_queries
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, bi_int8, ce_int8, data):
+    folder = tmp_path_factory.mktemp("overload")
+    running = ServerThread(settings_for(folder, bi_int8[0], ce_int8[0]))
+    try:
+        upsert(running.stub(), [document(s.id, s.text) for s in data.segments[:300]])
+    finally:
+        running.stop()
+    process = ServerProcess("--collection", str(folder), *model_args(bi_int8, ce_int8))
+    yield process
+    assert process.finish() == 0, process.log  # it still drains cleanly afterwards
+
+
+@pytest.fixture(scope="module")
+def capacity_qps(server) -> float:
+    assert server.port is not None, server.log
+    return overload.capacity(server.port, topic_queries(), seconds=5.0)
+
+
+def test_two_and_five_times_capacity_are_shed_and_recovered_from(server, capacity_qps):
+    report = overload.overload(
+        server.port, topic_queries(), capacity_qps=capacity_qps, factors=(2.0, 5.0),
+        seconds=10.0, alive=lambda: server.process.poll() is None,
+    )  # fmt: skip
+    assert report.alive
+    for level in report.levels:
+        assert set(level["errors"]) <= {"RESOURCE_EXHAUSTED"}, level["errors"]
+        assert level["ok"] > 0
+        assert level["latency_ms"]["p99"] <= overload.ADMITTED_P99_LIMIT_MS, level
+    assert report.levels[-1]["errors"].get("RESOURCE_EXHAUSTED", 0) > 0  # 5x is shed
+    assert report.recovery["errors"] == {}  # and the very next calls are served normally
+    assert report.recovery["latency_ms"]["p99"] <= overload.ADMITTED_P99_LIMIT_MS
+
+
+def test_soak_at_70_percent_of_capacity_keeps_memory_flat(server, capacity_qps):
+    result = overload.soak(
+        server.port, server.process.pid, topic_queries(), qps=0.7 * capacity_qps,
+        seconds=40.0, warm_up_s=10.0, sample_s=5.0,
+    )  # fmt: skip
+    assert result["ok"] > 0
+    assert result["growth"] < overload.SOAK_MAX_GROWTH, result["samples"]
+    assert result["p99_ms_worst_window"] <= overload.ADMITTED_P99_LIMIT_MS, result
