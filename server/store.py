@@ -150,9 +150,9 @@ class DocumentStore:
     def require_writable(self) -> None:
         if self.read_only:
             raise StoreReadOnly(
-                f"the collection at {self.path.parent} is open read-only (its folder cannot be "
-                "written, or the server runs with --read-only): reads are served, writes are "
-                "refused; send them to the writer"
+                f"the collection at {self.path.parent} is open read-only (a replica of a "
+                "published root, a folder that cannot be written, or --read-only): reads are "
+                "served, writes are refused; send them to the writer"
             )
 
     def upsert(
