@@ -106,9 +106,7 @@ def test_calls_spread_over_every_replica(cluster, data):
     queries = [topic.query for topic in data.topics]
     done, failures = asyncio.run(search_load(cluster["nginx"].address, queries, calls=300))
     assert (done, failures) == (300, [])
-    served = [
-        searches_served(replica) - was for replica, was in zip(replicas, before, strict=False)
-    ]
+    served = [searches_served(replica) - was for replica, was in zip(replicas, before, strict=True)]
     assert sum(served) == 300
     assert min(served) >= 50, served  # nginx balances calls, not connections
     # The client's own round_robin policy over the three addresses spreads them too.
@@ -121,9 +119,7 @@ def test_calls_spread_over_every_replica(cluster, data):
     before = [searches_served(replica) for replica in replicas]
     for query in queries[:60]:
         stub.Search(pb.SearchRequest(query=query, recall_k=20, top_n=3), timeout=30)
-    served = [
-        searches_served(replica) - was for replica, was in zip(replicas, before, strict=False)
-    ]
+    served = [searches_served(replica) - was for replica, was in zip(replicas, before, strict=True)]
     assert sum(served) == 60
     assert min(served) >= 15, served
     channel.close()
