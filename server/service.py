@@ -581,7 +581,13 @@ def _unique_ids(ids: Sequence[str], max_bytes: int) -> list[str]:
 def _filter(entries: Mapping[str, struct_pb2.Value]) -> dict[str, Any] | None:
     if not entries:
         return None
-    return {key: json_format.MessageToDict(value) for key, value in entries.items()}
+    values = {}
+    for key, value in entries.items():
+        try:
+            values[key] = json_format.MessageToDict(value)
+        except ValueError as error:  # NaN or Infinity: JSON, and so metadata, has neither
+            raise BadArgument(f"metadata_filter[{key!r}]: {error}; send a finite number") from error
+    return values
 
 
 def _struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:

@@ -186,3 +186,14 @@ def test_ten_megabyte_strings(stub):
     assert reply.truncated
     reply = stub.Embed(pb.EmbedRequest(texts=[huge]), timeout=120)
     assert reply.truncated
+
+
+@pytest.mark.parametrize("number", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_metadata_filter_is_invalid_argument(stub, number):
+    """Found by the fuzzer: a filter value JSON cannot hold was INTERNAL."""
+    request = pb.SearchRequest(query="q")
+    request.metadata_filter["year"].number_value = number
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Search(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "metadata_filter['year']" in caught.value.details()
