@@ -9,6 +9,12 @@ target feed it: a Search or Rerank with a rerank budget (target: budget + slack)
 retrieve-only Search (target: slack). Calls without a deadline are bulk work and say nothing
 about latency.
 
+As in Netflix's ``AIMDLimit``, the limit rises only while at least half of it is in use: an
+on-time call at light load says nothing about how many calls could run at once, and a limit
+that had drifted up to its maximum through a quiet spell would let a sudden burst in whole.
+For the same reason the server starts at ``INITIAL_LIMIT``, not at its maximum; a busy
+server raises it by about one per round of calls.
+
 The controller is deliberately pure (no clock, no I/O) so tests can drive it call by call.
 """
 
@@ -19,6 +25,9 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+# Calls in flight when 2 cores run at capacity: ~130-190 QPS x a 100 ms budget (RESULTS).
+INITIAL_LIMIT = 16
 
 
 @dataclass
@@ -31,10 +40,11 @@ class AdaptiveLimit:
     def admits(self, running: int) -> bool:
         return running < int(self.limit)
 
-    def observe(self, *, late: bool) -> None:
+    def observe(self, *, late: bool, running: int) -> None:
+        """``running``: the calls that ran alongside this one, itself included."""
         if late:
             self.limit = max(self.minimum, self.limit * self.backoff)
-        else:
+        elif 2 * running >= self.limit:
             self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
 
 

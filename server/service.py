@@ -22,7 +22,7 @@ import numpy as np
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
-from server.admission import AdaptiveLimit, LoopLag, ShedLog
+from server.admission import INITIAL_LIMIT, AdaptiveLimit, LoopLag, ShedLog
 from server.batcher import Overloaded
 from server.collection import Collection
 from server.metrics import Metrics
@@ -140,7 +140,9 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         # Only the event loop thread touches these.
         self.in_flight = 0
         self.queued_in_flight = 0  # calls of QUEUED_METHODS among them
-        self.limit = AdaptiveLimit(limit=settings.max_in_flight, maximum=settings.max_in_flight)
+        self.limit = AdaptiveLimit(
+            limit=min(INITIAL_LIMIT, settings.max_in_flight), maximum=settings.max_in_flight
+        )
         metrics.concurrency_limit.set(self.limit.limit)
         self.loop_lag = LoopLag(on_sample=metrics.loop_lag.observe)
         self.shed_log = ShedLog(
@@ -185,6 +187,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
             )  # fmt: skip
         self.in_flight += 1
         self.queued_in_flight += queued
+        running = self.queued_in_flight
         self.metrics.in_flight.inc()
         latency_target.set(None)
         try:
@@ -202,11 +205,12 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
             self.in_flight -= 1
             self.queued_in_flight -= queued
             self.metrics.in_flight.dec()
-            self._learn(code, started)
+            self._learn(code, started, running)
             self._record(method, code, started)
 
-    def _learn(self, code: grpc.StatusCode, started: float) -> None:
-        """Feed the adaptive limit: did a call with a latency target meet it?"""
+    def _learn(self, code: grpc.StatusCode, started: float, running: int) -> None:
+        """Feed the adaptive limit: did a call with a latency target meet it? ``running``:
+        the latency-bound calls in flight when it was admitted, itself included."""
         target = latency_target.get()
         if target is None or code not in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED):
             return
@@ -214,7 +218,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         # for the reply to be sent.
         seconds = time.perf_counter() - started + 2 * self.loop_lag.seconds
         late = code is grpc.StatusCode.RESOURCE_EXHAUSTED or seconds > target
-        self.limit.observe(late=late)
+        self.limit.observe(late=late, running=running)
         self.metrics.concurrency_limit.set(self.limit.limit)
 
     def _expect(self, budget_s: float | None) -> None:

@@ -12,25 +12,38 @@ def test_late_calls_cut_the_limit_and_on_time_calls_raise_it_slowly() -> None:
     assert limit.admits(63)
     assert not limit.admits(64)
     for _ in range(10):
-        limit.observe(late=True)
+        limit.observe(late=True, running=64)
     assert 64 * 0.9**10 - 1e-9 <= limit.limit <= 64 * 0.9**10 + 1e-9  # ~22.3
     assert limit.admits(21)
     assert not limit.admits(22)
     before = limit.limit
-    for _ in range(22):  # one round of calls at this limit
-        limit.observe(late=False)
+    for _ in range(22):  # one round of calls at this limit, all of it in use
+        limit.observe(late=False, running=21)
     assert before + 0.9 < limit.limit < before + 1.1  # about +1 per round
+
+
+def test_the_limit_rises_only_while_at_least_half_of_it_is_in_use() -> None:
+    # At light load every call is on time, yet that says nothing about a burst: a limit left
+    # to drift up through a quiet spell would let the next burst in whole.
+    limit = AdaptiveLimit(limit=16, minimum=2, maximum=64)
+    for _ in range(1000):
+        limit.observe(late=False, running=7)  # 7 of 16: under half
+    assert limit.limit == 16
+    limit.observe(late=False, running=8)  # half of it in use: the window is the constraint
+    assert limit.limit == 16 + 1 / 16
+    limit.observe(late=True, running=1)  # lateness cuts it whatever the load
+    assert limit.limit == (16 + 1 / 16) * 0.9
 
 
 def test_the_limit_stays_within_its_bounds() -> None:
     limit = AdaptiveLimit(limit=8, minimum=2, maximum=10)
     for _ in range(100):
-        limit.observe(late=True)
+        limit.observe(late=True, running=8)
     assert limit.limit == 2
     assert limit.admits(1)
     assert not limit.admits(2)
     for _ in range(10_000):
-        limit.observe(late=False)
+        limit.observe(late=False, running=10)
     assert limit.limit == 10
 
 

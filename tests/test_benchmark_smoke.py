@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,25 @@ def test_ranking_metrics_on_a_hand_made_case() -> None:
     assert quality.ndcg_at(ranking, grades) == pytest.approx((2 / math.log2(3) + 3 / 2) / ideal)
     assert quality.mrr_at(ranking, grades, relevant=2) == 0.5
     assert quality.recall_at(ranking, grades, relevant=2, k=2) == 0.5
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_load_generator_keeps_the_collector_off_objects_that_predate_the_load() -> None:
+    survivor = _Cycle()  # alive when the load starts
+    predates = weakref.ref(survivor)
+    with load.settled_heap():
+        assert gc.get_freeze_count() > 0
+        del survivor  # garbage now, but frozen: a collection does not walk it (the pause)
+        during = _Cycle()
+        made_during = weakref.ref(during)
+        del during
+        gc.collect()
+        assert made_during() is None  # what the load itself drops is still collected
+        assert predates() is not None
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert predates() is None
