@@ -218,7 +218,7 @@ def settled_heap() -> Iterator[None]:
     """Keeps Python's cyclic garbage collector off the objects that existed before the load.
 
     A full collection walks every tracked object: in a process that has imported torch and
-    transformers (the test suite's) that is ~400,000 objects and a 200-370 ms pause, which
+    transformers (the test suite's) that is ~400,000 objects and a 250-440 ms pause, which
     delays every call scheduled meanwhile. The latency measured would be the load
     generator's, not the server's. Frozen objects are skipped (``gc.freeze``), so the
     collections that still run walk only what the load itself allocates.
