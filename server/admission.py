@@ -6,7 +6,7 @@ cores. So the limit adapts, AIMD as in Envoy's adaptive concurrency filter and N
 concurrency-limits: a call that meets its target raises the limit by ``1 / limit`` (about +1
 per round of calls), and one that misses it cuts the limit by ``backoff``. Only calls with a
 target feed it: a Search or Rerank with a rerank budget (target: budget + slack) and a
-retrieve-only Search (target: slack). Calls without a deadline are bulk work and say nothing
+retrieve-only Search (target: 10 ms). Calls without a deadline are bulk work and say nothing
 about latency.
 
 As in Netflix's ``AIMDLimit``, the limit rises only while at least half of it is in use: an

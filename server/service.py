@@ -47,6 +47,9 @@ QUEUED_METHODS = frozenset({"Search", "Rerank", "Embed"})
 # Time kept back from a client's deadline to send the answer: a reply that lands after the
 # deadline is work thrown away.
 REPLY_MARGIN_S = 0.005
+# A retrieve-only search has no budget; alone it takes 1-3 ms (RESULTS, serving), so one
+# that takes longer than this has queued, and counts as late for the adaptive limit.
+RETRIEVE_ONLY_TARGET_S = 0.010
 # The latency target of the call being served (seconds; None: it has none), set by its
 # handler once it knows the budget and read by ``serve_call`` to teach the adaptive limit.
 # Each RPC runs in its own task, so each has its own value.
@@ -226,6 +229,9 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         if budget_s is not None:
             latency_target.set(budget_s + self.settings.latency_slack_ms / 1000)
 
+    def _expect_retrieval(self) -> None:
+        latency_target.set(RETRIEVE_ONLY_TARGET_S)
+
     async def _refuse(
         self, method: str, reason: str, started: float, context: Context, message: str
     ) -> None:
@@ -277,7 +283,10 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         top_n = _bounded("top_n", request, self.settings.default_top_n, self.settings.max_top_n)
         mode = self._mode(request.mode)
         budget_s = self._budget(_get(request, "rerank_budget_ms"), context)
-        self._expect(budget_s if mode is Mode.TWO_STAGE else 0.0)
+        if mode is Mode.TWO_STAGE:
+            self._expect(budget_s)
+        else:
+            self._expect_retrieval()
         result = await self.searcher.search(
             request.query,
             recall_k=recall_k,
