@@ -41,7 +41,7 @@ class AdaptiveLimit:
         return running < int(self.limit)
 
     def observe(self, *, late: bool, running: int) -> None:
-        """``running``: the calls that ran alongside this one, itself included."""
+        """``running``: the calls in flight when this one was admitted, itself included."""
         if late:
             self.limit = max(self.minimum, self.limit * self.backoff)
         elif 2 * running >= self.limit:

@@ -177,9 +177,9 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         if queued and self.settings.adaptive_limit and not self.limit.admits(self.queued_in_flight):
             await self._refuse(
                 method, "concurrency_limit", started, context,
-                f"the server is overloaded: {self.queued_in_flight} calls are running and "
-                f"recent ones finished late (limit now {int(self.limit.limit)}); retry "
-                "with backoff",
+                f"the server is overloaded: {self.queued_in_flight} calls are running, as "
+                f"many as it now admits (the limit, {int(self.limit.limit)}, rises while "
+                "calls finish on time and falls when they finish late); retry with backoff",
             )  # fmt: skip
         wait = self.searcher.lanes.expected_wait()
         if queued and wait * 1000 > self.settings.max_queue_wait_ms:
