@@ -29,7 +29,9 @@ def server(tmp_path_factory, bi_int8, ce_int8, data):
 @pytest.fixture(scope="module")
 def capacity_qps(server) -> float:
     assert server.port is not None, server.log
-    return overload.capacity(server.port, topic_queries(), seconds=5.0)
+    # 10 s probes, as `tandem bench overload` uses: in 5 s one stall of the shared cores is
+    # 1% of the calls, and the capacity found (so the 5x offered) halves.
+    return overload.capacity(server.port, topic_queries(), seconds=10.0)
 
 
 def test_two_and_five_times_capacity_are_shed_and_recovered_from(server, capacity_qps):
