@@ -78,11 +78,10 @@ def overload(
     port: int, queries: list[str], *, capacity_qps: float, factors: tuple[float, ...],
     seconds: float, alive: Any,
 ) -> OverloadReport:  # fmt: skip
-    measured = capacity_qps
     shape = CallShape(recall_k=100, top_n=5, budget_ms=BUDGET_MS, timeout_s=5.0)
     levels = []
     for factor in factors:
-        offered = Level("open", measured * factor, seconds, 1_000_000)
+        offered = Level("open", capacity_qps * factor, seconds, 1_000_000)
         report = _run(port, [offered], queries, shape)[0]
         print(f"{factor:g}x capacity: {format_report(report)}", flush=True)
         levels.append({"factor": factor, **asdict(report)})
@@ -90,7 +89,7 @@ def overload(
     recovery = _run(port, [Level("closed", 1, 5.0, 50)], queries, shape)[0]
     print(f"right after: {format_report(recovery)}", flush=True)
     return OverloadReport(
-        capacity_qps=measured,
+        capacity_qps=capacity_qps,
         levels=levels,
         recovery={**asdict(recovery), "began_after_s": time.perf_counter() - started},
         alive=bool(alive()),

@@ -125,13 +125,13 @@ class Collection:
         fingerprint = self._tokenizer_fingerprint()
         if self.store.get_meta(TOKENIZER_KEY) == fingerprint or self.pairs is None:
             return
-        if self.read_only and len(self.store):
-            raise CollectionError(
-                f"{self.paths.folder} holds token ids from another reranker tokenizer, and a "
-                "read-only collection cannot redo them: open it writable once with this "
-                "reranker, or serve the reranker it was built with"
-            )
         if self.read_only:
+            if len(self.store):
+                raise CollectionError(
+                    f"{self.paths.folder} holds token ids from another reranker tokenizer, and "
+                    "a read-only collection cannot redo them: open it writable once with this "
+                    "reranker, or serve the reranker it was built with"
+                )
             return
         if len(self.store):
             log.warning("reranker tokenizer changed: re-tokenizing %d documents", len(self.store))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +79,15 @@ def document(identifier: str, text: str, **metadata: Any) -> pb.Document:
     message = pb.Document(id=identifier, text=text)
     message.metadata.update(metadata)
     return message
+
+
+def fill_collection(
+    folder: Path, bi_encoder: Path, reranker: Path | None, segments: Sequence[Any]
+) -> None:
+    """Upserts ``segments`` (RAG24 segments: .id, .text) into the collection at ``folder``
+    through a short-lived server, which saves the index as it stops."""
+    running = ServerThread(settings_for(folder, bi_encoder, reranker))
+    try:
+        upsert(running.stub(), [document(s.id, s.text) for s in segments])
+    finally:
+        running.stop()

@@ -4,7 +4,7 @@ runs and the 5-minute soak are `tandem bench overload`."""
 from __future__ import annotations
 
 import pytest
-from serving import ServerThread, document, settings_for, upsert
+from serving import fill_collection
 from test_reliability import ServerProcess, model_args
 
 from benchmarks import overload
@@ -16,11 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, bi_int8, ce_int8, data):
     folder = tmp_path_factory.mktemp("overload")
-    running = ServerThread(settings_for(folder, bi_int8[0], ce_int8[0]))
-    try:
-        upsert(running.stub(), [document(s.id, s.text) for s in data.segments[:300]])
-    finally:
-        running.stop()
+    fill_collection(folder, bi_int8[0], ce_int8[0], data.segments[:300])
     process = ServerProcess("--collection", str(folder), *model_args(bi_int8, ce_int8))
     yield process
     assert process.finish() == 0, process.log  # it still drains cleanly afterwards

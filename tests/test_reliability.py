@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from serving import ServerThread, document, settings_for, upsert
+from serving import ServerThread, document, fill_collection, settings_for, upsert
 
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
@@ -191,9 +191,7 @@ def test_damaged_index_is_rebuilt_from_the_store_at_start_up(
     tmp_path, bi_int8, ce_int8, data, damage, caplog
 ):
     folder = tmp_path / "collection"
-    running = ServerThread(settings_for(folder, bi_int8[0], ce_int8[0]))
-    upsert(running.stub(), [document(s.id, s.text) for s in data.segments[:40]])
-    running.stop()  # saves the index
+    fill_collection(folder, bi_int8[0], ce_int8[0], data.segments[:40])  # saves the index
     index = folder / "vectors.usearch"
     if damage == "flip":
         raw = bytearray(index.read_bytes())
@@ -322,14 +320,6 @@ def check_read_only_serving(stub: tandem_pb2_grpc.RetrievalStub, data, count: in
     assert len(stub.Get(pb.GetRequest(ids=[data.segments[0].id])).documents) == 1
 
 
-def collection_with(folder: Path, bi_int8, ce_int8, data, count: int) -> None:
-    running = ServerThread(settings_for(folder, bi_int8[0], ce_int8[0]))
-    try:
-        upsert(running.stub(), [document(s.id, s.text) for s in data.segments[:count]])
-    finally:
-        running.stop()
-
-
 def digests(folder: Path) -> dict[str, str]:
     """The collection's data files (SQLite may add its -shm beside them to read)."""
     return {
@@ -339,7 +329,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def test_read_only_data_directory_serves_reads_and_refuses_writes(tmp_path, bi_int8, ce_int8, data):
-    collection_with(tmp_path / "c", bi_int8, ce_int8, data, 12)
+    fill_collection(tmp_path / "c", bi_int8[0], ce_int8[0], data.segments[:12])
     before = digests(tmp_path / "c")
     with read_only_view(tmp_path / "c", tmp_path / "ro") as folder:
         server = ServerProcess("--collection", str(folder), *model_args(bi_int8, ce_int8))
@@ -353,7 +343,7 @@ def test_read_only_data_directory_serves_reads_and_refuses_writes(tmp_path, bi_i
 
 
 def test_read_only_flag_serves_reads_and_refuses_writes(tmp_path, bi_int8, ce_int8, data):
-    collection_with(tmp_path / "c", bi_int8, ce_int8, data, 12)
+    fill_collection(tmp_path / "c", bi_int8[0], ce_int8[0], data.segments[:12])
     before = digests(tmp_path / "c")
     running = ServerThread(settings_for(tmp_path / "c", bi_int8[0], ce_int8[0], read_only=True))
     try:

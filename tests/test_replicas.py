@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from serving import ServerThread, document, settings_for, upsert
+from serving import fill_collection
 from test_reliability import ServerProcess, model_args
 
 from benchmarks.nginx import Nginx, NginxMissing
@@ -82,11 +82,7 @@ async def search_load(
 def cluster(tmp_path_factory, bi_int8, ce_int8, data):
     base = tmp_path_factory.mktemp("replicas")
     writer, root = base / "writer", base / "root"
-    running = ServerThread(settings_for(writer, bi_int8[0], ce_int8[0]))
-    try:
-        upsert(running.stub(), [document(s.id, s.text) for s in data.segments[:40]])
-    finally:
-        running.stop()
+    fill_collection(writer, bi_int8[0], ce_int8[0], data.segments[:40])
     assert publish(writer, root) == "000001"
     replicas = [
         ServerProcess("--collection", str(root), *model_args(bi_int8, ce_int8),
@@ -128,11 +124,7 @@ def test_calls_spread_over_every_replica(cluster, data):
 def test_published_version_reaches_every_replica_without_a_failed_search(
     cluster, bi_int8, ce_int8, data
 ):
-    running = ServerThread(settings_for(cluster["writer"], bi_int8[0], ce_int8[0]))
-    try:
-        upsert(running.stub(), [document(s.id, s.text) for s in data.segments[40:50]])
-    finally:
-        running.stop()
+    fill_collection(cluster["writer"], bi_int8[0], ce_int8[0], data.segments[40:50])
     queries = [topic.query for topic in data.topics]
 
     async def scenario() -> tuple[list[float], int, list[grpc.StatusCode]]:
