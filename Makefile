@@ -55,9 +55,12 @@ $(DEMO)/.built: $(ARTIFACTS)/demo-corpus.jsonl.gz | models
 demo: $(DEMO)/.built
 
 # Serves on 127.0.0.1:50051 (metrics on :9464) until Ctrl-C; add flags with SERVE_FLAGS=...
+# Without an exported reranker (checked once the models are built) the server runs
+# retrieve-only, and says so in its log.
 run: demo
 	$(BIN)/tandem serve --collection $(DEMO) --bi-encoder $(ARTIFACTS)/bi-encoder \
-		--reranker $(ARTIFACTS)/cross-encoder $(SERVE_FLAGS)
+		--reranker "$$(test -f $(ARTIFACTS)/cross-encoder/manifest.json \
+			&& echo $(ARTIFACTS)/cross-encoder || echo none)" $(SERVE_FLAGS)
 
 # The cross-language test's Node.js client (@grpc/grpc-js, @grpc/proto-loader from npm).
 node: tests/node/node_modules/.installed
@@ -81,14 +84,15 @@ check: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: check data node nginx
 	$(BIN)/pytest
 
 bench: demo
-	$(BIN)/python -m benchmarks.encoders --out benchmarks/results
-	$(BIN)/python -m benchmarks.batcher --out benchmarks/results/batcher.json
-	$(BIN)/python -m benchmarks.vector_search --out benchmarks/results/vector_search.json
+	$(BIN)/python -m tandem.benchmarks.encoders --out benchmarks/results
+	$(BIN)/python -m tandem.benchmarks.batcher --out benchmarks/results/batcher.json
+	$(BIN)/python -m tandem.benchmarks.vector_search --out benchmarks/results/vector_search.json
 	$(BIN)/tandem bench serving --collection $(DEMO) --out benchmarks/results
 	$(BIN)/tandem bench quality --out benchmarks/results/quality.json
 

@@ -7,7 +7,7 @@ are served. The corpus is read from a Tandem collection's store, so both servers
 same documents; its vectors are recomputed with sentence-transformers (and cached), since
 the seeds' pipeline embeds with torch.
 
-    python -m benchmarks.baseline_server --collection artifacts/demo --port 50052
+    python -m tandem.benchmarks.baseline_server --collection artifacts/demo --port 50052
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from numpy.typing import NDArray
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
 
-log = logging.getLogger("benchmarks.baseline_server")
+log = logging.getLogger("tandem.benchmarks.baseline_server")
 
 
 def read_corpus(collection: Path) -> tuple[list[str], list[str]]:
-    from server.collection import STORE_NAME
-    from server.store import DocumentStore
+    from tandem.server.engine.collection import STORE_NAME
+    from tandem.server.engine.store import DocumentStore
 
     store = DocumentStore(collection / STORE_NAME, read_only=True)
     try:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
-    from benchmarks.encoders import packaged_minilm
+    from tandem.benchmarks.encoders import packaged_minilm
 
     torch.set_num_threads(args.threads)
     pipeline = SeedPipeline(

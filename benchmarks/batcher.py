@@ -4,8 +4,8 @@
 pair), no deadline. The bare run does the same work (join stored ids, pad, run the session in
 batches of 16) in a plain loop. Rounds alternate between the two.
 
-    python -m benchmarks.batcher
-    python -m benchmarks.batcher --smoke
+    python -m tandem.benchmarks.batcher
+    python -m tandem.benchmarks.batcher --smoke
 """
 
 from __future__ import annotations
@@ -19,12 +19,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.encoders import DEFAULT_RERANKER, ensure_artifact, fixed_length_pairs, machine
-from server.batcher import BatchLimits, RerankBatcher
-from server.pairs import JoinedPair, PairTokenizer, pad_pairs
-from server.search import make_runner
 from tandem import rag24
+from tandem.benchmarks.encoders import (
+    DEFAULT_RERANKER,
+    ensure_artifact,
+    fixed_length_pairs,
+    machine,
+)
 from tandem.encoders import CrossEncoder
+from tandem.server.engine.batcher import BatchLimits, RerankBatcher
+from tandem.server.engine.pairs import JoinedPair, PairTokenizer, pad_pairs
+from tandem.server.engine.search import make_runner
 
 
 def requests(

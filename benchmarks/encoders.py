@@ -4,8 +4,8 @@ Every figure is end to end, tokenization included, with the same thread count fo
 runtime. Backends take turns within each repetition, so a noisy neighbour slows all of them
 alike, and the table reports medians and ratios to the torch baseline measured in the same run.
 
-    python -m benchmarks.encoders            # full run; exports missing artifacts first
-    python -m benchmarks.encoders --smoke    # seconds; keeps the command working in CI
+    python -m tandem.benchmarks.encoders            # full run; exports missing artifacts first
+    python -m tandem.benchmarks.encoders --smoke    # seconds; keeps the command working in CI
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def query_latency(
 def ensure_artifact(folder: Path, kind: Kind, model: str, precision: Precision) -> Path:
     if (folder / "manifest.json").is_file() and read_manifest(folder).verified:
         return folder
-    from export.pipeline import ExportRequest, export_model
+    from tandem.export.pipeline import ExportRequest, export_model
 
     export_model(
         ExportRequest(kind=kind, model=model, out=folder, precision=precision, force=True),

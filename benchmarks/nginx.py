@@ -13,18 +13,38 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
 
+# The checkout this module runs from (resolved through tandem/benchmarks, a link); an
+# installed wheel has no checkout around it, and then the working directory is tried.
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "deploy" / "nginx" / "tandem.conf"
+CONFIG_PATH = Path("deploy") / "nginx" / "tandem.conf"
 # Where `make nginx` unpacks Debian's package (no root, no service started).
 UNPACKED = ROOT / ".cache" / "nginx" / "usr" / "sbin" / "nginx"
 
 
 class NginxMissing(RuntimeError):
-    """No nginx binary: `make nginx` unpacks Debian's."""
+    """No nginx binary (`make nginx` unpacks Debian's), or no shipped config to run it with."""
+
+
+def find_config(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path:
+    """The shipped deploy/nginx/tandem.conf: ``TANDEM_NGINX_CONFIG``, else the checkout's,
+    else the working directory's."""
+    environ = os.environ if environ is None else environ
+    candidates = [ROOT / CONFIG_PATH, (cwd or Path.cwd()) / CONFIG_PATH]
+    if environ.get("TANDEM_NGINX_CONFIG"):
+        candidates.insert(0, Path(environ["TANDEM_NGINX_CONFIG"]))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise NginxMissing(
+        f"the nginx config {CONFIG_PATH} is not found (looked at "
+        f"{', '.join(str(path) for path in candidates)}): run from a checkout of Tandem, or "
+        "set TANDEM_NGINX_CONFIG to the file"
+    )
 
 
 def find_binary() -> Path:
@@ -42,10 +62,11 @@ def free_port() -> int:
 
 def render(upstreams: list[int], listen: int, workdir: Path) -> str:
     """The shipped config, pointed at these loopback ports and this working folder."""
-    text = CONFIG.read_text(encoding="utf-8")
+    config = find_config()
+    text = config.read_text(encoding="utf-8")
     text, replaced = re.subn(r"(?m)^\s*server 10\.0\.0\.\d+:50051 .*\n", "", text)
     if replaced != 3:
-        raise ValueError(f"{CONFIG} changed shape: its example upstream lines are gone")
+        raise ValueError(f"{config} changed shape: its example upstream lines are gone")
     servers = "".join(
         f"        server 127.0.0.1:{port} max_fails=1 fail_timeout=5s;\n" for port in upstreams
     )

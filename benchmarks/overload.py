@@ -20,8 +20,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.encoders import machine
-from benchmarks.load import CallShape, Level, LevelReport, format_report, sweep, topic_queries
+from tandem.benchmarks.encoders import machine
+from tandem.benchmarks.load import (
+    CallShape,
+    Level,
+    LevelReport,
+    format_report,
+    sweep,
+    topic_queries,
+)
 
 BUDGET_MS = 100
 ADMITTED_P99_LIMIT_MS = BUDGET_MS + 50
@@ -133,7 +140,7 @@ def soak(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from benchmarks import serving
+    from tandem.benchmarks import serving
 
     serving.add_arguments(parser)
     parser.add_argument("--what", choices=("overload", "soak"), default="overload")
@@ -143,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from benchmarks.serving import start_tandem
+    from tandem.benchmarks.serving import start_tandem
 
     queries = topic_queries()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.encoders import machine
+from tandem.benchmarks.encoders import machine
 
 Ranking = list[str]
 
@@ -90,13 +90,13 @@ def run_tandem(
     threads: int,
 ) -> dict[str, tuple[Ranking, Ranking]]:
     """Our pipeline in-process (the gRPC layer adds nothing to rankings)."""
-    from server.batcher import RerankBatcher
-    from server.collection import Collection
-    from server.index import IndexSettings
-    from server.pairs import PairTokenizer
-    from server.search import Mode, Searcher, make_runner
-    from server.store import NewDocument
     from tandem.encoders import BiEncoder, CrossEncoder
+    from tandem.server.engine.batcher import RerankBatcher
+    from tandem.server.engine.collection import Collection
+    from tandem.server.engine.index import IndexSettings
+    from tandem.server.engine.pairs import PairTokenizer
+    from tandem.server.engine.search import Mode, Searcher, make_runner
+    from tandem.server.engine.store import NewDocument
 
     embedder = BiEncoder(bi_encoder, threads=threads)
     model = CrossEncoder(reranker, threads=threads) if reranker else None
@@ -152,7 +152,7 @@ def run_reference(
     threads: int,
     cache: Path,
 ) -> dict[str, tuple[Ranking, Ranking]]:
-    from export import reference
+    from tandem.export import reference
 
     vectors_path = cache / f"reference-vectors-{len(corpus)}.npy"
     if vectors_path.is_file():
@@ -222,8 +222,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from benchmarks.encoders import ensure_artifact, packaged_minilm
     from tandem import rag24
+    from tandem.benchmarks.encoders import ensure_artifact, packaged_minilm
 
     data = rag24.load()
     bi_source = args.bi_encoder_source or packaged_minilm()

@@ -20,11 +20,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.encoders import machine
-from benchmarks.load import CallShape, Level, format_report, sweep, topic_queries
-from benchmarks.nginx import Nginx
-from benchmarks.serving import Process, start_tandem
-from server.publish import publish
+from tandem.benchmarks.encoders import machine
+from tandem.benchmarks.load import CallShape, Level, format_report, sweep, topic_queries
+from tandem.benchmarks.nginx import Nginx, NginxMissing, find_binary, find_config
+from tandem.benchmarks.serving import Process, start_tandem
+from tandem.server.replication.publish import publish
 
 # Callers back off 50 ms when refused, as the server asks: throughput of served calls, not
 # the speed of refusals.
@@ -56,6 +56,12 @@ def measure(nginx: Nginx, queries: list[str], args: argparse.Namespace) -> dict[
 
 
 def main(args: argparse.Namespace) -> int:
+    try:  # before any replica starts: without nginx or its config there is nothing to measure
+        find_binary()
+        find_config()
+    except NginxMissing as missing:
+        print(f"tandem bench replicas: error: {missing}", file=sys.stderr)
+        return 2
     queries = topic_queries()
     args.out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "runs": []}

@@ -1,12 +1,12 @@
 """`tandem bench serving`: Tandem and the seeds' pipeline, side by side, in one run.
 
 Everything runs on this machine, one server at a time, with the same load generator
-(``benchmarks.load``) and the same RAG24 topics as queries:
+(``tandem.benchmarks.load``) and the same RAG24 topics as queries:
 
 1. bare INT8 session: pairs/s of the cross-encoder alone on pre-tokenized RAG24 pairs,
    batches of 16 (the ceiling the server is measured against);
 2. throughput, closed loop: Tandem (budget 0, so every candidate is scored) against the
-   baseline (``benchmarks.baseline_server``: torch FP32, numpy cosine, no batching) at each
+   baseline (``tandem.benchmarks.baseline_server``: torch FP32, numpy cosine, no batching) at each
    ``recall_k``, top_n 5: rerank pairs/s and p99, and their ratios;
 3. the budget: Tandem, open loop, ``rerank_budget_ms=100``, rising offered load: the highest
    load where p99 <= 150 ms, and the mean number of candidates reranked at it;
@@ -32,8 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.encoders import machine
-from benchmarks.load import CallShape, Level, LevelReport, format_report, plot, sweep, topic_queries
+from tandem.benchmarks.encoders import machine
+from tandem.benchmarks.load import (
+    CallShape,
+    Level,
+    LevelReport,
+    format_report,
+    plot,
+    sweep,
+    topic_queries,
+)
 
 P99_TARGET_MS = 150.0
 BARE_BATCH = 16
@@ -51,9 +59,9 @@ def bare_session_pairs_per_second(
     threads: int,
 ) -> float:
     """The cross-encoder session alone, on the pairs a search would score, pre-tokenized."""
-    from server.collection import STORE_NAME
-    from server.store import DocumentStore
     from tandem.encoders import BiEncoder, CrossEncoder
+    from tandem.server.engine.collection import STORE_NAME
+    from tandem.server.engine.store import DocumentStore
 
     store = DocumentStore(collection / STORE_NAME, read_only=True)
     try:
@@ -133,7 +141,7 @@ def start_tandem(args: argparse.Namespace, log: Path, *, collection: Path | None
 
 def start_baseline(args: argparse.Namespace, log: Path) -> Process:
     command = [
-        sys.executable, "-m", "benchmarks.baseline_server", "--port", "0",
+        sys.executable, "-m", "tandem.benchmarks.baseline_server", "--port", "0",
         "--collection", str(args.collection), "--reranker", args.reranker_source,
         "--threads", str(args.threads), "--workers", "1", "--cache", str(args.cache),
     ]  # fmt: skip

@@ -7,8 +7,8 @@ Gaussian noise sized so that copy and seed have the cosine of a typical real nea
 neighbour; the table says how many vectors are real. ``--data random``: structureless unit
 vectors, a worst case no embedding model produces. Recall@k is against exact f32 search.
 
-    python -m benchmarks.vector_search                 # 100k and 1M (the 1M build takes ~15 min)
-    python -m benchmarks.vector_search --sizes 20000 --queries 50   # smoke
+    python -m tandem.benchmarks.vector_search    # 100k and 1M (the 1M build takes ~15 min)
+    python -m tandem.benchmarks.vector_search --sizes 20000 --queries 50   # smoke
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from server.index import IndexSettings, VectorIndex
 from tandem import rag24
 from tandem.encoders import BiEncoder
+from tandem.server.engine.index import IndexSettings, VectorIndex
 
 DIM = 384
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -55,7 +55,7 @@ def snippets(data: rag24.Rag24) -> list[str]:
 
 def real_vectors(artifacts: Path) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """(snippet vectors, topic query vectors), embedded once and cached beside the artifact."""
-    from benchmarks.encoders import ensure_artifact, packaged_minilm
+    from tandem.benchmarks.encoders import ensure_artifact, packaged_minilm
 
     folder = ensure_artifact(artifacts / "bi-encoder-int8", "bi-encoder", packaged_minilm(), "int8")
     cache = folder.parent / "rag24-snippet-vectors.npz"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from export.errors import UnsupportedModel
-from export.source import ModelSource
 from tandem.artifact import Kind
+from tandem.export.errors import UnsupportedModel
+from tandem.export.source import ModelSource
 
 log = logging.getLogger(__name__)
 

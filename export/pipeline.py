@@ -19,33 +19,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 import tandem
-from export.errors import OutputConflict, ParityFailure, UsageError
-from export.graph import DEFAULT_OPSET, export_fp32, optimize
-from export.parity import (
-    Thresholds,
-    embedding_metrics,
-    embedding_passes,
-    ranking_metrics,
-    ranking_passes,
-)
-from export.quantize import (
-    PRESETS,
-    Preset,
-    choose_exclusions,
-    convert_fp16,
-    detect_preset,
-    local_errors,
-    quantize_int8,
-)
-from export.source import (
-    ModelSource,
-    check_kind,
-    default_max_length,
-    resolve,
-    sentence_transformers_pooling,
-)
-from export.texts import passages, rerank_cases
-from export.verify import Sample, verify_folder
 from tandem.artifact import (
     MODEL_NAME,
     Kind,
@@ -55,6 +28,33 @@ from tandem.artifact import (
     write_manifest,
 )
 from tandem.encoders import BiEncoder, CrossEncoder, TokenBatch
+from tandem.export.errors import OutputConflict, ParityFailure, UsageError
+from tandem.export.graph import DEFAULT_OPSET, export_fp32, optimize
+from tandem.export.parity import (
+    Thresholds,
+    embedding_metrics,
+    embedding_passes,
+    ranking_metrics,
+    ranking_passes,
+)
+from tandem.export.quantize import (
+    PRESETS,
+    Preset,
+    choose_exclusions,
+    convert_fp16,
+    detect_preset,
+    local_errors,
+    quantize_int8,
+)
+from tandem.export.source import (
+    ModelSource,
+    check_kind,
+    default_max_length,
+    resolve,
+    sentence_transformers_pooling,
+)
+from tandem.export.texts import passages, rerank_cases
+from tandem.export.verify import Sample, verify_folder
 from tandem.rag24 import Rag24
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.errors import InvalidSource, UnsupportedModel
 from tandem.artifact import Kind, Pooling, PoolingMode
+from tandem.export.errors import InvalidSource, UnsupportedModel
 
 # Families whose ONNX export, tokenizer and transformer fusion we know. Each entry is the
 # `model_type` in config.json.

@@ -7,17 +7,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from export import reference
-from export.errors import InvalidSource, ParityFailure
-from export.parity import (
-    Thresholds,
-    embedding_metrics,
-    embedding_passes,
-    ranking_metrics,
-    ranking_passes,
-)
-from export.source import ModelSource, resolve
-from export.texts import passages, rerank_cases
 from tandem.artifact import (
     ArtifactError,
     Manifest,
@@ -27,6 +16,17 @@ from tandem.artifact import (
     write_manifest,
 )
 from tandem.encoders import BiEncoder, CrossEncoder, Device
+from tandem.export import reference
+from tandem.export.errors import InvalidSource, ParityFailure
+from tandem.export.parity import (
+    Thresholds,
+    embedding_metrics,
+    embedding_passes,
+    ranking_metrics,
+    ranking_passes,
+)
+from tandem.export.source import ModelSource, resolve
+from tandem.export.texts import passages, rerank_cases
 from tandem.rag24 import Rag24
 
 log = logging.getLogger(__name__)

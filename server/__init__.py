@@ -1,6 +1,7 @@
-"""Tandem serving core and gRPC server: no torch on this path."""
+"""Tandem's server: the engine, the gRPC transport over it, and replication. No torch here.
 
-# onnxruntime must be loaded before usearch: with usearch 2.26.6 loaded first, importing
-# onnxruntime 1.32.0 segfaults in its pybind module (seen on this machine). Every server
-# module is under this package, so this import runs before any of them loads usearch.
-import onnxruntime  # noqa: F401
+    app (composition root) -> api (gRPC) -> admission, metrics -> replication -> engine
+    -> settings; the engine uses the models and artifacts (tandem.encoders, tandem.artifact)
+
+``.importlinter`` holds these layers, and ``make test`` checks that no import goes upward.
+"""

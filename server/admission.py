@@ -26,6 +26,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tandem.server.engine.batcher import Overloaded
+from tandem.server.settings import Settings
+
 # Calls in flight when 2 cores run at capacity: ~130-190 QPS x a 100 ms budget (RESULTS).
 INITIAL_LIMIT = 16
 
@@ -89,3 +92,95 @@ class ShedLog:
             self.log(self.counts)
             self.counts = {}
             self.last = now
+
+
+class Refused(Overloaded):
+    """Admission said no; ``reason`` names the check (for metrics and the shedding log)."""
+
+    def __init__(self, message: str, *, reason: str, retry_after_s: float) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A call let in: whether it queues for the engine's threads, and how many such calls
+    were running with it (itself included), which the adaptive limit learns from."""
+
+    queued: bool
+    running: int
+
+
+class Gate:
+    """Admission, the same for every transport. Three checks, cheapest first: the
+    ``max_in_flight`` cap; the adaptive limit on calls that queue for the engine's threads
+    (Search, Rerank, Embed); and the wait those threads predict for a newcomer.
+
+    Only the event loop's thread calls it, so its counters need no lock."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        on_limit: Callable[[float], None] | None = None,
+        loop_lag: LoopLag | None = None,
+    ) -> None:
+        self.settings = settings
+        self.on_limit = on_limit  # the adaptive limit after each change, for metrics
+        self.loop_lag = loop_lag or LoopLag()
+        self.in_flight = 0
+        self.queued_in_flight = 0
+        self.limit = AdaptiveLimit(
+            limit=min(INITIAL_LIMIT, settings.max_in_flight), maximum=settings.max_in_flight
+        )
+
+    def admit(self, *, queued: bool, expected_wait_s: float) -> Admitted:
+        """Lets the call in, or raises ``Refused``; an admitted call must be ``release``d."""
+        settings = self.settings
+        if self.in_flight >= settings.max_in_flight:
+            raise Refused(
+                f"{self.in_flight} calls are in flight, the limit is {settings.max_in_flight}; "
+                "retry with backoff",
+                reason="in_flight",
+                retry_after_s=BACKOFF_S,
+            )
+        if queued and settings.adaptive_limit and not self.limit.admits(self.queued_in_flight):
+            raise Refused(
+                f"the server is overloaded: {self.queued_in_flight} calls are running, as "
+                f"many as it now admits (the limit, {int(self.limit.limit)}, rises while "
+                "calls finish on time and falls when they finish late); retry with backoff",
+                reason="concurrency_limit",
+                retry_after_s=BACKOFF_S,
+            )
+        if queued and expected_wait_s * 1000 > settings.max_queue_wait_ms:
+            raise Refused(
+                f"the server is overloaded: a call now would wait ~{expected_wait_s * 1000:.0f} "
+                f"ms before any work (limit {settings.max_queue_wait_ms} ms); retry with backoff",
+                reason="queue_wait",
+                retry_after_s=max(BACKOFF_S, expected_wait_s),
+            )
+        self.in_flight += 1
+        self.queued_in_flight += queued
+        return Admitted(queued, self.queued_in_flight)
+
+    def release(
+        self, admitted: Admitted, *, seconds: float, target_s: float | None, outcome: str
+    ) -> None:
+        """The call is over after ``seconds``. ``outcome``: "ok" (it was answered),
+        "overloaded" (the engine refused it for overload: as late as a call can be), or
+        "failed" (any other error, which says nothing about latency)."""
+        self.in_flight -= 1
+        self.queued_in_flight -= admitted.queued
+        if target_s is None or outcome == "failed":
+            return
+        # The loop's lag stands for the waits the handler cannot see: before it ran, and
+        # for the reply to be sent.
+        late = outcome == "overloaded" or seconds + 2 * self.loop_lag.seconds > target_s
+        self.limit.observe(late=late, running=admitted.running)
+        if self.on_limit is not None:
+            self.on_limit(self.limit.limit)
+
+
+# What a refused client is told to wait: about one budget, the time in-flight calls take to
+# finish and free their places.
+BACKOFF_S = 0.1

@@ -1,95 +1,55 @@
-"""Server lifecycle: load, bind, warm up, serve, drain.
+"""Server lifecycle, and where the layers are put together: load, bind, warm up, serve, drain.
 
-``create_server(settings)`` loads the models and the collection, binds the port (0 picks a
-free one, for tests) and starts answering. Health says NOT_SERVING until a warm-up search
-has run through every stage, then SERVING. ``serve(settings)`` is ``tandem serve``: it runs
-until SIGTERM or SIGINT, then stops taking calls, lets the ones in flight finish (up to
-``drain_seconds``), saves the index and exits.
+``create_server(settings)`` loads the models (refusing altered or unverified artifacts) and
+the collection, builds the engine, puts the gRPC servicer in front of it, binds the port (0
+picks a free one, for tests) and starts answering. Health says NOT_SERVING until a warm-up
+search has run through every stage, and again whenever a background task is down.
+``serve(settings)`` is ``tandem serve``: it runs until SIGTERM or SIGINT, then stops taking
+calls, lets the ones in flight finish (up to ``drain_seconds``), saves the index and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
-import hmac
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.batcher import BatchLimits, RerankBatcher
-from server.collection import Collection
-from server.follow import Follower
-from server.index import IndexSettings
-from server.metrics import Metrics, MetricsEndpoint
-from server.pairs import PairTokenizer
-from server.priority import lower_this_thread, with_threads_lowered
-from server.publish import current_version, is_published_root, version_folder
-from server.search import Lanes, Searcher, make_runner
-from server.service import Context, Models, RetrievalService, add_to_server
-from server.settings import Settings, is_loopback
-from server.status import Unauthenticated, describe
+from tandem.artifact import Manifest
 from tandem.encoders import BiEncoder, CrossEncoder
+from tandem.server.admission import Gate, LoopLag
+from tandem.server.api.auth import TokenAuth
+from tandem.server.api.service import RetrievalService, add_to_server
+from tandem.server.engine.batcher import BatchLimits, RerankBatcher
+from tandem.server.engine.collection import Collection
+from tandem.server.engine.engine import Engine, Models
+from tandem.server.engine.lanes import Lanes
+from tandem.server.engine.pairs import PairTokenizer
+from tandem.server.engine.priority import lower_this_thread, with_threads_lowered
+from tandem.server.engine.search import Searcher, make_runner
+from tandem.server.engine.supervisor import Supervisor
+from tandem.server.metrics import Metrics, MetricsEndpoint
+from tandem.server.replication.follow import Follower
+from tandem.server.replication.publish import current_version, is_published_root, version_folder
+from tandem.server.settings import Settings, is_loopback
 from tandem.v1 import tandem_pb2
 
 log = logging.getLogger(__name__)
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 SERVICE_NAME: str = tandem_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
 WARM_UP_QUERY = "what is two-stage retrieval"
+FOLLOWER = "follower"
 
 
-class TokenAuth(grpc.aio.ServerInterceptor):
-    """Every RPC but health must send ``authorization: Bearer <token>``.
-
-    The comparison is constant-time (``hmac.compare_digest``); the token is never logged.
-    """
-
-    def __init__(self, token: str, *, on_reject: Callable[[str], None]) -> None:
-        self.expected = f"Bearer {token}".encode()
-        self.on_reject = on_reject
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        if details.method.startswith(HEALTH_PREFIX):
-            return await continuation(details)
-        sent = ""
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization" and isinstance(value, str):
-                sent = value
-        if hmac.compare_digest(sent.encode("utf-8", "replace"), self.expected):
-            return await continuation(details)
-        self.on_reject(details.method)
-        handler = await continuation(details)
-        reason = "a bearer token is required" if not sent else "the bearer token is wrong"
-        return _denied(handler, f"{reason}: send metadata 'authorization: Bearer <token>'")
-
-
-def _denied(handler: Handler | None, message: str) -> Handler:
-    code, text = describe(Unauthenticated(message))
-
-    async def deny(request: Any, context: Context) -> None:
-        await context.abort(code, text)
-
-    if handler is None or not handler.request_streaming:
-        if handler is not None and handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
-    if handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny)
-    return grpc.stream_unary_rpc_method_handler(deny)
+class Unverified(Exception):
+    """An artifact whose parity check failed or never ran, served without --allow-unverified."""
 
 
 @dataclass
@@ -99,17 +59,32 @@ class Running:
     server: grpc.aio.Server
     port: int
     settings: Settings
-    searcher: Searcher
+    engine: Engine
     health: health.aio.HealthServicer
     metrics: Metrics
     metrics_endpoint: MetricsEndpoint | None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    gate: Gate
+    loop_lag: asyncio.Task[None] | None = None
+    warm: bool = False
+
+    @property
+    def searcher(self) -> Searcher:
+        return self.engine.searcher
 
     async def warm_up(self) -> None:
-        await _warm_up(self.searcher)
+        await _warm_up(self.engine.searcher)
+        self.warm = True
+        await self.set_health(self.engine.supervisor.healthy)
+
+    async def set_health(self, healthy: bool) -> None:
+        """SERVING once warm and while no background task is down."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if healthy and self.warm
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, status)
 
     @property
     def metrics_port(self) -> int | None:
@@ -119,22 +94,13 @@ class Running:
         """Stops taking calls, lets those in flight finish within ``grace``, saves, releases."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.drain_seconds if grace is None else grace)
-        for task in self.tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self.searcher.batcher is not None:
-            await self.searcher.batcher.stop()
-        collection = self.searcher.collection
-        try:
-            await self.searcher.lanes.run("store", collection.checkpoint)
-        except (OSError, RuntimeError) as error:
-            log.error("final index checkpoint failed (start-up will repair it): %s", error)
-        self.searcher.lanes.shutdown()
-        collection.close()
+        if self.loop_lag is not None:
+            self.loop_lag.cancel()
+            await asyncio.gather(self.loop_lag, return_exceptions=True)
+        await self.engine.stop()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
-        log.info("stopped", extra={"documents_saved": len(collection.index)})
+        log.info("stopped", extra={"documents_saved": len(self.engine.collection.index)})
 
 
 def is_stand_in(manifest_source: str, setting: bool | None) -> bool:
@@ -143,21 +109,38 @@ def is_stand_in(manifest_source: str, setting: bool | None) -> bool:
     return "stand-in" in Path(manifest_source).name
 
 
-def load_searcher(settings: Settings, metrics: Metrics) -> tuple[Searcher, Models, Follower | None]:
-    """Opens both models (refusing altered artifacts) and the collection."""
+def _check_verified(manifest: Manifest, folder: Path, settings: Settings) -> None:
+    if manifest.verified:
+        return
+    measured = (
+        "its parity check never ran" if manifest.parity is None
+        else f"its parity check failed ({manifest.parity.metrics} against "
+             f"{manifest.parity.thresholds})"
+    )  # fmt: skip
+    if not settings.allow_unverified:
+        raise Unverified(
+            f"{folder}: {measured}. Re-export it (tandem export), or pass --allow-unverified "
+            "to serve it anyway"
+        )
+    log.warning("SERVING AN UNVERIFIED ARTIFACT", extra={"folder": str(folder), "why": measured})
+
+
+def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) -> Engine:
+    """Opens both models (refusing altered or unverified artifacts) and the collection."""
     embedder = BiEncoder(
         settings.bi_encoder, threads=settings.threads, spinning=settings.ort_spinning
     )
+    _check_verified(embedder.manifest, settings.bi_encoder, settings)
     reranker = None
     pairs = None
     batcher = None
-    if settings.reranker_enabled:
-        assert settings.reranker is not None
+    if settings.reranker is not None:
         path = settings.reranker
         reranker = with_threads_lowered(
             lambda: CrossEncoder(path, threads=settings.threads, spinning=settings.ort_spinning),
             settings.reranker_nice,
         )
+        _check_verified(reranker.manifest, path, settings)
         pairs = PairTokenizer.for_reranker(reranker)
         batcher = RerankBatcher(
             make_runner(reranker),
@@ -175,13 +158,13 @@ def load_searcher(settings: Settings, metrics: Metrics) -> tuple[Searcher, Model
             folder,
             embedder=embedder,
             pairs=pairs,
-            settings=IndexSettings(dtype=settings.index_dtype),  # type: ignore[arg-type]
+            settings=settings.index_settings,
             read_only=read_only,
             version=version,
         )
 
     if is_published_root(settings.collection):
-        # A replica: the newest published version, read-only (see server.follow).
+        # A replica: the newest published version, read-only (see replication.follow).
         version = current_version(settings.collection)
         collection = open_collection(
             version_folder(settings.collection, version), version, read_only=True
@@ -201,7 +184,7 @@ def load_searcher(settings: Settings, metrics: Metrics) -> tuple[Searcher, Model
         cache_size=settings.query_cache,
         lanes=Lanes.threaded(),
     )
-    follower = None
+    engine = Engine(searcher, settings=settings, models=models, supervisor=supervisor)
     if collection.version is not None:
         follower = Follower(
             settings.collection,
@@ -209,19 +192,17 @@ def load_searcher(settings: Settings, metrics: Metrics) -> tuple[Searcher, Model
             lambda folder, version: open_collection(folder, version, read_only=True),
             every=settings.follow_seconds,
         )
-    return searcher, models, follower
+        supervisor.spawn(FOLLOWER, follower.run)
+    return engine
 
 
-def _announce_models(models: Models, settings: Settings) -> None:
+def _announce_models(models: Models) -> None:
     log.info(
         "bi-encoder loaded",
         extra={"source": models.bi_encoder.source, "precision": models.bi_encoder.precision},
     )
     if models.reranker is None:
-        log.warning(
-            "NO RERANKER: serving retrieve-only (bi-encoder ranking only)",
-            extra={"reranker": str(settings.reranker)},
-        )
+        log.warning("NO RERANKER (--reranker none): serving retrieve-only (bi-encoder ranking)")
     elif models.reranker_is_stand_in:
         log.warning(
             "STAND-IN RERANKER: it exercises the mechanics only; its rankings are NOT a quality "
@@ -242,24 +223,6 @@ async def _warm_up(searcher: Searcher) -> None:
     log.info("warm-up done", extra={"ms": round((time.perf_counter() - started) * 1000, 1)})
 
 
-async def _checkpointer(running: Running) -> None:
-    """Saves the index after writes, at most every ``checkpoint_seconds``. Writes are durable
-    in the store before they are acknowledged; this only shortens start-up repair."""
-    collection = running.searcher.collection
-    while True:
-        await running.dirty.wait()
-        await asyncio.sleep(running.settings.checkpoint_seconds)
-        running.dirty.clear()
-        try:
-            await running.searcher.lanes.run("store", collection.checkpoint)
-        except (OSError, RuntimeError) as error:
-            # A full or read-only disk: the store still holds every acknowledged write, and
-            # start-up repairs the index from it; try again after the next write.
-            log.error("index checkpoint failed: %s", error)
-            continue
-        log.debug("index saved", extra={"generation": collection.store.generation})
-
-
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if settings.tls_cert is None or settings.tls_key is None:
         return None
@@ -278,13 +241,56 @@ async def create_server(settings: Settings, *, warm: bool = True) -> Running:
             extra={"host": settings.host},
         )
     metrics = Metrics()
-    searcher, models, follower = load_searcher(settings, metrics)
-    _announce_models(models, settings)
-    if searcher.batcher is not None:
-        await searcher.batcher.start()
-        batcher = searcher.batcher
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    started: list[Running] = []
+
+    async def on_change(healthy: bool) -> None:
+        if started:
+            await started[0].set_health(healthy)
+
+    engine = load_engine(settings, metrics, Supervisor(on_change=on_change))
+    try:
+        running = _assemble(settings, engine, metrics, health_servicer)
+        started.append(running)
+        await running.server.start()
+        if settings.metrics_port >= 0:
+            running.metrics_endpoint = metrics.serve(settings.host, settings.metrics_port)
+        engine.start()
+        running.loop_lag = asyncio.create_task(running.gate.loop_lag.watch(), name="loop-lag")
+        if warm:
+            await running.warm_up()
+    except BaseException:
+        # A port that will not bind, say: release the collection (and its writer lock).
+        if started:
+            await started[0].server.stop(0)
+        await engine.stop()
+        raise
+    log.info(
+        "serving",
+        extra={
+            "address": f"{settings.host}:{running.port}",
+            "tls": settings.tls,
+            "token": settings.token is not None,
+            "metrics_port": running.metrics_port,
+            "documents": len(engine.collection.index),
+            "reranker": "none" if engine.models.reranker is None else engine.models.reranker.source,
+            "reranker_is_stand_in": engine.models.reranker_is_stand_in,
+        },
+    )
+    return running
+
+
+def _assemble(
+    settings: Settings, engine: Engine, metrics: Metrics, health_servicer: health.aio.HealthServicer
+) -> Running:
+    """Puts the gRPC servicer in front of ``engine`` and binds its port (not yet serving)."""
+    _announce_models(engine.models)
+    batcher = engine.searcher.batcher
+    if batcher is not None:
         metrics.watch_queue(lambda: batcher.queued)
-    metrics.watch_documents(lambda: len(searcher.collection.index))
+    metrics.watch_documents(lambda: len(engine.collection.index))
 
     def rejected(method: str) -> None:
         metrics.rejections.labels("unauthenticated").inc()
@@ -301,9 +307,6 @@ async def create_server(settings: Settings, *, warm: bool = True) -> Running:
             ("grpc.so_reuseport", 0),
         ],
     )
-    health_servicer = health.aio.HealthServicer()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{settings.host}:{settings.port}"
     credentials = _credentials(settings)
@@ -312,42 +315,22 @@ async def create_server(settings: Settings, *, warm: bool = True) -> Running:
         if credentials is not None
         else server.add_insecure_port(address)
     )
+    loop_lag = LoopLag(on_sample=metrics.loop_lag.observe)
+    gate = Gate(settings, on_limit=metrics.concurrency_limit.set, loop_lag=loop_lag)
+    metrics.concurrency_limit.set(gate.limit.limit)
+    add_to_server(RetrievalService(engine, gate=gate, metrics=metrics), server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     running = Running(
         server=server,
         port=port,
         settings=settings,
-        searcher=searcher,
+        engine=engine,
         health=health_servicer,
         metrics=metrics,
         metrics_endpoint=None,
-    )
-    service = RetrievalService(
-        searcher, settings=settings, metrics=metrics, models=models, on_write=running.dirty.set
-    )
-    add_to_server(service, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    await server.start()
-    if settings.metrics_port >= 0:
-        running.metrics_endpoint = metrics.serve(settings.host, settings.metrics_port)
-    running.tasks.append(asyncio.create_task(_checkpointer(running), name="checkpointer"))
-    running.tasks.append(asyncio.create_task(service.loop_lag.watch(), name="loop-lag"))
-    if follower is not None:
-        running.tasks.append(asyncio.create_task(follower.run(), name="follower"))
-    if warm:
-        await running.warm_up()
-    log.info(
-        "serving",
-        extra={
-            "address": f"{settings.host}:{port}",
-            "tls": settings.tls,
-            "token": settings.token is not None,
-            "metrics_port": running.metrics_port,
-            "documents": len(searcher.collection.index),
-            "reranker": "none" if models.reranker is None else models.reranker.source,
-            "reranker_is_stand_in": models.reranker_is_stand_in,
-        },
+        gate=gate,
     )
     return running
 

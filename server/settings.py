@@ -55,7 +55,14 @@ class Settings:
     )
     reranker: Path | None = field(
         default=Path("artifacts/cross-encoder"),
-        metadata=_doc("cross-encoder artifact folder; 'none' or a missing folder: retrieve-only"),
+        metadata=_doc("cross-encoder artifact folder; 'none': retrieve-only"),
+    )
+    allow_unverified: bool = field(
+        default=False,
+        metadata=_doc(
+            "serve an artifact whose parity check against the FP32 reference failed, or never "
+            "ran (its manifest says so); without it, such an artifact stops start-up"
+        ),
     )
     reranker_stand_in: bool | None = field(
         default=None,
@@ -75,8 +82,30 @@ class Settings:
             "(automatic when its folder cannot be written)"
         ),
     )
-    index_dtype: str = field(
-        default="i8", metadata=_doc("vector type of a new index: i8, f16 or f32")
+    index_dtype: str | None = field(
+        default=None,
+        metadata=_doc(
+            "vector type (i8, f16, f32) of a new collection; an existing one keeps what it was "
+            "built with, and a different value here stops start-up"
+        ),
+    )
+    expansion_search: int | None = field(
+        default=None,
+        metadata=_doc(
+            "HNSW ef at query time of a new collection; an existing one keeps what it was "
+            "built with, and a different value here stops start-up"
+        ),
+    )
+    compact_removed_fraction: float = field(
+        default=0.25,
+        metadata=_doc(
+            "rebuild the index in the background once removed vectors hold this share of its "
+            "graph (deletes and replaced documents leave slots behind); 0: never"
+        ),
+    )
+    compact_min_removed: int = field(
+        default=1000,
+        metadata=_doc("...and at least this many vectors have been removed since the last build"),
     )
     threads: int = field(default=2, metadata=_doc("CPU threads per onnxruntime session"))
     ort_spinning: bool = field(
@@ -182,7 +211,13 @@ class Settings:
 
     @property
     def reranker_enabled(self) -> bool:
-        return self.reranker is not None and (self.reranker / "manifest.json").is_file()
+        return self.reranker is not None
+
+    @property
+    def index_settings(self) -> dict[str, Any]:
+        """The index settings given explicitly, by IndexSettings field name."""
+        chosen = {"dtype": self.index_dtype, "expansion_search": self.expansion_search}
+        return {name: value for name, value in chosen.items() if value is not None}
 
 
 def _hints() -> dict[str, Any]:
@@ -319,7 +354,13 @@ def validate(settings: Settings) -> None:
             problems.append(f"{name}: {path} is not a file")
     if settings.token is not None and not settings.token.strip():
         problems.append("token is empty: unset it, or set a real secret")
-    if settings.index_dtype not in ("i8", "f16", "f32"):
+    if settings.reranker is not None and not (settings.reranker / "manifest.json").is_file():
+        problems.append(
+            f"reranker: {settings.reranker} holds no exported artifact (manifest.json); export "
+            "one with `tandem export cross-encoder`, or pass --reranker none to serve "
+            "retrieve-only"
+        )
+    if settings.index_dtype not in (None, "i8", "f16", "f32"):
         problems.append(f"index_dtype {settings.index_dtype!r} is not i8, f16 or f32")
     if settings.log_level not in ("debug", "info", "warning", "error"):
         problems.append(f"log_level {settings.log_level!r} is not debug/info/warning/error")
@@ -329,7 +370,7 @@ def validate(settings: Settings) -> None:
         "threads", "max_in_flight", "max_message_bytes", "max_recall_k", "max_top_n",
         "max_rerank_documents", "max_embed_texts", "max_upsert_documents", "max_id_bytes",
         "default_recall_k", "default_top_n", "max_batch_tokens", "max_batch_pairs",
-        "max_queued_pairs",
+        "max_queued_pairs", "compact_min_removed",
     )  # fmt: skip
     problems.extend(
         f"{name} must be at least 1 (got {getattr(settings, name)})"
@@ -338,10 +379,12 @@ def validate(settings: Settings) -> None:
     )
     for name in (
         "default_rerank_budget_ms", "query_cache", "checkpoint_seconds", "drain_seconds",
-        "max_queue_wait_ms", "latency_slack_ms", "reranker_nice",
+        "max_queue_wait_ms", "latency_slack_ms", "reranker_nice", "compact_removed_fraction",
     ):  # fmt: skip
         if getattr(settings, name) < 0:
             problems.append(f"{name} must be >= 0 (got {getattr(settings, name)})")
+    if settings.expansion_search is not None and settings.expansion_search < 1:
+        problems.append(f"expansion_search must be at least 1 (got {settings.expansion_search})")
     if settings.default_recall_k > settings.max_recall_k:
         problems.append("default_recall_k is larger than max_recall_k")
     if settings.default_top_n > settings.max_top_n:

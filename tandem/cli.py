@@ -1,6 +1,8 @@
 """The `tandem` command: one entry point whose subcommands load only what they need.
 
-`tandem export` needs the export extra (torch, transformers, optimum); serving does not.
+Building the parser imports nothing heavy (`tandem --help` loads neither onnxruntime, usearch,
+grpc nor torch): each subcommand imports its own modules when it runs. `tandem export` needs
+the export extra (torch, transformers, optimum); serving does not.
 """
 
 from __future__ import annotations
@@ -30,9 +32,16 @@ def _add_verification_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for both runtimes")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from server.index import IndexSettings
+BENCHES = {
+    "load": "load generator against a server",
+    "overload": "2x/5x capacity shedding, or a memory soak",
+    "serving": "Tandem against the seeds' pipeline, side by side",
+    "quality": "nDCG/MRR/recall on RAG24",
+    "replicas": "throughput through nginx with 1, 2, 3 replicas",
+}
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tandem {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -90,36 +99,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="its tokenizer pre-tokenizes documents; a missing folder skips it",
     )
     build.add_argument("--batch-size", type=int, default=64, help="documents per transaction")
-    defaults = IndexSettings()
+    # No defaults here: a flag left out means "the collection's own" for an existing one,
+    # and IndexSettings' default for a new one (the help shows it).
     build.add_argument(
         "--dtype",
         choices=("i8", "f16", "f32"),
-        default=defaults.dtype,
-        help="vector type in the index (i8: a quarter of f32's memory)",
+        help="vector type in the index (default i8: a quarter of f32's memory)",
     )
     build.add_argument(
         "--connectivity",
         type=int,
-        default=defaults.connectivity,
-        help="HNSW graph degree M: more recall, more memory",
+        help="HNSW graph degree M (default 16): more recall, more memory",
     )
     build.add_argument(
         "--expansion-add",
         type=int,
-        default=defaults.expansion_add,
-        help="HNSW ef at build time: better graph, slower build",
+        help="HNSW ef at build time (default 128): better graph, slower build",
     )
     build.add_argument(
         "--expansion-search",
         type=int,
-        default=defaults.expansion_search,
-        help="HNSW ef at query time: more recall, slower search",
+        help="HNSW ef at query time (default 64): more recall, slower search",
     )
     build.add_argument(
         "--exact-below",
         type=int,
-        default=defaults.exact_below,
-        help="search exactly while the index holds fewer vectors than this",
+        help="search exactly while the index holds fewer vectors than this (default 10000)",
     )
     build.add_argument("--threads", type=int, default=2)
     publish = index_commands.add_parser(
@@ -129,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--collection", type=Path, required=True, help="the writer's folder")
     publish.add_argument("--root", type=Path, required=True, help="the published root")
     publish.add_argument("--keep", type=int, default=3, help="versions kept (older pruned)")
-    from server import settings
+    from tandem.server import settings
 
     serve = commands.add_parser(
         "serve",
@@ -142,26 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="query a running server")
     client.add_arguments(search)
-    bench = commands.add_parser("bench", help="load tests and quality evaluation")
-    benches = bench.add_subparsers(dest="bench", required=True)
-    from benchmarks import load, overload, quality, replicas, serving
-
-    load.add_arguments(benches.add_parser("load", help="load generator against a server"))
-    overload.add_arguments(
-        benches.add_parser("overload", help="2x/5x capacity shedding, or a memory soak")
+    bench = commands.add_parser(
+        "bench",
+        help="load tests and quality evaluation",
+        description="tandem bench NAME --help lists a benchmark's own flags.",
     )
-    serving.add_arguments(
-        benches.add_parser("serving", help="Tandem against the seeds' pipeline, side by side")
+    bench.add_argument(
+        "bench",
+        choices=sorted(BENCHES),
+        help="; ".join(f"{name}: {text}" for name, text in BENCHES.items()),
     )
-    quality.add_arguments(benches.add_parser("quality", help="nDCG/MRR/recall on RAG24"))
-    replicas.add_arguments(
-        benches.add_parser("replicas", help="throughput through nginx with 1, 2, 3 replicas")
-    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's flags")
     return parser
 
 
 def _run_publish(args: argparse.Namespace) -> int:
-    from server.publish import PublishError, publish
+    from tandem.server.replication.publish import PublishError, publish
 
     try:
         version = publish(args.collection, args.root, keep=args.keep)
@@ -175,26 +176,26 @@ def _run_publish(args: argparse.Namespace) -> int:
 def _run_index(args: argparse.Namespace) -> int:
     if args.index_command == "publish":
         return _run_publish(args)
-    from server.collection import Collection, CollectionError
-    from server.index import IndexSettings
-    from server.indexer import CorpusError, build
-    from server.pairs import PairTokenizer
-    from server.store import StoreError
     from tandem.artifact import ArtifactError
     from tandem.encoders import BiEncoder
+    from tandem.server.engine.collection import Collection, CollectionError
+    from tandem.server.engine.indexer import CorpusError, build
+    from tandem.server.engine.pairs import PairTokenizer
+    from tandem.server.engine.store import StoreError
 
     try:
         embedder = BiEncoder(args.bi_encoder, threads=args.threads)
         pairs = None
         if (args.reranker / "manifest.json").is_file():
             pairs = PairTokenizer.from_artifact(args.reranker)
-        settings = IndexSettings(
-            dtype=args.dtype,
-            connectivity=args.connectivity,
-            expansion_add=args.expansion_add,
-            expansion_search=args.expansion_search,
-            exact_below=args.exact_below,
-        )
+        chosen = {
+            "dtype": args.dtype,
+            "connectivity": args.connectivity,
+            "expansion_add": args.expansion_add,
+            "expansion_search": args.expansion_search,
+            "exact_below": args.exact_below,
+        }
+        settings = {name: value for name, value in chosen.items() if value is not None}
         collection = Collection(args.out, embedder=embedder, pairs=pairs, settings=settings)
         try:
             report = build(collection, args.corpus, batch_size=args.batch_size)
@@ -214,11 +215,11 @@ def _run_index(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from export.errors import ExportError
-    from export.parity import Thresholds
-    from export.pipeline import ExportRequest, export_model
-    from export.verify import Sample, verify_folder
     from tandem import rag24
+    from tandem.export.errors import ExportError
+    from tandem.export.parity import Thresholds
+    from tandem.export.pipeline import ExportRequest, export_model
+    from tandem.export.verify import Sample, verify_folder
 
     bars = Thresholds(
         min_mean_cosine=args.min_mean_cosine,
@@ -271,11 +272,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import os
 
-    from server import logs
-    from server.app import serve
-    from server.collection import CollectionError
-    from server.settings import SettingsError, from_namespace
     from tandem.artifact import ArtifactError
+    from tandem.server import logs
+    from tandem.server.app import Unverified, serve
+    from tandem.server.engine.collection import CollectionError
+    from tandem.server.settings import SettingsError, from_namespace
 
     try:
         settings = from_namespace(args, os.environ)
@@ -285,14 +286,23 @@ def _run_serve(args: argparse.Namespace) -> int:
     logs.configure(level="debug" if args.verbose else settings.log_level, style=settings.log_format)
     try:
         asyncio.run(serve(settings))
-    except (ArtifactError, CollectionError) as exc:
-        logging.getLogger("server").error("refusing to start: %s", exc)
+    except (ArtifactError, CollectionError, Unverified) as exc:
+        logging.getLogger("tandem.server").error("refusing to start: %s", exc)
         return 1
     except RuntimeError as exc:
         # grpc reports a port it cannot bind as a RuntimeError.
-        logging.getLogger("server").error("cannot start: %s", exc)
+        logging.getLogger("tandem.server").error("cannot start: %s", exc)
         return 1
     return 0
+
+
+def _run_bench(name: str, argv: Sequence[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(f"tandem.benchmarks.{name}")
+    parser = argparse.ArgumentParser(prog=f"tandem bench {name}", description=BENCHES[name])
+    module.add_arguments(parser)
+    return int(module.main(parser.parse_args(list(argv))))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -304,21 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return client.run(args)
     if args.command == "bench":
-        from benchmarks import load, overload, quality, replicas, serving
-
-        modules = {
-            "load": load, "serving": serving, "quality": quality, "overload": overload,
-            "replicas": replicas,
-        }  # fmt: skip
-        return int(modules[args.bench].main(args))
+        return _run_bench(args.bench, args.bench_args)
     # Root stays at WARNING: onnxruntime's quantizer logs every tensor at INFO on it.
     logging.basicConfig(
         level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for name in ("tandem", "export", "server"):
-        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("tandem").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.command == "export":
         return _run_export(args)
     if args.command == "index":

@@ -1,46 +1,66 @@
-"""`tandem search`: a command-line client for a running server (and an example of the API)."""
+"""`tandem search`: a command-line client for a running server (and an example of the API).
+
+It sends only what the user set, so the server's own defaults (recall_k, top_n, budget, mode)
+apply to the rest.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 
-import grpc
-
-from tandem.v1 import tandem_pb2 as pb
-from tandem.v1 import tandem_pb2_grpc
-
-MODES = {"two-stage": pb.SEARCH_MODE_TWO_STAGE, "retrieve-only": pb.SEARCH_MODE_RETRIEVE_ONLY}
+MODES = {"two-stage": "SEARCH_MODE_TWO_STAGE", "retrieve-only": "SEARCH_MODE_RETRIEVE_ONLY"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("query", nargs="+", help="the question")
     parser.add_argument("--address", default="127.0.0.1:50051")
-    parser.add_argument("--recall-k", type=int, default=100)
-    parser.add_argument("--top-n", type=int, default=5)
+    parser.add_argument("--recall-k", type=int, help="candidates from the index (server default)")
+    parser.add_argument("--top-n", type=int, help="hits returned (server default)")
     parser.add_argument("--mode", choices=sorted(MODES), help="default: the server's")
-    parser.add_argument("--budget-ms", type=int, help="rerank budget; 0 for none")
-    parser.add_argument("--token", help="bearer token, if the server wants one")
+    parser.add_argument("--budget-ms", type=int, help="rerank budget; 0 for none (server default)")
+    parser.add_argument(
+        "--token", help="bearer token, if the server wants one (default: env TANDEM_TOKEN)"
+    )
     parser.add_argument("--tls-ca", help="PEM file to trust (turns TLS on)")
 
 
+def search_request(args: argparse.Namespace) -> Any:
+    """The SearchRequest for ``args``: only the fields the user set."""
+    from tandem.v1 import tandem_pb2 as pb
+
+    request = pb.SearchRequest(query=" ".join(args.query), include_text=True)
+    if args.mode is not None:
+        request.mode = getattr(pb, MODES[args.mode])
+    for field, value in (
+        ("recall_k", args.recall_k), ("top_n", args.top_n), ("rerank_budget_ms", args.budget_ms),
+    ):  # fmt: skip
+        if value is not None:
+            setattr(request, field, value)
+    return request
+
+
+def call_metadata(args: argparse.Namespace, environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    token = args.token or environ.get("TANDEM_TOKEN")
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
 def run(args: argparse.Namespace) -> int:
+    import grpc
+
+    from tandem.v1 import tandem_pb2_grpc
+
     if args.tls_ca:
         with open(args.tls_ca, "rb") as handle:
             credentials = grpc.ssl_channel_credentials(root_certificates=handle.read())
         channel = grpc.secure_channel(args.address, credentials)
     else:
         channel = grpc.insecure_channel(args.address)
-    request = pb.SearchRequest(
-        query=" ".join(args.query),
-        recall_k=args.recall_k,
-        top_n=args.top_n,
-        include_text=True,
-        mode=MODES.get(args.mode, pb.SEARCH_MODE_UNSPECIFIED),
-    )
-    if args.budget_ms is not None:
-        request.rerank_budget_ms = args.budget_ms
-    metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
+    request = search_request(args)
+    metadata = call_metadata(args, os.environ)
     with channel:
         try:
             stub = tandem_pb2_grpc.RetrievalStub(channel)  # type: ignore[no-untyped-call]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from export.parity import Thresholds
-from export.pipeline import ExportRequest, export_model
-from export.verify import Sample
 from tandem import rag24
 from tandem.artifact import Manifest
+from tandem.export.parity import Thresholds
+from tandem.export.pipeline import ExportRequest, export_model
+from tandem.export.verify import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
 STAND_IN_RERANKER = ROOT.parent / "shared" / "models" / "stand-in-reranker"

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -11,8 +16,8 @@ from typing import Any
 
 import grpc
 
-from server.app import Running, create_server
-from server.settings import Settings
+from tandem.server.app import Running, create_server
+from tandem.server.settings import Settings
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
 
@@ -91,3 +96,50 @@ def fill_collection(
         upsert(running.stub(), [document(s.id, s.text) for s in segments])
     finally:
         running.stop()
+
+
+class ServerProcess:
+    """`tandem serve` in a child process; its JSON log lines are kept."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        command = [sys.executable, "-m", "tandem.cli", "serve", "--port", "0",
+                   "--metrics-port", "-1", *args]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+        )
+        self.lines: list[str] = []
+        self.port: int | None = None
+        ready = threading.Event()
+        self.reader = threading.Thread(target=self._read, args=(ready,), daemon=True)
+        self.reader.start()
+        ready.wait(timeout=300)
+
+    def _read(self, ready: threading.Event) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if '"msg": "serving"' in line:
+                self.port = int(json.loads(line)["address"].rsplit(":", 1)[1])
+                ready.set()
+        ready.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stub(self) -> tandem_pb2_grpc.RetrievalStub:
+        assert self.port, self.log
+        return tandem_pb2_grpc.RetrievalStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))
+
+    def finish(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout=120)
+        self.reader.join(timeout=10)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        return code
+
+
+def model_args(bi_int8, ce_int8) -> list[str]:
+    return ["--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0])]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from server.admission import AdaptiveLimit, LoopLag, ShedLog
+from tandem.server.admission import AdaptiveLimit, LoopLag, ShedLog
 
 
 def test_late_calls_cut_the_limit_and_on_time_calls_raise_it_slowly() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from server.batcher import (
+from tandem.server.engine.batcher import (
     BatchLimits,
     CostModel,
     EdfQueue,
@@ -21,7 +21,7 @@ from server.batcher import (
     Ticket,
     build_batch,
 )
-from server.pairs import JoinedPair, PairIds, PairTemplate, _Segment
+from tandem.server.engine.pairs import JoinedPair, PairIds, PairTemplate, _Segment
 
 HOUR = 3600.0
 # No special tokens: a pair's ids are its query's then its document's.

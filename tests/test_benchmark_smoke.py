@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import batcher, encoders, load, quality, serving, vector_search
+from tandem.benchmarks import batcher, encoders, load, quality, serving, vector_search
 
 pytestmark = pytest.mark.slow
 
@@ -57,11 +57,11 @@ def test_vector_search_benchmark_smoke(capsys) -> None:
 
 @pytest.fixture(scope="module")
 def small_collection(tmp_path_factory, bi_int8, ce_int8, data) -> Path:
-    from server.collection import Collection
-    from server.index import IndexSettings
-    from server.pairs import PairTokenizer
-    from server.store import NewDocument
     from tandem.encoders import BiEncoder
+    from tandem.server.engine.collection import Collection
+    from tandem.server.engine.index import IndexSettings
+    from tandem.server.engine.pairs import PairTokenizer
+    from tandem.server.engine.store import NewDocument
 
     folder = tmp_path_factory.mktemp("bench-collection")
     collection = Collection(
@@ -161,3 +161,16 @@ def test_load_generator_keeps_the_collector_off_objects_that_predate_the_load() 
     assert gc.get_freeze_count() == 0
     gc.collect()
     assert predates() is None
+
+
+def test_bench_replicas_finds_the_nginx_config_or_says_where_it_looked(tmp_path, monkeypatch):
+    from tandem.benchmarks import nginx
+
+    assert nginx.find_config({}) == nginx.ROOT / "deploy" / "nginx" / "tandem.conf"
+    monkeypatch.setattr(nginx, "ROOT", tmp_path / "site-packages")  # an installed wheel
+    elsewhere = tmp_path / "work"
+    with pytest.raises(nginx.NginxMissing, match="set TANDEM_NGINX_CONFIG"):
+        nginx.find_config({}, cwd=elsewhere)
+    shipped = tmp_path / "tandem.conf"
+    shipped.write_text("events {}\n")
+    assert nginx.find_config({"TANDEM_NGINX_CONFIG": str(shipped)}, cwd=elsewhere) == shipped

@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import pytest
 
-from export import reference
-from export.parity import spearman, topk_overlap
-from export.texts import passages, rerank_cases
 from tandem.artifact import hash_folder, read_manifest
 from tandem.cli import main
 from tandem.encoders import BiEncoder, CrossEncoder
+from tandem.export import reference
+from tandem.export.parity import spearman, topk_overlap
+from tandem.export.texts import passages, rerank_cases
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,12 @@ import sys
 
 
 def test_server_modules_import_in_any_order() -> None:
-    for module in ("server.index", "server.store", "server.collection", "benchmarks.vector_search"):
+    for module in (
+        "tandem.server.engine.index",
+        "tandem.server.engine.store",
+        "tandem.server.engine.collection",
+        "tandem.benchmarks.vector_search",
+    ):
         result = subprocess.run(
             [sys.executable, "-c", f"import {module}; import onnxruntime; print('ok')"],
             capture_output=True,

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from server.collection import Collection
-from server.index import IndexSettings, VectorIndex
-from server.indexer import CorpusError, Progress, build
-from server.pairs import PairTokenizer
 from tandem.cli import main
 from tandem.encoders import BiEncoder, CrossEncoder
+from tandem.server.engine.collection import Collection
+from tandem.server.engine.index import IndexSettings, VectorIndex
+from tandem.server.engine.indexer import CorpusError, Progress, build
+from tandem.server.engine.pairs import PairTokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import pytest
 from serving import fill_collection
 from test_reliability import ServerProcess, model_args
 
-from benchmarks import overload
-from benchmarks.load import topic_queries
+from tandem.benchmarks import overload
+from tandem.benchmarks.load import topic_queries
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

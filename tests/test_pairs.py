@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.pairs import PairTokenizer, longest_first, pad_pairs
 from tandem.encoders import load_tokenizer, pad_encodings
+from tandem.server.engine.pairs import PairTokenizer, longest_first, pad_pairs
 
 
 @pytest.mark.parametrize("max_length", [512, 96, 24])

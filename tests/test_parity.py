@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.parity import (
+from tandem.export.parity import (
     Thresholds,
     average_ranks,
     cosine_rows,

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from server.collection import Collection
-from server.index import IndexSettings
-from server.publish import (
+from tandem.cli import main
+from tandem.encoders import BiEncoder
+from tandem.server.engine.collection import Collection
+from tandem.server.engine.index import IndexSettings
+from tandem.server.engine.store import NewDocument, StoreReadOnly
+from tandem.server.replication.publish import (
     PublishError,
     current_version,
     is_published_root,
     publish,
     version_folder,
 )
-from server.store import NewDocument, StoreReadOnly
-from tandem.cli import main
-from tandem.encoders import BiEncoder
 
 
 @pytest.fixture(scope="module")

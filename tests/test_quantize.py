@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from export.quantize import PRESETS, choose_exclusions, detect_preset
+from tandem.export.quantize import PRESETS, choose_exclusions, detect_preset
 
 ZEN3 = "model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx fma avx2 bmi2\n"
 ZEN4 = "flags\t\t: fpu avx2 avx512f avx512bw avx512_vnni avx512_bf16\n"

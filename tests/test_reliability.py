@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-import os
 import random
 import resource
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-from serving import ServerThread, document, fill_collection, settings_for, upsert
+from serving import (
+    ServerProcess,
+    ServerThread,
+    document,
+    fill_collection,
+    model_args,
+    settings_for,
+    upsert,
+)
 
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
@@ -77,53 +81,6 @@ def unique_texts(count: int, seed: int = 7) -> list[str]:
     while len(seen) < count:
         seen.add(" ".join(rng.sample(WORDS, 7)))
     return sorted(seen)
-
-
-class ServerProcess:
-    """`tandem serve` in a child process; its JSON log lines are kept."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        command = [sys.executable, "-m", "tandem.cli", "serve", "--port", "0",
-                   "--metrics-port", "-1", *args]  # fmt: skip
-        self.process = subprocess.Popen(
-            command, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
-        )
-        self.lines: list[str] = []
-        self.port: int | None = None
-        ready = threading.Event()
-        self.reader = threading.Thread(target=self._read, args=(ready,), daemon=True)
-        self.reader.start()
-        ready.wait(timeout=300)
-
-    def _read(self, ready: threading.Event) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            if '"msg": "serving"' in line:
-                self.port = int(json.loads(line)["address"].rsplit(":", 1)[1])
-                ready.set()
-        ready.set()
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stub(self) -> tandem_pb2_grpc.RetrievalStub:
-        assert self.port, self.log
-        return tandem_pb2_grpc.RetrievalStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))
-
-    def finish(self, sig: int = signal.SIGTERM) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        code = self.process.wait(timeout=120)
-        self.reader.join(timeout=10)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        return code
-
-
-def model_args(bi_int8, ce_int8) -> list[str]:
-    return ["--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0])]
 
 
 def test_kill_9_during_upsert_loses_nothing_acknowledged(tmp_path, bi_int8, ce_int8):
@@ -201,7 +158,7 @@ def test_damaged_index_is_rebuilt_from_the_store_at_start_up(
         index.write_bytes(index.read_bytes()[:100])
     else:
         index.unlink()
-    with caplog.at_level(logging.WARNING, logger="server.index"):
+    with caplog.at_level(logging.WARNING, logger="tandem.server.engine.index"):
         running = ServerThread(settings_for(folder, bi_int8[0], ce_int8[0]))
     try:
         assert "rebuilding from the store" in caplog.text

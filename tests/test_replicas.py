@@ -17,8 +17,8 @@ import pytest
 from serving import fill_collection
 from test_reliability import ServerProcess, model_args
 
-from benchmarks.nginx import Nginx, NginxMissing
-from server.publish import publish
+from tandem.benchmarks.nginx import Nginx, NginxMissing
+from tandem.server.replication.publish import publish
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
 

@@ -8,16 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import reference
-from export.pipeline import ExportRequest, export_model
-from export.verify import Sample
-from server.batcher import RerankBatcher
-from server.collection import Collection
-from server.index import IndexSettings
-from server.pairs import PairTokenizer
-from server.search import Mode, Searcher, SearchError, make_runner
-from server.store import NewDocument
 from tandem.encoders import BiEncoder, CrossEncoder
+from tandem.export import reference
+from tandem.export.pipeline import ExportRequest, export_model
+from tandem.export.verify import Sample
+from tandem.server.engine.batcher import RerankBatcher
+from tandem.server.engine.collection import Collection
+from tandem.server.engine.errors import InvalidArgument, NotFound
+from tandem.server.engine.index import IndexSettings
+from tandem.server.engine.pairs import PairTokenizer
+from tandem.server.engine.requests import SearchRequest, budget_seconds, check_search
+from tandem.server.engine.search import Mode, Searcher, make_runner
+from tandem.server.engine.store import NewDocument
+from tandem.server.settings import Settings
 
 pytestmark = pytest.mark.slow
 CORPUS = 300
@@ -145,7 +148,7 @@ def test_rerank_by_id_and_unknown_ids(int8_parts, data) -> None:
     )
     assert len(result.hits) == 3
     assert {hit.id for hit in result.hits} <= set(ids)
-    with pytest.raises(SearchError, match="document ids are not stored: 'nope'"):
+    with pytest.raises(NotFound, match="document ids are not stored: 'nope'"):
         scenario(int8_parts, lambda s: s.rerank_ids("q", ["nope", ids[0]], budget_s=None))
 
 
@@ -153,14 +156,24 @@ def test_zero_budget_means_no_deadline_and_negative_is_refused(int8_parts, data)
     query = data.topics[5].query
     result = scenario(int8_parts, lambda s: s.search(query, recall_k=10, budget_s=0))
     assert result.reranked_count == 10
-    with pytest.raises(SearchError, match="budget must be >= 0"):
-        scenario(int8_parts, lambda s: s.search(query, budget_s=-1))
+    with pytest.raises(InvalidArgument, match="must be >= 0"):
+        budget_seconds(-1, Settings(), client_remaining_s=None)
+    assert budget_seconds(0, Settings(), client_remaining_s=None) is None
+    # A client deadline shrinks the budget, less the time to send the reply.
+    assert budget_seconds(100, Settings(), client_remaining_s=0.05) == pytest.approx(0.045)
 
 
-@pytest.mark.parametrize(("recall_k", "top_n"), [(0, 5), (10, 0), (-1, 5)])
-def test_bad_sizes_are_refused(int8_parts, recall_k: int, top_n: int) -> None:
-    with pytest.raises(SearchError, match="must be at least 1"):
-        scenario(int8_parts, lambda s: s.search("q", recall_k=recall_k, top_n=top_n))
+@pytest.mark.parametrize(("recall_k", "top_n"), [(0, 5), (10, 0), (-1, 5), (1001, 5)])
+def test_bad_sizes_are_refused(recall_k: int, top_n: int) -> None:
+    request = SearchRequest("q", recall_k=recall_k, top_n=top_n)
+    with pytest.raises(InvalidArgument, match="must be between 1 and 1000"):
+        check_search(request, Settings())
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\n\t"])
+def test_an_empty_query_is_refused(query: str) -> None:
+    with pytest.raises(InvalidArgument, match="query is empty"):
+        check_search(SearchRequest(query), Settings())
 
 
 @pytest.fixture(scope="module")

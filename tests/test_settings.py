@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from server import logs
-from server.settings import Settings, SettingsError, load
+from tandem.server import logs
+from tandem.server.settings import Settings, SettingsError, load
 
 
 def test_defaults_bind_loopback():
-    settings = load([], {})
-    assert settings == Settings()
+    settings = load(["--reranker", "none"], {})
+    assert settings == Settings(reranker=None)
     assert (settings.host, settings.port) == ("127.0.0.1", 50051)
 
 
@@ -36,7 +36,7 @@ def test_flags_beat_env_beat_toml(tmp_path: Path):
 def test_token_file_and_token_is_never_in_repr(tmp_path: Path):
     secret = tmp_path / "token"
     secret.write_text("abc123\n")
-    settings = load(["--token-file", str(secret)], {})
+    settings = load(["--token-file", str(secret), "--reranker", "none"], {})
     assert settings.token == "abc123"
     assert "abc123" not in repr(settings)
 
@@ -53,6 +53,9 @@ def test_token_file_and_token_is_never_in_repr(tmp_path: Path):
         (["--index-dtype", "f64"], {}, "not i8, f16 or f32"),
         (["--default-top-n", "10", "--max-top-n", "5"], {}, "larger than max_top_n"),
         (["--token", " "], {}, "token is empty"),
+        # A mistyped path is a start-up error, never a silently retrieve-only server.
+        (["--reranker", "artifacts/cross-encodr"], {}, "--reranker none to serve retrieve-only"),
+        (["--expansion-search", "0"], {}, "expansion_search must be at least 1"),
     ],
 )
 def test_bad_settings_say_what_to_fix(argv, environ, message):
@@ -73,7 +76,7 @@ def test_config_file_errors(tmp_path: Path):
 
 
 def test_remote_bind_with_the_flag():
-    settings = load(["--host", "0.0.0.0", "--allow-remote"], {})
+    settings = load(["--host", "0.0.0.0", "--allow-remote", "--reranker", "none"], {})
     assert settings.host == "0.0.0.0"
 
 
@@ -81,7 +84,7 @@ def test_json_logs_keep_extra_fields():
     stream = io.StringIO()
     logs.configure(level="info", style="json", stream=stream)
     try:
-        logging.getLogger("server.test").info("call", extra={"method": "Search", "ms": 1.5})
+        logging.getLogger("tandem.server.test").info("call", extra={"method": "Search", "ms": 1.5})
     finally:
         logging.getLogger().handlers.clear()
     record = json.loads(stream.getvalue())

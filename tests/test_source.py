@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from export.errors import InvalidSource, UnsupportedModel
-from export.source import (
+from tandem.artifact import Pooling
+from tandem.export.errors import InvalidSource, UnsupportedModel
+from tandem.export.source import (
     check_kind,
     default_max_length,
     looks_like_path,
     resolve,
     sentence_transformers_pooling,
 )
-from tandem.artifact import Pooling
 
 
 def test_packaged_minilm_reads_as_sentence_transformers(minilm_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.index import IndexCorrupt, IndexSettings, VectorIndex, load_consistent
-from server.store import DocumentStore, NewDocument, StoreError
+from tandem.server.engine.index import IndexCorrupt, IndexSettings, VectorIndex, load_consistent
+from tandem.server.engine.store import DocumentStore, NewDocument, StoreError
 
 DIM = 16
 SETTINGS = IndexSettings(dtype="f32", exact_below=0)

@@ -15,10 +15,10 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from server.collection import Collection, CollectionError
-from server.index import IndexCorrupt
-from server.publish import current_version, version_folder
-from server.search import Searcher
+from tandem.server.engine.collection import Collection, CollectionError
+from tandem.server.engine.index import IndexCorrupt
+from tandem.server.engine.search import Searcher
+from tandem.server.replication.publish import current_version, version_folder
 
 log = logging.getLogger(__name__)
 

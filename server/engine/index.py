@@ -19,8 +19,8 @@ import numpy as np
 from numpy.typing import NDArray
 from usearch.index import Index
 
-from server.store import DocumentStore
 from tandem.durable import fsync_file, sha256_file, write_text_atomically
+from tandem.server.engine.store import DocumentStore
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,13 @@ class Hits:
 
 
 class VectorIndex:
-    def __init__(self, ndim: int, settings: IndexSettings, *, index: Index | None = None) -> None:
+    def __init__(
+        self, ndim: int, settings: IndexSettings, *, index: Index | None = None, removed: int = 0
+    ) -> None:
         self.ndim = ndim
         self.settings = settings
+        # Vectors removed since the graph was built: usearch keeps their slots until a rebuild.
+        self.removed = removed
         self.index = index or Index(
             ndim=ndim,
             metric="cos",
@@ -79,6 +83,13 @@ class VectorIndex:
         present = [int(key) for key in keys if self.index.contains(int(key))]
         if present:
             self.index.remove(present)
+            self.removed += len(present)
+
+    @property
+    def removed_fraction(self) -> float:
+        """The share of the graph's slots held by removed vectors."""
+        total = len(self) + self.removed
+        return self.removed / total if total else 0.0
 
     def search(self, vector: NDArray[np.float32], count: int) -> Hits:
         if len(self) == 0 or count <= 0:
@@ -109,6 +120,7 @@ class VectorIndex:
             "count": len(self),
             "sha256": digest,
             "ndim": self.ndim,
+            "removed": self.removed,
             "settings": asdict(self.settings),
         }
         write_text_atomically(_sidecar(path), json.dumps(sidecar, indent=2) + "\n")
@@ -141,7 +153,16 @@ class VectorIndex:
         if not view:
             # usearch defines this setter after the getter; mypy reads the property as read-only.
             loaded.expansion_search = settings.expansion_search  # type: ignore[misc]
-        return cls(ndim, settings, index=loaded), sidecar
+        return cls(ndim, settings, index=loaded, removed=int(sidecar.get("removed", 0))), sidecar
+
+
+def recorded_settings(path: Path) -> IndexSettings | None:
+    """The settings an index file's sidecar records (None: no readable sidecar)."""
+    try:
+        sidecar = json.loads(_sidecar(path).read_text(encoding="utf-8"))
+        return IndexSettings(**sidecar["settings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def rebuild(store: DocumentStore, *, ndim: int, settings: IndexSettings) -> VectorIndex:
@@ -149,6 +170,19 @@ def rebuild(store: DocumentStore, *, ndim: int, settings: IndexSettings) -> Vect
     for keys, vectors in store.vectors():
         index.add(keys, vectors)
     return index
+
+
+def catch_up(index: VectorIndex, store: DocumentStore) -> tuple[int, int]:
+    """Makes ``index`` hold exactly the store's vectors; returns (removed, added). Keys are
+    never reused, so a replaced document shows up as one key gone and one new."""
+    stored = store.keys()
+    indexed = index.keys()
+    extra = np.setdiff1d(indexed, stored)
+    missing = np.setdiff1d(stored, indexed)
+    index.remove(extra.tolist())
+    for keys, vectors in store.vectors(missing.tolist()):
+        index.add(keys, vectors)
+    return len(extra), len(missing)
 
 
 def load_consistent(
@@ -173,17 +207,11 @@ def load_consistent(
         return index
     if sidecar["generation"] == store.generation and len(index) == len(store):
         return index
-    stored = store.keys()
-    indexed = index.keys()
-    extra = np.setdiff1d(indexed, stored)
-    missing = np.setdiff1d(stored, indexed)
+    removed, added = catch_up(index, store)
     log.warning(
-        "index %s is at generation %s, store at %s: removing %d and adding %d vectors",
-        path, sidecar["generation"], store.generation, len(extra), len(missing),
+        "index %s is at generation %s, store at %s: removed %d and added %d vectors",
+        path, sidecar["generation"], store.generation, removed, added,
     )  # fmt: skip
-    index.remove(extra.tolist())
-    for keys, vectors in store.vectors(missing.tolist()):
-        index.add(keys, vectors)
     if writable:
         index.save(path, generation=store.generation)
     return index

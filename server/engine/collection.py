@@ -3,24 +3,44 @@
 A write commits to the store first (that is the acknowledgement), then updates the in-memory
 index. The index file is saved by ``checkpoint``; if the process dies before that, start-up
 repairs the index from the store.
+
+The collection owns its index settings: they are chosen when it is created, recorded in the
+store, and used by every later opening. One process at a time may open a folder for writing
+(a lock file says which); any number may read it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from server.index import IndexSettings, VectorIndex, load_consistent, rebuild
-from server.pairs import PairTokenizer
-from server.store import DocumentStore, NewDocument, StoredDocument, StoreUnavailable, Upserted
 from tandem.encoders import BiEncoder
+from tandem.server.engine.index import (
+    IndexSettings,
+    VectorIndex,
+    catch_up,
+    load_consistent,
+    rebuild,
+    recorded_settings,
+)
+from tandem.server.engine.pairs import PairTokenizer
+from tandem.server.engine.store import (
+    DocumentStore,
+    NewDocument,
+    StoredDocument,
+    StoreUnavailable,
+    Upserted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +48,8 @@ STORE_NAME = "documents.sqlite"
 INDEX_NAME = "vectors.usearch"
 TOKENIZER_KEY = "reranker_tokenizer"
 EMBEDDER_KEY = "bi_encoder"
+INDEX_SETTINGS_KEY = "index_settings"
+LOCK_NAME = "writer.lock"
 
 
 @dataclass(frozen=True)
@@ -64,12 +86,15 @@ class Collection:
         *,
         embedder: BiEncoder,
         pairs: PairTokenizer | None,
-        settings: IndexSettings,
+        settings: IndexSettings | Mapping[str, Any] | None = None,
         read_only: bool = False,
         version: str | None = None,
     ) -> None:
+        """``settings``: the index settings the caller chose (all of them, as an
+        ``IndexSettings``, or some, by field name). A new collection is created with them
+        (defaults for the rest); an existing one must already have them, or this raises."""
         self.paths = CollectionPaths(folder)
-        self.version = version  # the published version, for a replica (server.publish)
+        self.version = version  # the published version, for a replica (replication.publish)
         if not read_only:
             folder.mkdir(parents=True, exist_ok=True)
             read_only = not os.access(folder, os.W_OK)
@@ -85,19 +110,63 @@ class Collection:
         self.read_only = read_only
         self.embedder = embedder
         self.pairs = pairs
+        self.lock = None if read_only else _lock_for_writing(folder)
         try:
             self.store = DocumentStore(self.paths.store, read_only=read_only)
         except StoreUnavailable as exc:
+            self._unlock()
             raise CollectionError(str(exc)) from exc
-        self._check_embedder()
-        self._retokenize_if_stale()
-        self.index: VectorIndex = load_consistent(
-            self.paths.index, self.store, ndim=embedder.dimension, settings=settings,
-            writable=not read_only,
-        )  # fmt: skip
+        try:
+            self._check_embedder()
+            self._retokenize_if_stale()
+            index_settings = self._index_settings(settings)
+            self.index: VectorIndex = load_consistent(
+                self.paths.index, self.store, ndim=embedder.dimension, settings=index_settings,
+                writable=not read_only,
+            )  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         self.store.close()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self.lock is not None:
+            self.lock.close()  # closing the file releases its flock
+            self.lock = None
+
+    def _index_settings(self, requested: IndexSettings | Mapping[str, Any] | None) -> IndexSettings:
+        """The collection's own settings, checked against what the caller asked for."""
+        wanted = (
+            asdict(requested) if isinstance(requested, IndexSettings) else dict(requested or {})
+        )
+        unknown = set(wanted) - {item.name for item in fields(IndexSettings)}
+        if unknown:
+            raise CollectionError(f"unknown index settings: {', '.join(sorted(unknown))}")
+        text = self.store.get_meta(INDEX_SETTINGS_KEY)
+        # A collection from before settings were recorded: its index sidecar knows them.
+        recorded = (
+            IndexSettings(**json.loads(text)) if text is not None
+            else recorded_settings(self.paths.index)
+        )  # fmt: skip
+        if recorded is None:
+            recorded = IndexSettings(**wanted)
+        conflicts = [
+            f"{name}={value!r} (the collection has {getattr(recorded, name)!r})"
+            for name, value in wanted.items()
+            if getattr(recorded, name) != value
+        ]
+        if conflicts:
+            raise CollectionError(
+                f"{self.paths.folder} was built with other index settings than asked for: "
+                f"{'; '.join(conflicts)}. Drop those flags to serve it as built, or build a new "
+                "collection with them (tandem index build --out NEW_FOLDER ...)"
+            )
+        if text is None and not self.read_only:
+            self.store.set_meta(INDEX_SETTINGS_KEY, json.dumps(asdict(recorded)))
+        return recorded
 
     def __len__(self) -> int:
         return len(self.store)
@@ -181,6 +250,48 @@ class Collection:
         self.index.save(self.paths.index, generation=self.store.generation)
 
     def compact(self) -> None:
-        """Rebuilds the index from the store, dropping the graph's deleted slots."""
+        """Rebuilds the index from the store, dropping the graph's deleted slots (blocking:
+        the server uses ``build_compact_index`` and ``swap_index`` instead)."""
         self.index = rebuild(self.store, ndim=self.embedder.dimension, settings=self.index.settings)
         self.checkpoint()
+
+    def build_compact_index(self) -> VectorIndex:
+        """A new graph of the store's vectors, without removed slots. It reads through a
+        connection of its own (a WAL snapshot), so it may run on another thread while the
+        store's owner goes on serving searches and writes."""
+        reader = DocumentStore(self.paths.store, read_only=True)
+        try:
+            return rebuild(reader, ndim=self.embedder.dimension, settings=self.index.settings)
+        finally:
+            reader.close()
+
+    def swap_index(self, fresh: VectorIndex) -> int:
+        """Catches ``fresh`` up with the writes made while it was built, then serves it and
+        saves it; returns how many vectors the catch-up removed or added."""
+        removed, added = catch_up(fresh, self.store)
+        fresh.removed = removed
+        self.index = fresh
+        self.checkpoint()
+        return removed + added
+
+
+def _lock_for_writing(folder: Path) -> IO[str]:
+    """Holds ``folder``'s writer lock until the returned file is closed (or the process
+    dies: the kernel releases an flock with its holder, so a crash leaves no stale lock)."""
+    path = folder / LOCK_NAME
+    handle = path.open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise CollectionError(
+            f"{folder} is open for writing by another process (pid {holder}): one writer per "
+            "folder. Stop that process, or open this one read-only (--read-only)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle

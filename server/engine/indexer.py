@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from server.collection import Collection
-from server.store import NewDocument
+from tandem.server.engine.collection import Collection
+from tandem.server.engine.store import NewDocument
 
 
 class CorpusError(Exception):

@@ -20,6 +20,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from tandem.server.engine.errors import (
+    Exhausted,
+    FailedPrecondition,
+    InvalidArgument,
+    RequestError,
+    Retryable,
+)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
     key INTEGER PRIMARY KEY,
@@ -33,30 +41,46 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
-class StoreError(Exception):
+class StoreError(RequestError):
     """A write the store cannot honour. Reads never raise it.
 
-    StoreError
-    ├── InvalidDocuments   the batch itself is wrong (an id twice): the caller must fix it
-    ├── StoreReadOnly      the database or its folder cannot be written
-    └── StoreFull          the disk (or a quota) is full
+    StoreError                                 (and its branch of engine.errors)
+    ├── InvalidDocuments   an id twice in one batch   InvalidArgument
+    ├── StoreReadOnly      cannot be written          FailedPrecondition
+    ├── StoreFull          the disk is full           Exhausted
+    └── StoreBusy          another process holds the  Retryable
+                           database's write lock
     """
 
 
-class InvalidDocuments(StoreError):
+class InvalidDocuments(StoreError, InvalidArgument):
     pass
 
 
-class StoreReadOnly(StoreError):
+class StoreReadOnly(StoreError, FailedPrecondition):
     pass
 
 
-class StoreFull(StoreError):
+class StoreFull(StoreError, Exhausted):
     pass
+
+
+class StoreBusy(StoreError, Retryable):
+    pass
+
+
+# A busy store waits out SQLite's own timeout (5 s) before it says so; a retry a second
+# later usually finds the other writer's transaction done.
+BUSY_RETRY_S = 1.0
 
 
 class StoreUnavailable(Exception):
     """The store cannot be opened at all (start-up refuses, saying why)."""
+
+
+def matches(metadata: Mapping[str, Any], wanted: Mapping[str, Any] | None) -> bool:
+    """A metadata filter: every key in ``wanted`` holds an equal value."""
+    return not wanted or all(metadata.get(key) == value for key, value in wanted.items())
 
 
 def unwritable(exc: sqlite3.Error) -> StoreError:
@@ -64,6 +88,12 @@ def unwritable(exc: sqlite3.Error) -> StoreError:
     name = getattr(exc, "sqlite_errorname", "")
     if name == "SQLITE_FULL" or "disk is full" in str(exc):
         return StoreFull(f"the document store is out of disk space: {exc}")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in str(exc):
+        return StoreBusy(
+            f"the document store is busy: another connection holds its write lock ({exc}); "
+            "retry shortly",
+            retry_after_s=BUSY_RETRY_S,
+        )
     return StoreReadOnly(f"the document store cannot be written: {exc}")
 
 
@@ -253,6 +283,20 @@ class DocumentStore:
                     metadata=json.loads(metadata),
                     token_ids=np.frombuffer(tokens, dtype=np.int32),
                 )
+
+    def keys_matching(self, wanted: Mapping[str, Any]) -> list[int]:
+        """Keys of every document whose metadata matches ``wanted`` (see ``matches``).
+
+        Scalar values narrow the scan in SQL (``json_extract``); every row it returns is
+        checked in Python as well, so SQL's looser comparisons decide nothing."""
+        clauses, parameters = [], []
+        for key, value in wanted.items():
+            if isinstance(value, str | int | float) and '"' not in key and "\\" not in key:
+                clauses.append("json_extract(metadata, ?) = ?")
+                parameters.extend([f'$."{key}"', value])
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self.db.execute(f"SELECT key, metadata FROM documents{where}", parameters)
+        return [int(key) for key, metadata in rows if matches(json.loads(metadata), wanted)]
 
     def keys(self) -> NDArray[np.uint64]:
         rows = self.db.execute("SELECT key FROM documents ORDER BY key").fetchall()

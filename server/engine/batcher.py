@@ -5,7 +5,7 @@ Three parts, as in Ray Serve's batcher and TEI's queue:
   window of the queue (in EDF order under a deadline; closest in length without one), while
   ``max_len * (n + 1) <= max_batch_tokens`` and the predicted run still ends before the
   earliest deadline in the batch. Entries that cannot finish in time even alone expire.
-- ``RerankBatcher._mover``: an asyncio task that wakes on an event (never polls or sleeps),
+- ``RerankBatcher.run`` (the mover): an asyncio task that wakes on an event (never polls or sleeps),
   builds a batch and hands it to the runner.
 - the runner: the session call, in one worker thread, so tokenizing and post-processing on
   the event loop overlap with it.
@@ -30,16 +30,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from server.pairs import JoinedPair, PairIds
+from tandem.server.engine.errors import Internal, RequestError, Retryable
+from tandem.server.engine.pairs import JoinedPair, PairIds
 
 Runner = Callable[[Sequence[PairIds]], NDArray[np.float32]]
 
 
-class Overloaded(Exception):
-    """The pair queue is full; the caller should back off (RESOURCE_EXHAUSTED)."""
+class Overloaded(Retryable):
+    """The pair queue is full, or admission refused the call: the caller should back off."""
 
 
-class RunnerFailed(Exception):
+class RunnerFailed(Internal):
     """The model run for a batch holding this request's pairs failed."""
 
 
@@ -255,13 +256,17 @@ class RerankBatcher:
         )
         self.task: asyncio.Task[None] | None = None
         self.batches_run = 0
+        # Entries the mover has taken off the queue and not yet resolved: if the mover dies
+        # holding them, ``fail_waiting`` must fail them too, or their callers wait forever.
+        self.in_hand: list[Entry] = []
 
     @property
     def queued(self) -> int:
         return len(self.queue)
 
     async def start(self) -> None:
-        self.task = asyncio.create_task(self._mover(), name="rerank-mover")
+        """Runs the mover as a plain task (the server runs ``run`` under its supervisor)."""
+        self.task = asyncio.create_task(self.run(), name="rerank-mover")
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -277,7 +282,8 @@ class RerankBatcher:
         if len(self.queue) + len(pairs) > self.limits.max_queued_pairs:
             raise Overloaded(
                 f"{len(self.queue)} pairs are queued; {len(pairs)} more would pass the limit of "
-                f"{self.limits.max_queued_pairs}"
+                f"{self.limits.max_queued_pairs}; retry with backoff",
+                retry_after_s=self.cost.predict(len(self.queue), 256),
             )
         started = self.clock()
         deadline = math.inf if budget is None else started + budget
@@ -302,6 +308,8 @@ class RerankBatcher:
                 self.queue.discard_unwanted()
         if not ticket.done.cancelled() and ticket.done.exception() is not None:
             error = ticket.done.exception()
+            if isinstance(error, RequestError):
+                raise error
             raise RunnerFailed(str(error)) from error
         ended = self.clock()
         first_run = ended if ticket.first_run is None else ticket.first_run
@@ -310,11 +318,24 @@ class RerankBatcher:
             self.batches_run - batches_before,
         )  # fmt: skip
 
-    async def _mover(self) -> None:
+    def fail_waiting(self, error: RequestError) -> int:
+        """Fails every request with pairs queued or in hand (the mover has died: nothing
+        would score them); returns how many requests were failed."""
+        entries = [entry for _, _, entry in self.queue.heap] + self.in_hand
+        tickets = {id(entry.ticket): entry.ticket for entry in entries if entry.ticket is not None}
+        self.queue = EdfQueue()
+        self.in_hand = []
+        for ticket in tickets.values():
+            ticket.fail(error)
+        return len(tickets)
+
+    async def run(self) -> None:
+        """The mover: waits for work, builds batches, hands them to the runner, forever."""
         loop = asyncio.get_running_loop()
         while True:
             await self.wake.wait()
             batch, expired = build_batch(self.queue, self.limits, self.cost, now=self.clock())
+            self.in_hand = batch
             for entry in expired:
                 _resolve(entry, None)
             if not batch:
@@ -345,6 +366,7 @@ class RerankBatcher:
             self.cost.observe(len(batch), width, ended - started, now=ended)
             for entry, value in zip(batch, scores, strict=True):
                 _resolve(entry, float(value))
+            self.in_hand = []
 
 
 def _resolve(entry: Entry, value: float | None) -> None:

@@ -27,9 +27,9 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from server.index import IndexSettings, load_consistent
-from server.store import DocumentStore
 from tandem.durable import fsync_dir, fsync_file, write_text_atomically
+from tandem.server.engine.index import IndexSettings, load_consistent
+from tandem.server.engine.store import DocumentStore
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,437 @@
+"""The ``tandem.v1.Retrieval`` servicer: a thin gRPC skin over the engine.
+
+Each RPC does four things: admit the call (``tandem.server.admission.Gate``), convert its
+message into an engine request, await one engine method, and convert the result back. Errors
+become statuses in one place (``tandem.server.api.status``), and every call is counted in the
+metrics and the access log. Nothing here touches a model, the store or the index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import DecodeError
+
+from tandem.artifact import Manifest
+from tandem.server.admission import Gate, Refused, ShedLog
+from tandem.server.api.status import rich_status
+from tandem.server.engine.batcher import Overloaded
+from tandem.server.engine.engine import Call, Engine, EngineInfo
+from tandem.server.engine.errors import InvalidArgument, Retryable
+from tandem.server.engine.requests import EmbedRequest, RerankRequest, SearchRequest, UpsertBatch
+from tandem.server.engine.search import DocumentRef, Hit, Mode, Result
+from tandem.server.engine.store import NewDocument
+from tandem.server.metrics import Metrics
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc
+
+log = logging.getLogger(__name__)
+# The stubs make these generic; grpc's runtime classes are not, hence the string.
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Response = TypeVar("Response")
+
+# Calls that queue for the engine's threads; shedding them protects admitted latency.
+QUEUED_METHODS = frozenset({"Search", "Rerank", "Embed"})
+MODES = {
+    pb.SEARCH_MODE_UNSPECIFIED: None,
+    pb.SEARCH_MODE_TWO_STAGE: Mode.TWO_STAGE,
+    pb.SEARCH_MODE_RETRIEVE_ONLY: Mode.RETRIEVE_ONLY,
+}
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands in for a request whose bytes are not a valid message (invalid UTF-8 from a
+    non-Python client, truncated fields): the call gets INVALID_ARGUMENT, not INTERNAL."""
+
+    reason: str
+
+
+def lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return Undecodable(str(error) or "malformed message")
+
+    return deserialize
+
+
+def add_to_server(service: RetrievalService, server: grpc.aio.Server) -> None:
+    """Registers the servicer like protoc's ``add_RetrievalServicer_to_server``, but with
+    lenient request decoding."""
+    descriptor = pb.DESCRIPTOR.services_by_name["Retrieval"]
+    handlers = {}
+    for method in descriptor.methods:
+        request = getattr(pb, method.input_type.name)
+        response = getattr(pb, method.output_type.name)
+        make = (
+            grpc.stream_unary_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=lenient(request.FromString),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+    )
+
+
+def _decoded(message: Any) -> Any:
+    if isinstance(message, Undecodable):
+        raise InvalidArgument(f"the request is not a valid protobuf message: {message.reason}")
+    return message
+
+
+class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
+    def __init__(self, engine: Engine, *, gate: Gate, metrics: Metrics) -> None:
+        self.engine = engine
+        self.gate = gate
+        self.metrics = metrics
+        self.shed_log = ShedLog(
+            lambda counts: log.warning("shedding load: calls refused", extra={"refused": counts})
+        )
+
+    async def _serve(
+        self, method: str, context: Context, run: Callable[[Call], Awaitable[Response]]
+    ) -> Response:
+        call = Call(client_remaining_s=context.time_remaining())
+        try:
+            admitted = self.gate.admit(
+                queued=method in QUEUED_METHODS, expected_wait_s=self.engine.expected_wait()
+            )
+        except Refused as refusal:
+            self.metrics.rejections.labels(refusal.reason).inc()
+            self.shed_log.refused(refusal.reason, call.arrived)
+            self._record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, call, quiet=True)
+            await _abort(context, rich_status(refusal))
+        self.metrics.in_flight.inc()
+        code, outcome = grpc.StatusCode.OK, "ok"
+        try:
+            return await run(call)
+        except asyncio.CancelledError:
+            code, outcome = grpc.StatusCode.CANCELLED, "failed"
+            raise
+        except Exception as error:
+            outcome = "overloaded" if isinstance(error, Retryable) else "failed"
+            if isinstance(error, Overloaded):
+                self.metrics.rejections.labels("queue_full").inc()
+            status = rich_status(error)
+            code = status.code
+            await _abort(context, status)
+            raise  # unreachable: abort raises
+        finally:
+            self.metrics.in_flight.dec()
+            self.gate.release(
+                admitted,
+                seconds=time.perf_counter() - call.arrived,
+                target_s=call.latency_target_s,
+                outcome=outcome,
+            )
+            self._record(method, code, call)
+
+    def _record(
+        self, method: str, code: grpc.StatusCode, call: Call, *, quiet: bool = False
+    ) -> None:
+        seconds = time.perf_counter() - call.arrived
+        self.metrics.requests.labels(method, code.name).inc()
+        self.metrics.latency.labels(method).observe(seconds)
+        level = logging.DEBUG if code is grpc.StatusCode.OK or quiet else logging.INFO
+        log.log(
+            level,
+            "call",
+            extra={"method": method, "code": code.name, "ms": round(seconds * 1000, 3)},
+        )
+
+    def _observe(self, result: Result, call: Call) -> pb.Timings:
+        self.metrics.observe_stages(result.timings_ms)
+        if result.candidates:
+            self.metrics.reranked_fraction.observe(result.reranked_count / result.candidates)
+        return _timings(result.timings_ms, call)
+
+    async def Search(  # noqa: N802 - gRPC method names
+        self, request: pb.SearchRequest, context: Context
+    ) -> pb.SearchResponse:
+        async def run(call: Call) -> pb.SearchResponse:
+            message = _decoded(request)
+            if message.mode not in MODES:
+                raise InvalidArgument(f"mode {message.mode} is not a SearchMode this server knows")
+            result = await self.engine.search(
+                SearchRequest(
+                    query=message.query,
+                    recall_k=_get(message, "recall_k"),
+                    top_n=_get(message, "top_n"),
+                    mode=MODES[message.mode],
+                    rerank_budget_ms=_get(message, "rerank_budget_ms"),
+                    include_text=message.include_text,
+                    metadata_filter=_filter(message.metadata_filter),
+                    truncate=_get(message, "truncate") is not False,
+                ),
+                call,
+            )
+            reply = pb.SearchResponse(
+                hits=[_hit(hit, include_text=message.include_text) for hit in result.hits],
+                reranked_count=result.reranked_count,
+                candidates=result.candidates,
+                timings=self._observe(result, call),
+                truncated=result.truncated,
+            )
+            if result.filter_matched is not None:
+                reply.filter_matched = result.filter_matched
+            return reply
+
+        return await self._serve("Search", context, run)
+
+    async def Rerank(  # noqa: N802
+        self, request: pb.RerankRequest, context: Context
+    ) -> pb.RerankResponse:
+        async def run(call: Call) -> pb.RerankResponse:
+            message = _decoded(request)
+            refs = [_document_ref(document) for document in message.documents]
+            result = await self.engine.rerank(
+                RerankRequest(
+                    query=message.query,
+                    documents=refs,
+                    top_n=_get(message, "top_n"),
+                    rerank_budget_ms=_get(message, "rerank_budget_ms"),
+                    return_documents=message.return_documents,
+                    truncate=_get(message, "truncate") is not False,
+                ),
+                call,
+            )
+            results = []
+            for hit in result.hits:
+                item = pb.RerankResult(
+                    index=hit.stage1_rank,
+                    relevance_score=hit.rerank_score if hit.rerank_score is not None else 0.0,
+                    reranked=hit.rerank_score is not None,
+                    truncated=hit.truncated,
+                )
+                if message.return_documents and hit.text is not None:
+                    item.text = hit.text
+                if refs[hit.stage1_rank].id is not None:
+                    item.id = hit.id
+                results.append(item)
+            return pb.RerankResponse(
+                results=results,
+                reranked_count=result.reranked_count,
+                timings=self._observe(result, call),
+                truncated=result.truncated,
+            )
+
+        return await self._serve("Rerank", context, run)
+
+    async def Embed(  # noqa: N802
+        self, request: pb.EmbedRequest, context: Context
+    ) -> pb.EmbedResponse:
+        async def run(call: Call) -> pb.EmbedResponse:
+            message = _decoded(request)
+            embedded = await self.engine.embed(
+                EmbedRequest(list(message.texts), truncate=_get(message, "truncate") is not False),
+                call,
+            )
+            self.metrics.observe_stages(embedded.timings_ms)
+            return pb.EmbedResponse(
+                embeddings=[
+                    pb.Embedding(values=vector.tolist(), truncated=bool(cut))
+                    for vector, cut in zip(embedded.vectors, embedded.truncated, strict=True)
+                ],
+                dimension=embedded.dimension,
+                timings=_timings(embedded.timings_ms, call),
+                truncated=bool(embedded.truncated.any()),
+            )
+
+        return await self._serve("Embed", context, run)
+
+    async def Upsert(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.UpsertRequest], context: Context
+    ) -> pb.UpsertResponse:
+        async def batches() -> AsyncIterator[UpsertBatch]:
+            async for message in request_iterator:
+                message = _decoded(message)
+                yield UpsertBatch(
+                    documents=[_new_document(document) for document in message.documents],
+                    truncate=_get(message, "truncate") is not False,
+                )
+
+        async def run(call: Call) -> pb.UpsertResponse:
+            totals = await self.engine.upsert(batches(), call)
+            self.metrics.observe_stages(totals.timings_ms)
+            return pb.UpsertResponse(
+                received=totals.received,
+                inserted=totals.inserted,
+                replaced=totals.replaced,
+                truncated=totals.truncated,
+                generation=totals.generation,
+                timings=_timings(totals.timings_ms, call),
+            )
+
+        return await self._serve("Upsert", context, run)
+
+    async def Delete(  # noqa: N802
+        self, request: pb.DeleteRequest, context: Context
+    ) -> pb.DeleteResponse:
+        async def run(call: Call) -> pb.DeleteResponse:
+            deleted = await self.engine.delete(list(_decoded(request).ids), call)
+            return pb.DeleteResponse(
+                deleted=deleted.deleted,
+                not_found=deleted.not_found,
+                timings=_timings(deleted.timings_ms, call),
+            )
+
+        return await self._serve("Delete", context, run)
+
+    async def Get(  # noqa: N802
+        self, request: pb.GetRequest, context: Context
+    ) -> pb.GetResponse:
+        async def run(call: Call) -> pb.GetResponse:
+            fetched = await self.engine.get(list(_decoded(request).ids), call)
+            documents = []
+            for stored in fetched.documents:
+                document = pb.Document(id=stored.id, text=stored.text)
+                document.metadata.update(stored.metadata)
+                documents.append(document)
+            return pb.GetResponse(
+                documents=documents,
+                not_found=fetched.not_found,
+                timings=_timings(fetched.timings_ms, call),
+            )
+
+        return await self._serve("Get", context, run)
+
+    async def Info(  # noqa: N802
+        self, request: pb.InfoRequest, context: Context
+    ) -> pb.InfoResponse:
+        async def run(call: Call) -> pb.InfoResponse:
+            return _info(await self.engine.info())
+
+        return await self._serve("Info", context, run)
+
+
+async def _abort(context: Context, status: grpc.Status) -> None:
+    """Ends the call with ``status``, its details (RetryInfo) included; raises."""
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _get(message: Any, name: str) -> Any:
+    """The field's value where the client set it (proto3 ``optional``), else None."""
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def _document_ref(document: pb.RerankDocument) -> DocumentRef:
+    source = document.WhichOneof("source")
+    if source == "text":
+        return DocumentRef(text=document.text)
+    if source == "id":
+        return DocumentRef(id=document.id)
+    return DocumentRef()  # neither: the engine's check names the document
+
+
+def _new_document(document: pb.Document) -> NewDocument:
+    return NewDocument(
+        id=document.id,
+        text=document.text,
+        metadata=dict(json_format.MessageToDict(document.metadata)),
+    )
+
+
+def _filter(entries: Mapping[str, struct_pb2.Value]) -> dict[str, Any] | None:
+    if not entries:
+        return None
+    values = {}
+    for key, value in entries.items():
+        try:
+            values[key] = json_format.MessageToDict(value)
+        except ValueError as error:  # NaN or Infinity: JSON, and so metadata, has neither
+            raise InvalidArgument(
+                f"metadata_filter[{key!r}]: {error}; send a finite number"
+            ) from error
+    return values
+
+
+def _hit(hit: Hit, *, include_text: bool) -> pb.Hit:
+    reranked = hit.rerank_score is not None
+    stage1 = hit.stage1_score if hit.stage1_score is not None else 0.0
+    message = pb.Hit(
+        id=hit.id,
+        score=hit.rerank_score if hit.rerank_score is not None else stage1,
+        stage1_score=stage1,
+        stage1_rank=hit.stage1_rank,
+        reranked=reranked,
+        truncated=hit.truncated,
+    )
+    if include_text and hit.text is not None:
+        message.text = hit.text
+    if hit.metadata:
+        message.metadata.update(hit.metadata)
+    return message
+
+
+def _timings(stages_ms: Mapping[str, float], call: Call) -> pb.Timings:
+    return pb.Timings(
+        embed_ms=stages_ms.get("embed", 0.0),
+        search_ms=stages_ms.get("search", 0.0),
+        tokenize_ms=stages_ms.get("tokenize", 0.0),
+        queue_ms=stages_ms.get("queue", 0.0),
+        rerank_ms=stages_ms.get("rerank", 0.0),
+        total_ms=call.elapsed_ms(),
+    )
+
+
+def _info(info: EngineInfo) -> pb.InfoResponse:
+    settings = info.settings
+    response = pb.InfoResponse(
+        version=info.version,
+        bi_encoder=_model_info(info.models.bi_encoder),
+        reranker_is_stand_in=info.models.reranker_is_stand_in,
+        limits=pb.Limits(
+            max_recall_k=settings.max_recall_k,
+            max_top_n=settings.max_top_n,
+            max_rerank_documents=settings.max_rerank_documents,
+            max_embed_texts=settings.max_embed_texts,
+            max_message_bytes=settings.max_message_bytes,
+            max_in_flight=settings.max_in_flight,
+            default_rerank_budget_ms=settings.default_rerank_budget_ms,
+            default_recall_k=settings.default_recall_k,
+            default_top_n=settings.default_top_n,
+            max_upsert_documents=settings.max_upsert_documents,
+            max_id_bytes=settings.max_id_bytes,
+            query_max_tokens=info.query_max_tokens,
+            pair_max_tokens=info.pair_max_tokens,
+        ),
+        index_size=info.index_size,
+        index_dtype=info.index_dtype,
+        store_generation=info.generation,
+        collection_version=info.collection_version or "",
+        read_only=info.read_only,
+        dimension=info.dimension,
+    )
+    if info.models.reranker is not None:
+        response.reranker.CopyFrom(_model_info(info.models.reranker))
+    return response
+
+
+def _model_info(manifest: Manifest) -> pb.ModelInfo:
+    info = pb.ModelInfo(
+        kind=manifest.kind,
+        source=manifest.source,
+        precision=manifest.precision,
+        preset=manifest.preset or "",
+        max_length=manifest.max_length,
+        verified=manifest.verified,
+        manifest_json=manifest.to_json(),
+    )
+    if manifest.parity is not None:
+        info.parity.update(manifest.parity.metrics)
+        info.parity_thresholds.update(manifest.parity.thresholds)
+    return info

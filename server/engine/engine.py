@@ -1,0 +1,414 @@
+"""The engine every transport calls: search, rerank, embed, upsert, delete, get, info.
+
+    transport (gRPC, HTTP) -> Engine -> Searcher / Collection -> models, store, index
+
+The engine owns what a call needs besides its wire format: validation
+(``tandem.server.engine.requests``), the rerank budget, the threads blocking work runs on
+(``Lanes``), the batcher, the collection and its writes, compaction, and the background
+tasks (under a ``Supervisor``). A transport admits a call, converts its message into an
+engine request, awaits one method here, and converts the result or the ``RequestError`` back.
+
+Each call carries a ``Call``: when it arrived (the budget counts from then) and how long its
+client will wait. The engine writes the call's latency target into it, which admission
+learns from once the call is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from tandem import __version__
+from tandem.artifact import Manifest
+from tandem.server.engine.collection import Collection
+from tandem.server.engine.errors import InvalidArgument, RequestError, Unavailable
+from tandem.server.engine.lanes import Lanes
+from tandem.server.engine.requests import (
+    EmbedRequest,
+    RerankRequest,
+    SearchRequest,
+    UpsertBatch,
+    budget_seconds,
+    check_batch,
+    check_embed,
+    check_rerank,
+    check_search,
+    unique_ids,
+)
+from tandem.server.engine.search import Mode, Result, Searcher
+from tandem.server.engine.store import StoredDocument
+from tandem.server.engine.supervisor import Supervisor
+from tandem.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# A retrieve-only search has no budget; alone it takes 1-3 ms (RESULTS, serving), so one
+# that takes longer than this has queued, and counts as late for the adaptive limit.
+RETRIEVE_ONLY_TARGET_S = 0.010
+MOVER = "rerank-mover"
+CHECKPOINTER = "checkpointer"
+
+
+@dataclass
+class Call:
+    """One call as its transport saw it arrive."""
+
+    arrived: float = field(default_factory=time.perf_counter)
+    client_remaining_s: float | None = None  # until the client's deadline; None: no deadline
+    # When the call should have finished, in seconds after ``arrived`` (None: no target);
+    # set by the engine once it knows the budget, read by admission after the call.
+    latency_target_s: float | None = None
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.arrived) * 1000
+
+
+@dataclass(frozen=True)
+class Models:
+    """What Info reports about the loaded models."""
+
+    bi_encoder: Manifest
+    reranker: Manifest | None
+    reranker_is_stand_in: bool
+
+
+@dataclass(frozen=True)
+class Embedded:
+    vectors: NDArray[np.float32]
+    truncated: NDArray[np.bool_]
+    dimension: int
+    timings_ms: dict[str, float]
+
+
+@dataclass
+class Upserted:
+    received: int = 0
+    inserted: int = 0
+    replaced: int = 0
+    truncated: int = 0
+    generation: int = 0
+    timings_ms: dict[str, float] = field(default_factory=lambda: {"embed": 0.0, "search": 0.0})
+
+
+@dataclass(frozen=True)
+class Deleted:
+    deleted: int
+    not_found: list[str]
+    timings_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Fetched:
+    documents: list[StoredDocument]  # in request order
+    not_found: list[str]
+    timings_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    version: str
+    models: Models
+    settings: Settings
+    index_size: int
+    index_dtype: str
+    generation: int
+    collection_version: str | None
+    read_only: bool
+    dimension: int
+    query_max_tokens: int
+    pair_max_tokens: int  # 0 without a reranker
+
+
+class Engine:
+    def __init__(
+        self,
+        searcher: Searcher,
+        *,
+        settings: Settings,
+        models: Models,
+        supervisor: Supervisor | None = None,
+    ) -> None:
+        self.searcher = searcher
+        self.settings = settings
+        self.models = models
+        self.supervisor = supervisor or Supervisor()
+        self.dirty = asyncio.Event()  # the index has changes its file does not
+        self.compacting: asyncio.Task[None] | None = None
+
+    @property
+    def collection(self) -> Collection:
+        # Always the searcher's: a replica swaps it for each published version. Work that
+        # runs on the store lane must look it up there, not capture it earlier.
+        return self.searcher.collection
+
+    @property
+    def lanes(self) -> Lanes:
+        return self.searcher.lanes
+
+    def expected_wait(self) -> float:
+        """Seconds a call arriving now would queue before its work ran (for admission)."""
+        return self.lanes.expected_wait()
+
+    # Lifecycle
+
+    def start(self) -> None:
+        """Starts the background tasks under the supervisor (needs a running loop)."""
+        batcher = self.searcher.batcher
+        if batcher is not None:
+
+            def fail_waiting(error: BaseException) -> None:
+                failed = batcher.fail_waiting(
+                    Unavailable(
+                        "the reranker's batch scheduler failed while this call waited; it "
+                        "is restarting: retry shortly"
+                    )
+                )
+                log.error("failed the calls waiting on the reranker", extra={"calls": failed})
+
+            self.supervisor.spawn(MOVER, batcher.run, on_crash=fail_waiting)
+        if not self.collection.read_only:
+            self.supervisor.spawn(CHECKPOINTER, self._checkpointer)
+
+    async def stop(self) -> None:
+        """Stops the background tasks, saves the index and releases everything."""
+        await self.supervisor.stop()
+        if self.compacting is not None:
+            await asyncio.gather(self.compacting, return_exceptions=True)
+        if self.searcher.batcher is not None:
+            await self.searcher.batcher.stop()
+        collection = self.collection
+        try:
+            await self.lanes.run("store", collection.checkpoint)
+        except (OSError, RuntimeError) as error:
+            log.error("final index checkpoint failed (start-up will repair it): %s", error)
+        self.lanes.shutdown()
+        collection.close()
+
+    async def _checkpointer(self) -> None:
+        """Saves the index after writes, at most every ``checkpoint_seconds``. Writes are
+        durable in the store before they are acknowledged; this only shortens start-up repair."""
+        while True:
+            await self.dirty.wait()
+            await asyncio.sleep(self.settings.checkpoint_seconds)
+            self.dirty.clear()
+            collection = self.collection
+            try:
+                await self.lanes.run("store", collection.checkpoint)
+            except (OSError, RuntimeError) as error:
+                # A full or read-only disk: the store still holds every acknowledged write,
+                # and start-up repairs the index from it; try again after the next write.
+                log.error("index checkpoint failed: %s", error)
+                continue
+            log.debug("index saved", extra={"generation": collection.store.generation})
+
+    def _require_up(self, task: str, what: str) -> None:
+        reason = self.supervisor.down.get(task)
+        if reason is not None:
+            raise Unavailable(f"{what} is down ({reason}) and restarting; retry shortly")
+
+    # Reads
+
+    async def search(self, request: SearchRequest, call: Call) -> Result:
+        recall_k, top_n = check_search(request, self.settings)
+        mode = request.mode
+        if mode is None:
+            # A server started without a reranker still answers plain searches.
+            mode = Mode.TWO_STAGE if self.searcher.batcher is not None else Mode.RETRIEVE_ONLY
+        budget_s = None
+        if mode is Mode.TWO_STAGE:
+            budget_s = self._budget(request.rerank_budget_ms, call)
+            self._require_up(MOVER, "the reranker's batch scheduler")
+        else:
+            call.latency_target_s = RETRIEVE_ONLY_TARGET_S
+        return await self.searcher.search(
+            request.query,
+            recall_k=recall_k,
+            top_n=top_n,
+            mode=mode,
+            budget_s=budget_s,
+            include_text=request.include_text,
+            metadata_filter=request.metadata_filter or None,
+            truncate=request.truncate,
+            arrived=call.arrived,
+        )
+
+    async def rerank(self, request: RerankRequest, call: Call) -> Result:
+        top_n = check_rerank(request, self.settings)
+        budget_s = self._budget(request.rerank_budget_ms, call)
+        self._require_up(MOVER, "the reranker's batch scheduler")
+        return await self.searcher.rerank(
+            request.query,
+            request.documents,
+            top_n=top_n,
+            budget_s=budget_s,
+            include_text=request.return_documents,
+            truncate=request.truncate,
+            arrived=call.arrived,
+        )
+
+    def _budget(self, requested_ms: int | None, call: Call) -> float | None:
+        budget = budget_seconds(
+            requested_ms, self.settings, client_remaining_s=call.client_remaining_s
+        )
+        if budget is not None:
+            call.latency_target_s = budget + self.settings.latency_slack_ms / 1000
+        return budget
+
+    async def embed(self, request: EmbedRequest, call: Call) -> Embedded:
+        check_embed(request, self.settings)
+        embedder = self.searcher.embedder
+        started = time.perf_counter()
+        vectors, truncated = await self.lanes.run("query", embedder.encode, list(request.texts))
+        if not request.truncate and truncated.any():
+            raise InvalidArgument(
+                f"texts[{int(np.flatnonzero(truncated)[0])}] is longer than the bi-encoder's "
+                f"{embedder.manifest.max_length} tokens; shorten it, or allow truncate"
+            )
+        return Embedded(vectors, truncated, embedder.dimension, {"embed": _ms_since(started)})
+
+    async def get(self, ids: list[str], call: Call) -> Fetched:
+        wanted = unique_ids(ids, self.settings)
+        started = time.perf_counter()
+        found = await self.lanes.run("store", lambda: self.collection.get(wanted))
+        return Fetched(
+            documents=[found[item] for item in wanted if item in found],
+            not_found=[item for item in wanted if item not in found],
+            timings_ms={"search": _ms_since(started)},
+        )
+
+    async def info(self) -> EngineInfo:
+        collection, index_size, generation = await self.lanes.run(
+            "store",
+            lambda: (self.collection, len(self.collection.index), self.collection.store.generation),
+        )
+        pairs = self.searcher.pairs
+        embedder = self.searcher.embedder
+        return EngineInfo(
+            version=__version__,
+            models=self.models,
+            settings=self.settings,
+            index_size=index_size,
+            index_dtype=collection.index.settings.dtype,
+            generation=generation,
+            collection_version=collection.version,
+            read_only=collection.read_only,
+            dimension=embedder.dimension,
+            query_max_tokens=embedder.manifest.max_length,
+            pair_max_tokens=pairs.template.max_length if pairs is not None else 0,
+        )
+
+    # Writes
+
+    async def upsert(self, batches: AsyncIterator[UpsertBatch], call: Call) -> Upserted:
+        """Commits each batch durably before reading the next. A bad batch fails the call,
+        and the reply says how many documents of earlier batches are committed."""
+        self.collection.store.require_writable()  # before any document is embedded
+        totals = Upserted()
+        totals.generation = await self.lanes.run("store", lambda: self.collection.store.generation)
+        batch_count = 0
+        try:
+            async for batch in batches:
+                await self._upsert_batch(batch, totals)
+                batch_count += 1
+        except RequestError as error:
+            if totals.received:
+                told = copy.copy(error)  # the same class and fields (a retry delay, say)
+                told.args = (
+                    f"{error} (the {totals.received} documents of earlier messages in this "
+                    "stream are committed)",
+                )
+                raise told from error
+            raise
+        if batch_count == 0:
+            raise InvalidArgument("the Upsert stream held no messages: send at least one")
+        return totals
+
+    async def _upsert_batch(self, batch: UpsertBatch, totals: Upserted) -> None:
+        check_batch(batch, self.settings)
+        documents = list(batch.documents)
+        started = time.perf_counter()
+        prepared = await self.lanes.run("ingest", self.collection.prepare, documents)
+        totals.timings_ms["embed"] += _ms_since(started)
+        truncated = int(prepared.truncated.sum())
+        if truncated and not batch.truncate:
+            first = int(np.flatnonzero(prepared.truncated)[0])
+            raise InvalidArgument(
+                f"document {documents[first].id!r} is longer than the bi-encoder's "
+                f"{self.searcher.embedder.manifest.max_length} tokens; shorten it, or allow "
+                "truncate (nothing in this message was written)"
+            )
+        started = time.perf_counter()
+
+        def commit() -> tuple[int, int, int]:
+            written = self.collection.commit(prepared)
+            return len(written.keys), len(written.replaced), self.collection.store.generation
+
+        written, replaced, totals.generation = await self.lanes.run("store", commit)
+        totals.timings_ms["search"] += _ms_since(started)
+        totals.received += len(documents)
+        totals.inserted += written - replaced
+        totals.replaced += replaced
+        totals.truncated += truncated
+        self._written()
+
+    async def delete(self, ids: list[str], call: Call) -> Deleted:
+        self.collection.store.require_writable()
+        wanted = unique_ids(ids, self.settings)
+        started = time.perf_counter()
+
+        def delete() -> tuple[int, list[str]]:
+            present = self.collection.get(wanted)
+            self.collection.delete([item for item in wanted if item in present])
+            return len(present), [item for item in wanted if item not in present]
+
+        deleted, not_found = await self.lanes.run("store", delete)
+        if deleted:
+            self._written()
+        return Deleted(deleted, not_found, {"search": _ms_since(started)})
+
+    def _written(self) -> None:
+        self.dirty.set()
+        fraction = self.collection.index.removed_fraction
+        threshold = self.settings.compact_removed_fraction
+        if (
+            threshold > 0
+            and fraction >= threshold
+            and self.collection.index.removed >= self.settings.compact_min_removed
+            and self.compacting is None
+        ):
+            self.compacting = asyncio.create_task(self._compact(), name="compaction")
+
+    async def _compact(self) -> None:
+        """Rebuilds the index without its removed slots, off the store lane: searches go on
+        against the old index until the new one, caught up, is swapped in."""
+        started = time.perf_counter()
+        collection = self.collection
+        try:
+            fresh = await self.lanes.run("ingest", collection.build_compact_index)
+            caught_up = await self.lanes.run("store", collection.swap_index, fresh)
+        except Exception:
+            log.exception("compaction failed: the old index goes on serving")
+            return
+        finally:
+            self.compacting = None
+        self.dirty.set()
+        log.info(
+            "index compacted",
+            extra={"vectors": len(fresh), "caught_up": caught_up, "ms": _ms_since(started)},
+        )
+
+    async def compaction_done(self) -> None:
+        """Waits for a compaction in progress, if any (tests, shutdown)."""
+        if self.compacting is not None:
+            await asyncio.gather(self.compacting, return_exceptions=True)
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

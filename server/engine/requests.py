@@ -1,0 +1,173 @@
+"""What each engine call takes, and the one place its fields are checked.
+
+Transports convert their wire format into these types, leaving ``None`` wherever the client
+set nothing, so the engine applies the server's defaults itself. Every check raises
+``InvalidArgument`` with a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.server.engine.errors import InvalidArgument
+from tandem.server.engine.search import DocumentRef, Mode
+from tandem.server.engine.store import NewDocument
+from tandem.server.settings import Settings
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    query: str
+    recall_k: int | None = None
+    top_n: int | None = None
+    mode: Mode | None = None  # None: two-stage where a reranker is loaded
+    rerank_budget_ms: int | None = None  # None: the server's default; 0: no deadline
+    include_text: bool = False
+    metadata_filter: Mapping[str, Any] | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    query: str
+    documents: Sequence[DocumentRef]
+    top_n: int | None = None  # None: every document
+    rerank_budget_ms: int | None = None
+    return_documents: bool = False
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    texts: Sequence[str]
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class UpsertBatch:
+    """One streamed message of an Upsert: committed whole, or not at all."""
+
+    documents: Sequence[NewDocument]
+    truncate: bool = True
+
+
+def check_query(query: str) -> None:
+    if not query.strip():
+        raise InvalidArgument("query is empty: send the question to search for")
+
+
+def bounded(name: str, value: int | None, *, default: int, limit: int) -> int:
+    if value is None:
+        return default
+    if not 1 <= value <= limit:
+        raise InvalidArgument(f"{name} must be between 1 and {limit} (got {value})")
+    return int(value)
+
+
+def check_search(request: SearchRequest, settings: Settings) -> tuple[int, int]:
+    """(recall_k, top_n) with the server's defaults filled in."""
+    check_query(request.query)
+    recall_k = bounded(
+        "recall_k", request.recall_k, default=settings.default_recall_k, limit=settings.max_recall_k
+    )
+    top_n = bounded(
+        "top_n", request.top_n, default=settings.default_top_n, limit=settings.max_top_n
+    )
+    return recall_k, top_n
+
+
+def check_rerank(request: RerankRequest, settings: Settings) -> int | None:
+    """The top_n to return (None: every document)."""
+    check_query(request.query)
+    count = len(request.documents)
+    if count == 0:
+        raise InvalidArgument("documents is empty: send at least one text or stored id")
+    if count > settings.max_rerank_documents:
+        raise InvalidArgument(
+            f"{count} documents sent; this server reranks at most "
+            f"{settings.max_rerank_documents} per call (max_rerank_documents): "
+            "split the call, or raise the limit"
+        )
+    for position, document in enumerate(request.documents):
+        if (document.text is None) == (document.id is None):
+            raise InvalidArgument(f"documents[{position}] needs exactly one of text and id")
+        if document.text is not None and not document.text.strip():
+            raise InvalidArgument(f"documents[{position}].text is empty: send the document's text")
+        if document.id is not None:
+            check_id(document.id, settings.max_id_bytes)
+    if request.top_n is None:
+        return None
+    return min(bounded("top_n", request.top_n, default=count, limit=settings.max_top_n), count)
+
+
+def check_embed(request: EmbedRequest, settings: Settings) -> None:
+    if not request.texts:
+        raise InvalidArgument("texts is empty: send at least one")
+    if len(request.texts) > settings.max_embed_texts:
+        raise InvalidArgument(
+            f"{len(request.texts)} texts sent; at most {settings.max_embed_texts} per call "
+            "(max_embed_texts)"
+        )
+    for position, text in enumerate(request.texts):
+        if not text.strip():
+            raise InvalidArgument(f"texts[{position}] is empty: send the text to embed")
+
+
+def check_batch(batch: UpsertBatch, settings: Settings) -> None:
+    documents = batch.documents
+    if not documents:
+        raise InvalidArgument(
+            "an Upsert message holds no documents: put each one, with its id and text, in "
+            "the message's `documents` list"
+        )
+    if len(documents) > settings.max_upsert_documents:
+        raise InvalidArgument(
+            f"{len(documents)} documents in one message; at most "
+            f"{settings.max_upsert_documents} (max_upsert_documents): send more messages"
+        )
+    seen: set[str] = set()
+    for position, document in enumerate(documents):
+        check_id(document.id, settings.max_id_bytes, where=f"documents[{position}]")
+        if not document.text.strip():
+            raise InvalidArgument(
+                f"document {document.id!r} has no text: send the text to index (an empty one "
+                "would be found by nothing)"
+            )
+        if document.id in seen:
+            raise InvalidArgument(f"id {document.id!r} appears twice in one message; send it once")
+        seen.add(document.id)
+
+
+def check_id(item: str, max_bytes: int, *, where: str = "a document") -> None:
+    if not item:
+        raise InvalidArgument(f"{where} has an empty id; every document needs one")
+    if len(item.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise InvalidArgument(f"id {item[:40]!r}… is longer than {max_bytes} bytes (max_id_bytes)")
+
+
+def unique_ids(ids: Sequence[str], settings: Settings) -> list[str]:
+    if not ids:
+        raise InvalidArgument("ids is empty: send at least one document id")
+    for item in ids:
+        check_id(item, settings.max_id_bytes)
+    return list(dict.fromkeys(ids))
+
+
+def budget_seconds(
+    requested_ms: int | None, settings: Settings, *, client_remaining_s: float | None
+) -> float | None:
+    """The rerank budget in seconds (None: no deadline), shrunk to the client's deadline
+    less the time to send the reply: a reply that lands after the deadline is thrown away."""
+    milliseconds = settings.default_rerank_budget_ms if requested_ms is None else requested_ms
+    if milliseconds < 0:
+        raise InvalidArgument(f"rerank_budget_ms must be >= 0 (got {milliseconds}); 0 means none")
+    budget = milliseconds / 1000 if milliseconds > 0 else None
+    if client_remaining_s is not None:
+        cap = max(client_remaining_s - REPLY_MARGIN_S, 0.001)
+        budget = cap if budget is None else min(budget, cap)
+    return budget
+
+
+REPLY_MARGIN_S = 0.005

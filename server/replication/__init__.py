@@ -1,0 +1,1 @@
+"""Replication: published versions of a collection, and replicas that follow them."""
