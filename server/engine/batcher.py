@@ -5,10 +5,11 @@ Three parts, as in Ray Serve's batcher and TEI's queue:
   window of the queue (in EDF order under a deadline; closest in length without one), while
   ``max_len * (n + 1) <= max_batch_tokens`` and the predicted run still ends before the
   earliest deadline in the batch. Entries that cannot finish in time even alone expire.
-- ``RerankBatcher.run`` (the mover): an asyncio task that wakes on an event (never polls or sleeps),
-  builds a batch and hands it to the runner.
-- the runner: the session call, in one worker thread, so tokenizing and post-processing on
-  the event loop overlap with it.
+- ``RerankBatcher.run`` (the mover): an asyncio task that wakes on an event (never polls or
+  sleeps), builds a batch and hands it to the runner. The server runs it under its
+  supervisor; if it dies, ``fail_waiting`` fails every call it held.
+- the runner: the session call, in one worker thread, so the event loop and the other
+  threads go on while it runs.
 
 Cost is learned online as an EWMA of seconds per padded token. A request's pairs share one
 deadline and are ordered by stage-1 rank, so under a budget the best stage-1 candidates are

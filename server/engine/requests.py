@@ -16,6 +16,10 @@ from tandem.server.engine.search import DocumentRef, Mode
 from tandem.server.engine.store import NewDocument
 from tandem.server.settings import Settings
 
+# Time kept back from a client's deadline to send the answer: a reply that lands after the
+# deadline is work thrown away.
+REPLY_MARGIN_S = 0.005
+
 
 @dataclass(frozen=True)
 class SearchRequest:
@@ -168,6 +172,3 @@ def budget_seconds(
         cap = max(client_remaining_s - REPLY_MARGIN_S, 0.001)
         budget = cap if budget is None else min(budget, cap)
     return budget
-
-
-REPLY_MARGIN_S = 0.005
