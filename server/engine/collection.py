@@ -271,7 +271,10 @@ class Collection:
         removed, added = catch_up(fresh, self.store)
         fresh.removed = removed
         self.index = fresh
-        self.checkpoint()
+        try:
+            self.checkpoint()
+        except OSError as error:  # a full disk: the store holds everything; start-up repairs
+            log.error("the compacted index is serving but could not be saved: %s", error)
         return removed + added
 
 

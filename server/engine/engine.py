@@ -393,8 +393,8 @@ class Engine:
         try:
             fresh = await self.lanes.run("ingest", collection.build_compact_index)
             caught_up = await self.lanes.run("store", collection.swap_index, fresh)
-        except Exception:
-            log.exception("compaction failed: the old index goes on serving")
+        except Exception:  # a background task: nothing to answer, so log it whole
+            log.exception("compaction failed: the index in use is unchanged")
             return
         finally:
             self.compacting = None
