@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from tandem.server.engine.batcher import Overloaded
 from tandem.server.settings import Settings
@@ -92,6 +93,10 @@ class ShedLog:
             self.log(self.counts)
             self.counts = {}
             self.last = now
+
+
+# How an admitted call ended, as far as the adaptive limit cares.
+Outcome = Literal["ok", "overloaded", "failed"]
 
 
 class Refused(Overloaded):
@@ -164,7 +169,7 @@ class Gate:
         return Admitted(queued, self.queued_in_flight)
 
     def release(
-        self, admitted: Admitted, *, seconds: float, target_s: float | None, outcome: str
+        self, admitted: Admitted, *, seconds: float, target_s: float | None, outcome: Outcome
     ) -> None:
         """The call is over after ``seconds``. ``outcome``: "ok" (it was answered),
         "overloaded" (the engine refused it for overload: as late as a call can be), or

@@ -210,10 +210,6 @@ class Settings:
         return self.tls_cert is not None
 
     @property
-    def reranker_enabled(self) -> bool:
-        return self.reranker is not None
-
-    @property
     def index_settings(self) -> dict[str, Any]:
         """The index settings given explicitly, by IndexSettings field name."""
         chosen = {"dtype": self.index_dtype, "expansion_search": self.expansion_search}

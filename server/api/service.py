@@ -20,7 +20,7 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
 from tandem.artifact import Manifest
-from tandem.server.admission import Gate, Refused, ShedLog
+from tandem.server.admission import Gate, Outcome, Refused, ShedLog
 from tandem.server.api.status import rich_status
 from tandem.server.engine.batcher import Overloaded
 from tandem.server.engine.engine import Call, Engine, EngineInfo
@@ -116,7 +116,8 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
             self._record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, call, quiet=True)
             await _abort(context, rich_status(refusal))
         self.metrics.in_flight.inc()
-        code, outcome = grpc.StatusCode.OK, "ok"
+        code = grpc.StatusCode.OK
+        outcome: Outcome = "ok"
         try:
             return await run(call)
         except asyncio.CancelledError:

@@ -250,10 +250,9 @@ class Collection:
         self.index.save(self.paths.index, generation=self.store.generation)
 
     def compact(self) -> None:
-        """Rebuilds the index from the store, dropping the graph's deleted slots (blocking:
-        the server uses ``build_compact_index`` and ``swap_index`` instead)."""
-        self.index = rebuild(self.store, ndim=self.embedder.dimension, settings=self.index.settings)
-        self.checkpoint()
+        """Rebuilds the index from the store, dropping the graph's deleted slots, in one go
+        (the server runs the two steps on different threads instead)."""
+        self.swap_index(self.build_compact_index())
 
     def build_compact_index(self) -> VectorIndex:
         """A new graph of the store's vectors, without removed slots. It reads through a
@@ -268,8 +267,7 @@ class Collection:
     def swap_index(self, fresh: VectorIndex) -> int:
         """Catches ``fresh`` up with the writes made while it was built, then serves it and
         saves it; returns how many vectors the catch-up removed or added."""
-        removed, added = catch_up(fresh, self.store)
-        fresh.removed = removed
+        removed, added = catch_up(fresh, self.store)  # counts its removals in fresh.removed
         self.index = fresh
         try:
             self.checkpoint()

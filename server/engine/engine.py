@@ -42,7 +42,7 @@ from tandem.server.engine.requests import (
     check_search,
     unique_ids,
 )
-from tandem.server.engine.search import Mode, Result, Searcher
+from tandem.server.engine.search import Mode, Result, Searcher, ms_since
 from tandem.server.engine.store import StoredDocument
 from tandem.server.engine.supervisor import Supervisor
 from tandem.server.settings import Settings
@@ -67,7 +67,7 @@ class Call:
     latency_target_s: float | None = None
 
     def elapsed_ms(self) -> float:
-        return (time.perf_counter() - self.arrived) * 1000
+        return ms_since(self.arrived)
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ class Engine:
                 f"texts[{int(np.flatnonzero(truncated)[0])}] is longer than the bi-encoder's "
                 f"{embedder.manifest.max_length} tokens; shorten it, or allow truncate"
             )
-        return Embedded(vectors, truncated, embedder.dimension, {"embed": _ms_since(started)})
+        return Embedded(vectors, truncated, embedder.dimension, {"embed": ms_since(started)})
 
     async def get(self, ids: list[str], call: Call) -> Fetched:
         wanted = unique_ids(ids, self.settings)
@@ -280,7 +280,7 @@ class Engine:
         return Fetched(
             documents=[found[item] for item in wanted if item in found],
             not_found=[item for item in wanted if item not in found],
-            timings_ms={"search": _ms_since(started)},
+            timings_ms={"search": ms_since(started)},
         )
 
     async def info(self) -> EngineInfo:
@@ -311,12 +311,9 @@ class Engine:
         and the reply says how many documents of earlier batches are committed."""
         self.collection.store.require_writable()  # before any document is embedded
         totals = Upserted()
-        totals.generation = await self.lanes.run("store", lambda: self.collection.store.generation)
-        batch_count = 0
         try:
             async for batch in batches:
                 await self._upsert_batch(batch, totals)
-                batch_count += 1
         except RequestError as error:
             if totals.received:
                 told = copy.copy(error)  # the same class and fields (a retry delay, say)
@@ -326,7 +323,7 @@ class Engine:
                 )
                 raise told from error
             raise
-        if batch_count == 0:
+        if not totals.received:  # a committed message holds at least one document
             raise InvalidArgument("the Upsert stream held no messages: send at least one")
         return totals
 
@@ -335,7 +332,7 @@ class Engine:
         documents = list(batch.documents)
         started = time.perf_counter()
         prepared = await self.lanes.run("ingest", self.collection.prepare, documents)
-        totals.timings_ms["embed"] += _ms_since(started)
+        totals.timings_ms["embed"] += ms_since(started)
         truncated = int(prepared.truncated.sum())
         if truncated and not batch.truncate:
             first = int(np.flatnonzero(prepared.truncated)[0])
@@ -351,7 +348,7 @@ class Engine:
             return len(written.keys), len(written.replaced), self.collection.store.generation
 
         written, replaced, totals.generation = await self.lanes.run("store", commit)
-        totals.timings_ms["search"] += _ms_since(started)
+        totals.timings_ms["search"] += ms_since(started)
         totals.received += len(documents)
         totals.inserted += written - replaced
         totals.replaced += replaced
@@ -371,7 +368,7 @@ class Engine:
         deleted, not_found = await self.lanes.run("store", delete)
         if deleted:
             self._written()
-        return Deleted(deleted, not_found, {"search": _ms_since(started)})
+        return Deleted(deleted, not_found, {"search": ms_since(started)})
 
     def _written(self) -> None:
         self.dirty.set()
@@ -401,14 +398,10 @@ class Engine:
         self.dirty.set()
         log.info(
             "index compacted",
-            extra={"vectors": len(fresh), "caught_up": caught_up, "ms": _ms_since(started)},
+            extra={"vectors": len(fresh), "caught_up": caught_up, "ms": ms_since(started)},
         )
 
     async def compaction_done(self) -> None:
         """Waits for a compaction in progress, if any (tests, shutdown)."""
         if self.compacting is not None:
             await asyncio.gather(self.compacting, return_exceptions=True)
-
-
-def _ms_since(started: float) -> float:
-    return (time.perf_counter() - started) * 1000

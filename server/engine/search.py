@@ -174,7 +174,7 @@ class Searcher:
         started = time.perf_counter()
         arrived = started if arrived is None else arrived
         vector, query_truncated = await self.lanes.run("query", self.embed_query, query)
-        timings["embed"] = _ms_since(started)
+        timings["embed"] = ms_since(started)
         if query_truncated and not truncate:
             raise InvalidArgument(
                 f"the query is longer than the bi-encoder's "
@@ -195,7 +195,7 @@ class Searcher:
         else:
             candidates = await self.lanes.run("store", self._candidates, vector, recall_k)
             found = len(candidates)
-        timings["search"] = _ms_since(started)
+        timings["search"] = ms_since(started)
         if mode is Mode.RETRIEVE_ONLY:
             hits_out = [
                 _hit(candidate, rank, None, include_text=include_text, truncated=False)
@@ -253,8 +253,7 @@ class Searcher:
     def _matching(
         self, vector: NDArray[np.float32], fetch: int, recall_k: int, wanted: Mapping[str, Any]
     ) -> tuple[list[Candidate], int]:
-        hits = self.collection.index.search(vector, fetch)
-        found = self._documents([int(key) for key in hits.keys], hits.similarities.tolist())
+        found = self._candidates(vector, fetch)
         passing = [candidate for candidate in found if matches(candidate.metadata, wanted)]
         return passing[:recall_k], len(passing)
 
@@ -299,7 +298,7 @@ class Searcher:
             started = time.perf_counter()
             # Resolved on the store lane: a replica may swap its collection (replication.follow).
             stored = await self.lanes.run("store", lambda: self.collection.get(wanted))
-            timings["search"] = _ms_since(started)
+            timings["search"] = ms_since(started)
             missing = list(dict.fromkeys(item for item in wanted if item not in stored))
             if missing:
                 raise UnknownDocuments(
@@ -392,7 +391,7 @@ class Searcher:
         started = time.perf_counter()
         sent = client_texts if client_texts is not None else [False] * len(candidates)
         joined = await self.lanes.run("pairs", self._join, query, candidates, sent)
-        timings["tokenize"] = _ms_since(started)
+        timings["tokenize"] = ms_since(started)
         cut = [i for i, pair in enumerate(joined) if pair.truncated]
         if cut and not truncate:
             raise InvalidArgument(
@@ -447,5 +446,6 @@ def _hit(
     )
 
 
-def _ms_since(started: float) -> float:
+def ms_since(started: float) -> float:
+    """Milliseconds since ``started`` (a ``time.perf_counter()`` reading)."""
     return (time.perf_counter() - started) * 1000
