@@ -143,3 +143,19 @@ def test_read_only_store_refuses_writes_but_reads(tmp_path: Path, store) -> None
             reader.delete(["a"])
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize(
+    "key", ["plain", "a.b[0]", "café", "", "\x00", 'quo"te', "back\\slash", "\n"]
+)
+def test_keys_matching_takes_any_metadata_key(store: DocumentStore, key: str) -> None:
+    """A key SQLite's JSON paths cannot hold (found by the fuzzer: a NUL) is matched in Python."""
+    documents = [
+        NewDocument(id="hit", text="t", metadata={key: "x", "n": 1}),
+        NewDocument(id="miss", text="t", metadata={key: "y", "n": 1}),
+        NewDocument(id="absent", text="t", metadata={"n": 1}),
+    ]
+    written = store.upsert(documents, unit_vectors(3, 1), [np.arange(2, dtype=np.int32)] * 3)
+    assert store.keys_matching({key: "x"}) == [written.keys[0]]
+    assert store.keys_matching({key: "x", "n": 1}) == [written.keys[0]]
+    assert store.keys_matching({key: "z"}) == []

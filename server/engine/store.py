@@ -83,6 +83,12 @@ def matches(metadata: Mapping[str, Any], wanted: Mapping[str, Any] | None) -> bo
     return not wanted or all(metadata.get(key) == value for key, value in wanted.items())
 
 
+def _plain_path_key(key: str) -> bool:
+    """Whether ``key`` can be quoted in a JSON path: SQLite reads the path as a C string
+    (a NUL ends it) and has no escapes inside quotes. Other keys match in Python only."""
+    return key.isprintable() and '"' not in key and "\\" not in key
+
+
 def unwritable(exc: sqlite3.Error) -> StoreError:
     """Names why a write failed, so callers can tell a full disk from a read-only one."""
     name = getattr(exc, "sqlite_errorname", "")
@@ -291,7 +297,7 @@ class DocumentStore:
         checked in Python as well, so SQL's looser comparisons decide nothing."""
         clauses, parameters = [], []
         for key, value in wanted.items():
-            if isinstance(value, str | int | float) and '"' not in key and "\\" not in key:
+            if isinstance(value, str | int | float) and _plain_path_key(key):
                 clauses.append("json_extract(metadata, ?) = ?")
                 parameters.extend([f'$."{key}"', value])
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
