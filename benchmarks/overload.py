@@ -1,8 +1,9 @@
 """`tandem bench overload` and `tandem bench soak`: shedding, recovery and memory under load.
 
-- overload: measure capacity (the highest open-loop rate, doubling then one bisection, at
-  which the server refuses at most 1% of calls and keeps p99 within the budget plus 50 ms,
-  ``rerank_budget_ms=100``), then offer 2x and 5x that as open-loop Poisson load. The server
+- overload: measure capacity (the highest open-loop rate, doubling or halving then one
+  bisection, at which the server refuses at most 1% of calls and keeps p99 within the budget
+  plus 50 ms, ``rerank_budget_ms=100``), then offer 2x and 5x that as open-loop Poisson load.
+  The server
   must stay up, refuse the excess with RESOURCE_EXHAUSTED, keep the p99 of the calls it
   admits within the budget plus 50 ms, and answer normally as soon as the load stops.
 - soak: 70% of capacity for minutes, sampling the server's resident memory; after warm-up
@@ -34,6 +35,7 @@ BUDGET_MS = 100
 ADMITTED_P99_LIMIT_MS = BUDGET_MS + 50
 SOAK_MAX_GROWTH = 0.10  # resident memory after warm-up, as a fraction
 CAPACITY_START_QPS = 16.0
+CAPACITY_MIN_QPS = 1.0
 CAPACITY_MAX_REFUSED = 0.01
 
 
@@ -59,9 +61,11 @@ def within_slo(report: LevelReport) -> bool:
 
 
 def capacity(port: int, queries: list[str], *, seconds: float) -> float:
-    """The highest offered rate served within the SLO: double until a rate fails, then try
-    the midpoint once. A closed loop would not do: its callers retry a refusal at once, so it
-    measures how fast the server refuses."""
+    """The highest offered rate served within the SLO: from the start rate, double (or, when
+    the start rate already fails, halve) until the outcome flips, then try the midpoint once.
+    A closed loop would not do: its callers retry a refusal at once, so it measures how fast
+    the server refuses. Halving matters on a shared machine: one stall of its cores can fail
+    the start rate, and a capacity search that only climbs would then find none."""
     shape = CallShape(recall_k=100, top_n=5, budget_ms=BUDGET_MS)
 
     def passes(qps: float) -> bool:
@@ -69,16 +73,18 @@ def capacity(port: int, queries: list[str], *, seconds: float) -> float:
         print(f"capacity probe: {format_report(report)}", flush=True)
         return within_slo(report)
 
-    passed, rate = 0.0, CAPACITY_START_QPS
-    while passes(rate):
-        passed, rate = rate, rate * 2
-    if passed:
-        middle = (passed + rate) / 2
-        if passes(middle):
-            passed = middle
-    if not passed:
-        raise RuntimeError(f"the server missed its SLO even at {CAPACITY_START_QPS} QPS")
-    return passed
+    if passes(CAPACITY_START_QPS):
+        passed, failed = CAPACITY_START_QPS, CAPACITY_START_QPS * 2
+        while passes(failed):
+            passed, failed = failed, failed * 2
+    else:
+        passed, failed = CAPACITY_START_QPS / 2, CAPACITY_START_QPS
+        while not passes(passed):
+            if passed <= CAPACITY_MIN_QPS:
+                raise RuntimeError(f"the server missed its SLO even at {passed:g} QPS")
+            passed, failed = passed / 2, passed
+    middle = (passed + failed) / 2
+    return middle if passes(middle) else passed
 
 
 def overload(
