@@ -133,6 +133,7 @@ def _port_of(line: str) -> int:
 def start_tandem(args: argparse.Namespace, log: Path, *, collection: Path | None = None) -> Process:
     command = [
         sys.executable, "-m", "tandem.cli", "serve", "--port", "0", "--metrics-port", "-1",
+        "--http-port", "-1",
         "--collection", str(collection or args.collection), "--bi-encoder", str(args.bi_encoder),
         "--reranker", str(args.reranker), "--threads", str(args.threads),
     ]  # fmt: skip

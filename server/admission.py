@@ -21,14 +21,20 @@ The controller is deliberately pure (no clock, no I/O) so tests can drive it cal
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from tandem.server.engine.batcher import Overloaded
+from tandem.server.engine.engine import Call
+from tandem.server.engine.errors import Retryable
 from tandem.server.settings import Settings
+
+log = logging.getLogger(__name__)
+Reply = TypeVar("Reply")
 
 # Calls in flight when 2 cores run at capacity: ~130-190 QPS x a 100 ms budget (RESULTS).
 INITIAL_LIMIT = 16
@@ -129,9 +135,14 @@ class Gate:
         *,
         on_limit: Callable[[float], None] | None = None,
         loop_lag: LoopLag | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.on_limit = on_limit  # the adaptive limit after each change, for metrics
+        self.on_refused = on_refused  # each refusal's reason, for metrics
+        self.shed_log = ShedLog(
+            lambda counts: log.warning("shedding load: calls refused", extra={"refused": counts})
+        )
         self.loop_lag = loop_lag or LoopLag()
         self.in_flight = 0
         self.queued_in_flight = 0
@@ -167,6 +178,45 @@ class Gate:
         self.in_flight += 1
         self.queued_in_flight += queued
         return Admitted(queued, self.queued_in_flight)
+
+    async def run(
+        self,
+        call: Call,
+        work: Callable[[Call], Awaitable[Reply]],
+        *,
+        queued: bool,
+        expected_wait_s: float,
+    ) -> Reply:
+        """Admits the call (or raises ``Refused``), runs it, and releases it with how it
+        ended, which the adaptive limit learns from. Every transport runs calls through here."""
+        try:
+            admitted = self.admit(queued=queued, expected_wait_s=expected_wait_s)
+        except Refused as refusal:
+            self._refused(refusal.reason, call.arrived)
+            raise
+        outcome: Outcome = "ok"
+        try:
+            return await work(call)
+        except asyncio.CancelledError:
+            outcome = "failed"
+            raise
+        except Exception as error:
+            outcome = "overloaded" if isinstance(error, Retryable) else "failed"
+            if isinstance(error, Overloaded):  # the reranker's queue is full
+                self._refused("queue_full", call.arrived)
+            raise
+        finally:
+            self.release(
+                admitted,
+                seconds=time.perf_counter() - call.arrived,
+                target_s=call.latency_target_s,
+                outcome=outcome,
+            )
+
+    def _refused(self, reason: str, now: float) -> None:
+        self.shed_log.refused(reason, now)
+        if self.on_refused is not None:
+            self.on_refused(reason)
 
     def release(
         self, admitted: Admitted, *, seconds: float, target_s: float | None, outcome: Outcome

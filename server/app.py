@@ -36,6 +36,8 @@ from tandem.server.engine.pairs import PairTokenizer
 from tandem.server.engine.priority import lower_this_thread, with_threads_lowered
 from tandem.server.engine.search import Searcher, make_runner
 from tandem.server.engine.supervisor import Supervisor
+from tandem.server.http.app import create_app
+from tandem.server.http.listener import HttpListener
 from tandem.server.metrics import Metrics, MetricsEndpoint
 from tandem.server.replication.follow import Follower
 from tandem.server.replication.publish import current_version, is_published_root, version_folder
@@ -64,6 +66,8 @@ class Running:
     metrics: Metrics
     metrics_endpoint: MetricsEndpoint | None
     gate: Gate
+    http: HttpListener | None = None
+    draining: bool = False
     loop_lag: asyncio.Task[None] | None = None
     warm: bool = False
 
@@ -90,10 +94,23 @@ class Running:
     def metrics_port(self) -> int | None:
         return None if self.metrics_endpoint is None else self.metrics_endpoint.port
 
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
+
+    @property
+    def serving(self) -> bool:
+        return self.warm and self.engine.supervisor.healthy and not self.draining
+
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets those in flight finish within ``grace``, saves, releases."""
+        self.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.drain_seconds if grace is None else grace)
+        grace_s = self.settings.drain_seconds if grace is None else grace
+        stopping = [self.server.stop(grace_s)]
+        if self.http is not None:
+            stopping.append(self.http.stop())
+        await asyncio.gather(*stopping)
         if self.loop_lag is not None:
             self.loop_lag.cancel()
             await asyncio.gather(self.loop_lag, return_exceptions=True)
@@ -255,6 +272,9 @@ async def create_server(settings: Settings, *, warm: bool = True) -> Running:
         running = _assemble(settings, engine, metrics, health_servicer)
         started.append(running)
         await running.server.start()
+        if settings.http_port >= 0:
+            running.http = _http_listener(settings, running)
+            await running.http.start()
         if settings.metrics_port >= 0:
             running.metrics_endpoint = metrics.serve(settings.host, settings.metrics_port)
         engine.start()
@@ -265,6 +285,8 @@ async def create_server(settings: Settings, *, warm: bool = True) -> Running:
         # A port that will not bind, say: release the collection (and its writer lock).
         if started:
             await started[0].server.stop(0)
+            if started[0].http is not None:
+                await started[0].http.stop()
         await engine.stop()
         raise
     log.info(
@@ -274,12 +296,38 @@ async def create_server(settings: Settings, *, warm: bool = True) -> Running:
             "tls": settings.tls,
             "token": settings.token is not None,
             "metrics_port": running.metrics_port,
+            "http": _http_address(settings, running.http_port),
             "documents": len(engine.collection.index),
             "reranker": "none" if engine.models.reranker is None else engine.models.reranker.source,
             "reranker_is_stand_in": engine.models.reranker_is_stand_in,
         },
     )
     return running
+
+
+def _http_listener(settings: Settings, running: Running) -> HttpListener:
+    app = create_app(
+        running.engine,
+        settings=settings,
+        gate=running.gate,
+        metrics=running.metrics,
+        serving=lambda: running.serving,
+    )
+    return HttpListener(
+        app,
+        host=settings.host,
+        port=settings.http_port,
+        drain_seconds=settings.drain_seconds,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+    )
+
+
+def _http_address(settings: Settings, port: int | None) -> str | None:
+    if port is None:
+        return None
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"{'https' if settings.tls else 'http'}://{host}:{port}"
 
 
 def _assemble(
@@ -316,7 +364,13 @@ def _assemble(
         else server.add_insecure_port(address)
     )
     loop_lag = LoopLag(on_sample=metrics.loop_lag.observe)
-    gate = Gate(settings, on_limit=metrics.concurrency_limit.set, loop_lag=loop_lag)
+    gate = Gate(
+        settings,
+        on_limit=metrics.concurrency_limit.set,
+        loop_lag=loop_lag,
+        on_refused=lambda reason: metrics.rejections.labels(reason).inc(),
+    )
+    metrics.in_flight.set_function(lambda: gate.in_flight)
     metrics.concurrency_limit.set(gate.limit.limit)
     add_to_server(RetrievalService(engine, gate=gate, metrics=metrics), server)
     reflection.enable_server_reflection(

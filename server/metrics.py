@@ -45,6 +45,19 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.http_requests = Counter(
+            "tandem_http_requests",
+            "Finished HTTP requests by route and HTTP status ('other' for unknown paths)",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.http_latency = Histogram(
+            "tandem_http_request_seconds",
+            "HTTP request latency as the server saw it, by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.stages = Histogram(
             "tandem_stage_seconds",
             "Time per stage of a call: embed, search, tokenize, queue, rerank",

@@ -45,6 +45,13 @@ class Settings:
         default=9464,
         metadata=_doc("Prometheus /metrics HTTP port on --host; 0 picks one, -1 turns it off"),
     )
+    http_port: int = field(
+        default=8080,
+        metadata=_doc(
+            "HTTP port on --host (Cohere, Jina, TEI and OpenAI shapes, JSON search, the docs "
+            "and search pages); 0 picks one, -1 turns it off"
+        ),
+    )
     # Data and models
     collection: Path = field(
         default=Path("artifacts/demo"),
@@ -340,8 +347,9 @@ def validate(settings: Settings) -> None:
         )
     if not 0 <= settings.port <= 65535:
         problems.append(f"port {settings.port} is outside 0-65535")
-    if not -1 <= settings.metrics_port <= 65535:
-        problems.append(f"metrics_port {settings.metrics_port} is outside -1-65535")
+    for name in ("metrics_port", "http_port"):
+        if not -1 <= getattr(settings, name) <= 65535:
+            problems.append(f"{name} {getattr(settings, name)} is outside -1-65535")
     if (settings.tls_cert is None) != (settings.tls_key is None):
         problems.append("tls_cert and tls_key go together: set both or neither")
     for name in ("tls_cert", "tls_key", "token_file"):

@@ -179,13 +179,22 @@ class BiEncoder(OnnxEncoder):
         self, texts: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
         """Vectors, and which texts were cut to ``max_length`` before embedding."""
+        return self.encode_counted(texts, batch_size=batch_size)[:2]
+
+    def encode_counted(
+        self, texts: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> tuple[NDArray[np.float32], NDArray[np.bool_], int]:
+        """``encode``, and the tokens the model read (special tokens included), which the
+        OpenAI and Jina shapes report as usage."""
         vectors = [np.zeros((0, self.dimension), dtype=np.float32)]
         truncated = [np.zeros(0, dtype=np.bool_)]
+        tokens = 0
         for start in range(0, len(texts), batch_size):
             batch = self.tokenize(texts[start : start + batch_size])
             vectors.append(self.forward(batch))
             truncated.append(batch.truncated)
-        return np.concatenate(vectors), np.concatenate(truncated)
+            tokens += int(batch.attention_mask.sum())
+        return np.concatenate(vectors), np.concatenate(truncated), tokens
 
     @property
     def dimension(self) -> int:

@@ -61,6 +61,7 @@ def settings_for(
     base = Settings(
         port=0,
         metrics_port=0,
+        http_port=0,
         collection=collection,
         bi_encoder=bi_encoder,
         reranker=reranker,
@@ -103,12 +104,13 @@ class ServerProcess:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         command = [sys.executable, "-m", "tandem.cli", "serve", "--port", "0",
-                   "--metrics-port", "-1", *args]  # fmt: skip
+                   "--http-port", "-1", "--metrics-port", "-1", *args]  # fmt: skip
         self.process = subprocess.Popen(
             command, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
         )
         self.lines: list[str] = []
         self.port: int | None = None
+        self.http: str | None = None  # the HTTP base address, where --http-port was given
         ready = threading.Event()
         self.reader = threading.Thread(target=self._read, args=(ready,), daemon=True)
         self.reader.start()
@@ -119,7 +121,9 @@ class ServerProcess:
         for line in self.process.stderr:
             self.lines.append(line)
             if '"msg": "serving"' in line:
-                self.port = int(json.loads(line)["address"].rsplit(":", 1)[1])
+                serving = json.loads(line)
+                self.port = int(serving["address"].rsplit(":", 1)[1])
+                self.http = serving.get("http")
                 ready.set()
         ready.set()
 

@@ -213,6 +213,7 @@ def test_tls_and_token_are_enforced(tmp_path, collection, bi_int8, ce_int8, capl
 def test_sigterm_drains_in_flight_calls(tmp_path, collection, bi_int8, ce_int8, data):
     command = [
         sys.executable, "-m", "tandem.cli", "serve", "--port", "0", "--metrics-port", "-1",
+        "--http-port", "-1",
         "--collection", str(collection), "--bi-encoder", str(bi_int8[0]),
         "--reranker", str(ce_int8[0]), "--drain-seconds", "30",
     ]  # fmt: skip

@@ -30,6 +30,24 @@ def test_join_matches_the_tokenizer_on_real_pairs(
         assert joined.truncated.tolist() == expected.truncated.tolist()
 
 
+def test_document_cap_keeps_the_first_tokens_and_flags_the_cut(reranker_path: Path, data) -> None:
+    # max_tokens_per_doc: the pair equals the tokenizer's pair of the first `cap` tokens.
+    reference = load_tokenizer(reranker_path, max_length=512)
+    pairs = PairTokenizer(reference, max_length=512)
+    query, text = data.topics[0].query, data.segments[0].text
+    query_ids, document_ids = pairs.tokenize([query])[0], pairs.tokenize([text])[0]
+    cap = 12
+    assert len(document_ids) > cap
+    joined = pairs.join(query_ids, [document_ids], document_cap=cap)[0]
+    cut_text = reference.decode(document_ids[:cap].tolist())
+    expected = reference.encode(query, cut_text)
+    assert joined.input_ids.tolist() == expected.ids
+    assert joined.truncated
+    whole = pairs.join(query_ids, [document_ids], document_cap=len(document_ids))[0]
+    assert not whole.truncated
+    assert len(whole) == len(reference.encode(query, text).ids)
+
+
 @pytest.mark.parametrize(
     ("first", "second", "budget", "kept"),
     [(5, 5, 20, (5, 5)), (3, 30, 20, (3, 17)), (30, 3, 20, (17, 3)), (30, 40, 21, (10, 11)),

@@ -24,6 +24,7 @@ from tandem.server.engine.errors import (
 )
 from tandem.server.engine.search import NoReranker, UnknownDocuments
 from tandem.server.engine.store import InvalidDocuments, StoreBusy, StoreFull, StoreReadOnly
+from tandem.server.http import errors as http_errors
 
 
 def defined_exceptions() -> set[type[BaseException]]:
@@ -54,6 +55,27 @@ def test_every_branch_of_the_error_tree_has_a_row():
         kind for kind in RequestError.__subclasses__() if kind.__module__ == errors.__name__
     }
     assert branches == {row for row, _ in status.TABLE}
+    assert branches == {row for row, _ in http_errors.TABLE}  # the HTTP door's table too
+
+
+@pytest.mark.parametrize(
+    ("error", "http_status"),
+    [
+        (InvalidDocuments("x"), 400), (UnknownDocuments("x"), 404), (NoReranker("x"), 409),
+        (StoreReadOnly("x"), 409), (StoreBusy("x"), 429), (StoreFull("x"), 507),
+        (Refused("x", reason="in_flight", retry_after_s=0.1), 429), (Unavailable("x"), 503),
+        (Unauthenticated("x"), 401),
+    ],
+)  # fmt: skip
+def test_http_statuses_follow_the_grpc_codes(error, http_status):
+    assert http_errors.describe(error) == (http_status, "x")
+
+
+def test_http_retry_after_is_whole_seconds_rounded_up_and_only_for_retryable_errors():
+    assert http_errors.retry_after(Overloaded("x", retry_after_s=0.1)) == {"Retry-After": "1"}
+    assert http_errors.retry_after(StoreBusy("x", retry_after_s=1.5)) == {"Retry-After": "2"}
+    assert http_errors.retry_after(StoreFull("x")) == {}
+    assert http_errors.describe(RunnerFailed("boom")) == (500, http_errors.GENERIC_INTERNAL)
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,8 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
 from tandem.artifact import Manifest
-from tandem.server.admission import Gate, Outcome, Refused, ShedLog
+from tandem.server.admission import Gate
 from tandem.server.api.status import rich_status
-from tandem.server.engine.batcher import Overloaded
 from tandem.server.engine.engine import Call, Engine, EngineInfo
 from tandem.server.engine.errors import InvalidArgument, Retryable
 from tandem.server.engine.requests import EmbedRequest, RerankRequest, SearchRequest, UpsertBatch
@@ -98,56 +97,37 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         self.engine = engine
         self.gate = gate
         self.metrics = metrics
-        self.shed_log = ShedLog(
-            lambda counts: log.warning("shedding load: calls refused", extra={"refused": counts})
-        )
 
     async def _serve(
         self, method: str, context: Context, run: Callable[[Call], Awaitable[Response]]
     ) -> Response:
         call = Call(client_remaining_s=context.time_remaining())
-        try:
-            admitted = self.gate.admit(
-                queued=method in QUEUED_METHODS, expected_wait_s=self.engine.expected_wait()
-            )
-        except Refused as refusal:
-            self.metrics.rejections.labels(refusal.reason).inc()
-            self.shed_log.refused(refusal.reason, call.arrived)
-            self._record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, call, quiet=True)
-            await _abort(context, rich_status(refusal))
-        self.metrics.in_flight.inc()
         code = grpc.StatusCode.OK
-        outcome: Outcome = "ok"
+        quiet = True
         try:
-            return await run(call)
+            return await self.gate.run(
+                call,
+                run,
+                queued=method in QUEUED_METHODS,
+                expected_wait_s=self.engine.expected_wait(),
+            )
         except asyncio.CancelledError:
-            code, outcome = grpc.StatusCode.CANCELLED, "failed"
+            code = grpc.StatusCode.CANCELLED
             raise
         except Exception as error:
-            outcome = "overloaded" if isinstance(error, Retryable) else "failed"
-            if isinstance(error, Overloaded):
-                self.metrics.rejections.labels("queue_full").inc()
             status = rich_status(error)
             code = status.code
+            quiet = isinstance(error, Retryable)  # refusals are counted, not logged one by one
             await _abort(context, status)
             raise  # unreachable: abort raises
         finally:
-            self.metrics.in_flight.dec()
-            self.gate.release(
-                admitted,
-                seconds=time.perf_counter() - call.arrived,
-                target_s=call.latency_target_s,
-                outcome=outcome,
-            )
-            self._record(method, code, call)
+            self._record(method, code, call, quiet=quiet)
 
-    def _record(
-        self, method: str, code: grpc.StatusCode, call: Call, *, quiet: bool = False
-    ) -> None:
+    def _record(self, method: str, code: grpc.StatusCode, call: Call, *, quiet: bool) -> None:
         seconds = time.perf_counter() - call.arrived
         self.metrics.requests.labels(method, code.name).inc()
         self.metrics.latency.labels(method).observe(seconds)
-        level = logging.DEBUG if code is grpc.StatusCode.OK or quiet else logging.INFO
+        level = logging.DEBUG if quiet else logging.INFO
         log.log(
             level,
             "call",
@@ -207,6 +187,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                     rerank_budget_ms=_get(message, "rerank_budget_ms"),
                     return_documents=message.return_documents,
                     truncate=_get(message, "truncate") is not False,
+                    max_tokens_per_doc=_get(message, "max_tokens_per_doc"),
                 ),
                 call,
             )
@@ -222,6 +203,8 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                     item.text = hit.text
                 if refs[hit.stage1_rank].id is not None:
                     item.id = hit.id
+                if hit.probability is not None:
+                    item.probability = hit.probability
                 results.append(item)
             return pb.RerankResponse(
                 results=results,
@@ -373,20 +356,15 @@ def _hit(hit: Hit, *, include_text: bool) -> pb.Hit:
     )
     if include_text and hit.text is not None:
         message.text = hit.text
+    if hit.probability is not None:
+        message.probability = hit.probability
     if hit.metadata:
         message.metadata.update(hit.metadata)
     return message
 
 
 def _timings(stages_ms: Mapping[str, float], call: Call) -> pb.Timings:
-    return pb.Timings(
-        embed_ms=stages_ms.get("embed", 0.0),
-        search_ms=stages_ms.get("search", 0.0),
-        tokenize_ms=stages_ms.get("tokenize", 0.0),
-        queue_ms=stages_ms.get("queue", 0.0),
-        rerank_ms=stages_ms.get("rerank", 0.0),
-        total_ms=call.elapsed_ms(),
-    )
+    return pb.Timings(**call.timings(stages_ms))
 
 
 def _info(info: EngineInfo) -> pb.InfoResponse:
@@ -416,6 +394,7 @@ def _info(info: EngineInfo) -> pb.InfoResponse:
         collection_version=info.collection_version or "",
         read_only=info.read_only,
         dimension=info.dimension,
+        score_activation=info.score_activation,
     )
     if info.models.reranker is not None:
         response.reranker.CopyFrom(_model_info(info.models.reranker))

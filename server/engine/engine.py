@@ -19,7 +19,7 @@ import asyncio
 import copy
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +42,7 @@ from tandem.server.engine.requests import (
     check_search,
     unique_ids,
 )
-from tandem.server.engine.search import Mode, Result, Searcher, ms_since
+from tandem.server.engine.search import SCORE_ACTIVATION, Mode, Result, Searcher, ms_since
 from tandem.server.engine.store import StoredDocument
 from tandem.server.engine.supervisor import Supervisor
 from tandem.server.settings import Settings
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 # A retrieve-only search has no budget; alone it takes 1-3 ms (RESULTS, serving), so one
 # that takes longer than this has queued, and counts as late for the adaptive limit.
 RETRIEVE_ONLY_TARGET_S = 0.010
+STAGES = ("embed", "search", "tokenize", "queue", "rerank")
 MOVER = "rerank-mover"
 CHECKPOINTER = "checkpointer"
 
@@ -69,6 +70,13 @@ class Call:
     def elapsed_ms(self) -> float:
         return ms_since(self.arrived)
 
+    def timings(self, stages_ms: Mapping[str, float]) -> dict[str, float]:
+        """The reply's timings: milliseconds per stage (zero for stages the call did not
+        use) and the total so far, under the field names both transports send."""
+        timings = {f"{stage}_ms": stages_ms.get(stage, 0.0) for stage in STAGES}
+        timings["total_ms"] = self.elapsed_ms()
+        return timings
+
 
 @dataclass(frozen=True)
 class Models:
@@ -85,6 +93,7 @@ class Embedded:
     truncated: NDArray[np.bool_]
     dimension: int
     timings_ms: dict[str, float]
+    tokens: int  # what the bi-encoder read, special tokens included
 
 
 @dataclass
@@ -124,6 +133,7 @@ class EngineInfo:
     dimension: int
     query_max_tokens: int
     pair_max_tokens: int  # 0 without a reranker
+    score_activation: str  # what maps a rerank logit into [0, 1]; "" without a reranker
 
 
 class Engine:
@@ -251,6 +261,7 @@ class Engine:
             include_text=request.return_documents,
             truncate=request.truncate,
             arrived=call.arrived,
+            max_tokens_per_doc=request.max_tokens_per_doc,
         )
 
     def _budget(self, requested_ms: int | None, call: Call) -> float | None:
@@ -265,13 +276,17 @@ class Engine:
         check_embed(request, self.settings)
         embedder = self.searcher.embedder
         started = time.perf_counter()
-        vectors, truncated = await self.lanes.run("query", embedder.encode, list(request.texts))
+        vectors, truncated, tokens = await self.lanes.run(
+            "query", embedder.encode_counted, list(request.texts)
+        )
         if not request.truncate and truncated.any():
             raise InvalidArgument(
                 f"texts[{int(np.flatnonzero(truncated)[0])}] is longer than the bi-encoder's "
                 f"{embedder.manifest.max_length} tokens; shorten it, or allow truncate"
             )
-        return Embedded(vectors, truncated, embedder.dimension, {"embed": ms_since(started)})
+        return Embedded(
+            vectors, truncated, embedder.dimension, {"embed": ms_since(started)}, tokens
+        )
 
     async def get(self, ids: list[str], call: Call) -> Fetched:
         wanted = unique_ids(ids, self.settings)
@@ -302,6 +317,7 @@ class Engine:
             dimension=embedder.dimension,
             query_max_tokens=embedder.manifest.max_length,
             pair_max_tokens=pairs.template.max_length if pairs is not None else 0,
+            score_activation=SCORE_ACTIVATION if self.models.reranker is not None else "",
         )
 
     # Writes

@@ -65,9 +65,12 @@ class PairTemplate:
             max_length=max_length,
         )
 
-    def join(self, query: Ids, document: Ids) -> JoinedPair:
+    def join(self, query: Ids, document: Ids, *, document_cap: int | None = None) -> JoinedPair:
+        """``document_cap``: at most this many of the document's tokens (Cohere's
+        ``max_tokens_per_doc``); a document cut by it counts as truncated."""
+        length = len(document) if document_cap is None else min(len(document), document_cap)
         keep_query, keep_document = longest_first(
-            len(query), len(document), self.max_length - self.specials
+            len(query), length, self.max_length - self.specials
         )
         return JoinedPair(self, query, document, keep_query, keep_document)
 
@@ -187,8 +190,12 @@ class PairTokenizer:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]
 
-    def join(self, query: Ids, documents: Sequence[Ids]) -> list[JoinedPair]:
-        return [self.template.join(query, document) for document in documents]
+    def join(
+        self, query: Ids, documents: Sequence[Ids], *, document_cap: int | None = None
+    ) -> list[JoinedPair]:
+        return [
+            self.template.join(query, document, document_cap=document_cap) for document in documents
+        ]
 
 
 def pad_pairs(pairs: Sequence[HasPairIds], *, pad_id: int = 0) -> TokenBatch:

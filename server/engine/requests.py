@@ -41,6 +41,7 @@ class RerankRequest:
     rerank_budget_ms: int | None = None
     return_documents: bool = False
     truncate: bool = True
+    max_tokens_per_doc: int | None = None  # None: as many as the reranker's length leaves
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,11 @@ def check_rerank(request: RerankRequest, settings: Settings) -> int | None:
             raise InvalidArgument(f"documents[{position}].text is empty: send the document's text")
         if document.id is not None:
             check_id(document.id, settings.max_id_bytes)
+    if request.max_tokens_per_doc is not None and request.max_tokens_per_doc < 1:
+        raise InvalidArgument(
+            f"max_tokens_per_doc must be at least 1 (got {request.max_tokens_per_doc}); leave "
+            "it out to keep as many tokens as the reranker reads"
+        )
     if request.top_n is None:
         return None
     return min(bounded("top_n", request.top_n, default=count, limit=settings.max_top_n), count)

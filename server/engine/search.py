@@ -15,6 +15,7 @@ query with truncate off) and come from ``tandem.server.engine.errors``.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,19 @@ FILTER_OVERFETCH = 4
 EXACT_FILTER_MAX = 50_000
 
 
+# Rerankers have one output logit (the export refuses others); the sigmoid maps it into
+# [0, 1], as sentence-transformers' CrossEncoder does by default and Cohere's scores read.
+SCORE_ACTIVATION = "sigmoid"
+
+
+def sigmoid(logit: float) -> float:
+    # Written so that neither branch overflows math.exp for a large logit of either sign.
+    if logit >= 0:
+        return 1.0 / (1.0 + math.exp(-logit))
+    odds = math.exp(logit)
+    return odds / (1.0 + odds)
+
+
 class Mode(enum.Enum):
     TWO_STAGE = "two_stage"
     RETRIEVE_ONLY = "retrieve_only"
@@ -66,6 +80,11 @@ class Hit:
     stage1_rank: int  # 0-based position among the candidates before reranking
     rerank_score: float | None  # None where the budget ran out first
     truncated: bool = False
+
+    @property
+    def probability(self) -> float | None:
+        """The rerank score through ``SCORE_ACTIVATION``, in [0, 1]."""
+        return None if self.rerank_score is None else sigmoid(self.rerank_score)
 
 
 @dataclass(frozen=True)
@@ -284,11 +303,13 @@ class Searcher:
         include_text: bool = True,
         truncate: bool = True,
         arrived: float | None = None,
+        max_tokens_per_doc: int | None = None,
     ) -> Result:
         """Reranks documents the client names, sent as text or as stored ids, in any mix.
 
         ``top_n`` None returns every document. Hit ids are stored ids, or the position in
-        ``documents`` for texts."""
+        ``documents`` for texts. ``max_tokens_per_doc`` cuts each document to that many
+        tokens before it is paired with the query."""
         self._require_reranker()
         arrived = time.perf_counter() if arrived is None else arrived
         timings: dict[str, float] = {}
@@ -320,7 +341,7 @@ class Searcher:
             query, candidates, top_n=len(candidates) if top_n is None else top_n,
             budget_s=budget_s, include_text=include_text, timings=timings,
             query_truncated=False, truncate=truncate, arrived=arrived,
-            client_texts=[ref.id is None for ref in documents],
+            client_texts=[ref.id is None for ref in documents], document_cap=max_tokens_per_doc,
         )  # fmt: skip
 
     async def rerank_texts(
@@ -359,7 +380,11 @@ class Searcher:
         return self.pairs
 
     def _join(
-        self, query: str, candidates: Sequence[Candidate], client_texts: Sequence[bool]
+        self,
+        query: str,
+        candidates: Sequence[Candidate],
+        client_texts: Sequence[bool],
+        document_cap: int | None,
     ) -> list[JoinedPair]:
         """Tokenizes the query and any client texts, then joins each pair (the pairs lane)."""
         pairs = self._require_reranker()
@@ -369,7 +394,7 @@ class Searcher:
             next(sent_ids) if sent else candidate.token_ids
             for candidate, sent in zip(candidates, client_texts, strict=True)
         ]
-        return pairs.join(pairs.tokenize([query])[0], documents)
+        return pairs.join(pairs.tokenize([query])[0], documents, document_cap=document_cap)
 
     async def _rerank(
         self,
@@ -384,13 +409,14 @@ class Searcher:
         truncate: bool,
         arrived: float,
         client_texts: Sequence[bool] | None = None,
+        document_cap: int | None = None,
     ) -> Result:
         pairs = self._require_reranker()
         assert self.batcher is not None
         deadline = None if not budget_s else arrived + budget_s
         started = time.perf_counter()
         sent = client_texts if client_texts is not None else [False] * len(candidates)
-        joined = await self.lanes.run("pairs", self._join, query, candidates, sent)
+        joined = await self.lanes.run("pairs", self._join, query, candidates, sent, document_cap)
         timings["tokenize"] = ms_since(started)
         cut = [i for i, pair in enumerate(joined) if pair.truncated]
         if cut and not truncate:

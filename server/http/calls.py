@@ -1,0 +1,52 @@
+"""How an HTTP route runs one engine call: admit it, run it, release it, and turn an error
+into the status and body of the shape the route speaks.
+
+The same ``Gate`` admits gRPC and HTTP calls, so the two doors share one limit: an overload
+shed on one is shed on both, and the adaptive limit learns from both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from tandem.server.admission import Gate
+from tandem.server.engine.engine import Call, Engine
+from tandem.server.http.errors import Dialect, body, describe, retry_after
+
+
+def error_response(dialect: Dialect, error: BaseException) -> JSONResponse:
+    status, message = describe(error)
+    return JSONResponse(
+        body(dialect, status, message), status_code=status, headers=retry_after(error)
+    )
+
+
+class Calls:
+    def __init__(self, engine: Engine, *, gate: Gate) -> None:
+        self.engine = engine
+        self.gate = gate
+
+    async def run(
+        self,
+        dialect: Dialect,
+        work: Callable[[Call], Awaitable[Any]],
+        *,
+        queued: bool,
+    ) -> Response:
+        """``work``'s reply as JSON (a model, or anything JSONResponse takes), or the error."""
+        try:
+            reply = await self.gate.run(
+                Call(), work, queued=queued, expected_wait_s=self.engine.expected_wait()
+            )
+        except Exception as error:
+            return error_response(dialect, error)
+        if isinstance(reply, Response):
+            return reply
+        if hasattr(reply, "model_dump"):
+            # Fields left unset are left out, as the originals do (Cohere's `document`).
+            return JSONResponse(reply.model_dump(mode="json", exclude_none=True))
+        return JSONResponse(reply)

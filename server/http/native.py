@@ -1,0 +1,192 @@
+"""Tandem's own JSON API, field for field the gRPC one: search, upsert, get, delete, info,
+and health."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from tandem.artifact import Manifest
+from tandem.server.engine.engine import Call, Engine, EngineInfo
+from tandem.server.engine.requests import SearchRequest, UpsertBatch
+from tandem.server.engine.search import Hit, Mode
+from tandem.server.engine.store import NewDocument
+from tandem.server.http import schemas as s
+from tandem.server.http.calls import Calls
+from tandem.server.http.errors import Dialect
+
+MODES = {None: None, "two_stage": Mode.TWO_STAGE, "retrieve_only": Mode.RETRIEVE_ONLY}
+
+
+def timings(stages_ms: Mapping[str, float], call: Call) -> s.TimingsBody:
+    return s.TimingsBody(**call.timings(stages_ms))
+
+
+def hit_body(hit: Hit) -> s.HitBody:
+    reranked = hit.rerank_score is not None
+    stage1 = hit.stage1_score if hit.stage1_score is not None else 0.0
+    return s.HitBody(
+        id=hit.id,
+        score=hit.rerank_score if hit.rerank_score is not None else stage1,
+        probability=hit.probability,
+        stage1_score=hit.stage1_score,
+        stage1_rank=hit.stage1_rank,
+        reranked=reranked,
+        truncated=hit.truncated,
+        text=hit.text,
+        metadata=hit.metadata,
+    )
+
+
+def router(engine: Engine, calls: Calls, *, serving: Callable[[], bool]) -> APIRouter:
+    routes = APIRouter()
+
+    @routes.post("/v1/search", response_model=s.SearchReply, tags=["native"], summary="Search")
+    async def search(request: s.SearchBody) -> Response:
+        async def work(call: Call) -> s.SearchReply:
+            result = await engine.search(
+                SearchRequest(
+                    query=request.query,
+                    recall_k=request.recall_k,
+                    top_n=request.top_n,
+                    mode=MODES[request.mode],
+                    rerank_budget_ms=request.rerank_budget_ms,
+                    include_text=request.include_text,
+                    metadata_filter=request.metadata_filter,
+                    truncate=request.truncate,
+                ),
+                call,
+            )
+            return s.SearchReply(
+                hits=[hit_body(hit) for hit in result.hits],
+                reranked_count=result.reranked_count,
+                candidates=result.candidates,
+                truncated=result.truncated,
+                filter_matched=result.filter_matched,
+                timings=timings(result.timings_ms, call),
+            )
+
+        return await calls.run(Dialect.NATIVE, work, queued=True)
+
+    @routes.post(
+        "/v1/upsert",
+        response_model=s.UpsertReply,
+        tags=["native"],
+        summary="Upsert documents (one batch, committed whole or not at all)",
+    )
+    async def upsert(request: s.UpsertBody) -> Response:
+        async def batches() -> AsyncIterator[UpsertBatch]:
+            yield UpsertBatch(
+                documents=[
+                    NewDocument(id=d.id, text=d.text, metadata=d.metadata)
+                    for d in request.documents
+                ],
+                truncate=request.truncate,
+            )
+
+        async def work(call: Call) -> s.UpsertReply:
+            totals = await engine.upsert(batches(), call)
+            return s.UpsertReply(
+                received=totals.received,
+                inserted=totals.inserted,
+                replaced=totals.replaced,
+                truncated=totals.truncated,
+                generation=totals.generation,
+                timings=timings(totals.timings_ms, call),
+            )
+
+        return await calls.run(Dialect.NATIVE, work, queued=False)
+
+    @routes.post("/v1/get", response_model=s.GetReply, tags=["native"], summary="Get by id")
+    async def get(request: s.IdsBody) -> Response:
+        async def work(call: Call) -> s.GetReply:
+            fetched = await engine.get(request.ids, call)
+            return s.GetReply(
+                documents=[
+                    s.DocumentBody(id=d.id, text=d.text, metadata=d.metadata)
+                    for d in fetched.documents
+                ],
+                not_found=fetched.not_found,
+                timings=timings(fetched.timings_ms, call),
+            )
+
+        return await calls.run(Dialect.NATIVE, work, queued=False)
+
+    @routes.post(
+        "/v1/delete", response_model=s.DeleteReply, tags=["native"], summary="Delete by id"
+    )
+    async def delete(request: s.IdsBody) -> Response:
+        async def work(call: Call) -> s.DeleteReply:
+            deleted = await engine.delete(request.ids, call)
+            return s.DeleteReply(
+                deleted=deleted.deleted,
+                not_found=deleted.not_found,
+                timings=timings(deleted.timings_ms, call),
+            )
+
+        return await calls.run(Dialect.NATIVE, work, queued=False)
+
+    @routes.get("/info", tags=["native"], summary="Models, limits and the collection")
+    async def info() -> Response:
+        async def work(call: Call) -> dict[str, Any]:
+            return info_body(await engine.info())
+
+        return await calls.run(Dialect.NATIVE, work, queued=False)
+
+    @routes.get("/health", tags=["native"], summary="200 while serving, 503 otherwise")
+    async def health() -> Response:
+        up = serving()
+        return JSONResponse(
+            {"status": "SERVING" if up else "NOT_SERVING"}, status_code=200 if up else 503
+        )
+
+    return routes
+
+
+def info_body(info: EngineInfo) -> dict[str, Any]:
+    settings = info.settings
+    return {
+        "version": info.version,
+        "bi_encoder": _model(info.models.bi_encoder),
+        "reranker": _model(info.models.reranker) if info.models.reranker else None,
+        "reranker_is_stand_in": info.models.reranker_is_stand_in,
+        "score_activation": info.score_activation,
+        "limits": {
+            "max_recall_k": settings.max_recall_k,
+            "max_top_n": settings.max_top_n,
+            "max_rerank_documents": settings.max_rerank_documents,
+            "max_embed_texts": settings.max_embed_texts,
+            "max_message_bytes": settings.max_message_bytes,
+            "max_in_flight": settings.max_in_flight,
+            "default_rerank_budget_ms": settings.default_rerank_budget_ms,
+            "default_recall_k": settings.default_recall_k,
+            "default_top_n": settings.default_top_n,
+            "max_upsert_documents": settings.max_upsert_documents,
+            "max_id_bytes": settings.max_id_bytes,
+            "query_max_tokens": info.query_max_tokens,
+            "pair_max_tokens": info.pair_max_tokens,
+        },
+        "index_size": info.index_size,
+        "index_dtype": info.index_dtype,
+        "store_generation": info.generation,
+        "collection_version": info.collection_version or "",
+        "read_only": info.read_only,
+        "dimension": info.dimension,
+    }
+
+
+def _model(manifest: Manifest) -> dict[str, Any]:
+    return {
+        "kind": manifest.kind,
+        "source": manifest.source,
+        "precision": manifest.precision,
+        "preset": manifest.preset or "",
+        "max_length": manifest.max_length,
+        "verified": manifest.verified,
+        "parity": manifest.parity.metrics if manifest.parity else {},
+        "parity_thresholds": manifest.parity.thresholds if manifest.parity else {},
+    }

@@ -1,0 +1,223 @@
+"""Request and reply bodies, field for field as each original API names them.
+
+Where the original ignores fields it does not know (Cohere, Jina, TEI), so do these; where
+it refuses them (OpenAI, and Tandem's own JSON API), so do these, and the 400 names the field.
+Defaults are the original's: TEI does not truncate unless asked, Cohere truncates.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Scores and ids as every shape returns them.
+Strict = ConfigDict(extra="forbid")
+Lenient = ConfigDict(extra="ignore")
+
+
+class TextDocument(BaseModel):
+    model_config = Lenient
+    text: str
+
+
+# Cohere v1 and v2, and Jina (which shares /v1/rerank)
+
+
+class CohereRerankRequest(BaseModel):
+    model_config = Lenient
+    query: str
+    documents: list[str | TextDocument] = Field(
+        description="the texts to rerank: strings, or objects with a `text` field"
+    )
+    model: str | None = Field(
+        default=None, description="accepted and echoed; the server's reranker answers"
+    )
+    top_n: int | None = Field(default=None, description="return the best this many")
+    return_documents: bool | None = Field(
+        default=None,
+        description="include each document's text; default false (Cohere), true when `model` "
+        "names a Jina reranker (jina-…), as Jina's API does",
+    )
+    max_tokens_per_doc: int | None = Field(
+        default=None, description="cut each document to this many tokens before scoring"
+    )
+    rank_fields: list[str] | None = Field(
+        default=None, description="Cohere v1: only `text` is ranked; other fields are refused"
+    )
+    max_chunks_per_doc: int | None = Field(default=None, description="Cohere v1: accepted")
+
+
+class CohereDocument(BaseModel):
+    text: str
+
+
+class CohereResult(BaseModel):
+    index: int
+    relevance_score: float = Field(description="the reranker's logit through the sigmoid")
+    document: CohereDocument | None = None
+
+
+class ApiVersion(BaseModel):
+    version: str
+
+
+class BilledUnits(BaseModel):
+    search_units: int
+
+
+class CohereMeta(BaseModel):
+    api_version: ApiVersion
+    billed_units: BilledUnits
+
+
+class CohereRerankResponse(BaseModel):
+    """Cohere's reply; ``model`` is Jina's, which Cohere clients ignore. (Jina's ``usage``
+    is left out: the reranker's token count is not tracked per call.)"""
+
+    id: str
+    results: list[CohereResult]
+    meta: CohereMeta
+    model: str
+
+
+# TEI
+
+
+class TeiRerankRequest(BaseModel):
+    model_config = Lenient
+    query: str
+    texts: list[str]
+    truncate: bool = False
+    raw_scores: bool = Field(default=False, description="the logit instead of the sigmoid")
+    return_text: bool = False
+    truncation_direction: Literal["Right", "right"] = "Right"
+
+
+class TeiRank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+class TeiEmbedRequest(BaseModel):
+    model_config = Lenient
+    inputs: str | list[str]
+    truncate: bool = False
+    normalize: bool = Field(default=True, description="all-MiniLM vectors are unit length")
+
+
+# OpenAI
+
+
+class OpenAIEmbeddingRequest(BaseModel):
+    model_config = Strict
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+    index: int
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+# Tandem's own JSON API: the gRPC messages' fields, as JSON.
+
+
+class SearchBody(BaseModel):
+    model_config = Strict
+    query: str
+    recall_k: int | None = None
+    top_n: int | None = None
+    mode: Literal["two_stage", "retrieve_only"] | None = Field(
+        default=None, description="default: two_stage where a reranker is loaded"
+    )
+    rerank_budget_ms: int | None = Field(default=None, description="0: no deadline")
+    include_text: bool = False
+    metadata_filter: dict[str, Any] | None = None
+    truncate: bool = True
+
+
+class HitBody(BaseModel):
+    id: str
+    score: float = Field(description="the rerank logit when reranked, else the stage-1 cosine")
+    probability: float | None = Field(description="the rerank logit through the sigmoid")
+    stage1_score: float | None
+    stage1_rank: int
+    reranked: bool
+    truncated: bool
+    text: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class TimingsBody(BaseModel):
+    embed_ms: float = 0.0
+    search_ms: float = 0.0
+    tokenize_ms: float = 0.0
+    queue_ms: float = 0.0
+    rerank_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class SearchReply(BaseModel):
+    hits: list[HitBody]
+    reranked_count: int
+    candidates: int
+    truncated: bool
+    filter_matched: int | None = None
+    timings: TimingsBody
+
+
+class DocumentBody(BaseModel):
+    model_config = Strict
+    id: str
+    text: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class UpsertBody(BaseModel):
+    model_config = Strict
+    documents: list[DocumentBody]
+    truncate: bool = True
+
+
+class UpsertReply(BaseModel):
+    received: int
+    inserted: int
+    replaced: int
+    truncated: int
+    generation: int
+    timings: TimingsBody
+
+
+class IdsBody(BaseModel):
+    model_config = Strict
+    ids: list[str]
+
+
+class GetReply(BaseModel):
+    documents: list[DocumentBody]
+    not_found: list[str]
+    timings: TimingsBody
+
+
+class DeleteReply(BaseModel):
+    deleted: int
+    not_found: list[str]
+    timings: TimingsBody

@@ -1,0 +1,449 @@
+"""The HTTP door, through the clients users point at it (the Cohere and OpenAI SDKs, LangChain,
+plain HTTP for TEI and Jina), each compared with the gRPC call of the same request, on real
+weights and RAG24 text."""
+
+from __future__ import annotations
+
+import json
+import math
+import ssl
+import threading
+import time
+
+import cohere
+import httpx
+import numpy as np
+import openai
+import pytest
+from langchain_classic.retrievers import ContextualCompressionRetriever
+from langchain_cohere import CohereRerank
+from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.documents import Document
+from langchain_core.retrievers import BaseRetriever
+from serving import ServerThread, document, settings_for, upsert
+
+from tandem.v1 import tandem_pb2 as pb
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+CORPUS = 200
+TOKEN = "http-test-token"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, bi_int8, ce_int8, data):
+    settings = settings_for(
+        tmp_path_factory.mktemp("collection"), bi_int8[0], ce_int8[0],
+        max_message_bytes=256 * 1024, max_embed_texts=16,
+    )  # fmt: skip
+    running = ServerThread(settings)
+    upsert(running.stub(), [document(s.id, s.text) for s in data.segments[:CORPUS]])
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def base(server) -> str:
+    return f"http://127.0.0.1:{server.running.http_port}"
+
+
+@pytest.fixture(scope="module")
+def case(data) -> tuple[str, list[str]]:
+    """A RAG24 topic and 20 real passages of various lengths."""
+    return data.topics[3].query, [segment.text for segment in data.segments[200:220]]
+
+
+def grpc_rerank(server, query: str, texts: list[str], **fields) -> list[pb.RerankResult]:
+    reply = server.stub().Rerank(
+        pb.RerankRequest(
+            query=query,
+            documents=[pb.RerankDocument(text=text) for text in texts],
+            rerank_budget_ms=0,
+            **fields,
+        )
+    )
+    assert reply.reranked_count == len(texts)
+    return list(reply.results)
+
+
+def sigmoid(logit: float) -> float:
+    return 1.0 / (1.0 + math.exp(-logit))
+
+
+def test_grpc_replies_carry_the_probability_beside_the_logit(server, case) -> None:
+    query, texts = case
+    results = grpc_rerank(server, query, texts)
+    for result in results:
+        assert result.HasField("probability")
+        assert result.probability == pytest.approx(sigmoid(result.relevance_score), rel=1e-6)
+        assert 0.0 <= result.probability <= 1.0
+    assert server.stub().Info(pb.InfoRequest()).score_activation == "sigmoid"
+    hits = server.stub().Search(pb.SearchRequest(query=query, rerank_budget_ms=0)).hits
+    assert all(hit.probability == pytest.approx(sigmoid(hit.score), rel=1e-6) for hit in hits)
+
+
+def test_cohere_sdk_v2_rerank_matches_grpc(server, base, case) -> None:
+    query, texts = case
+    expected = grpc_rerank(server, query, texts, top_n=5)
+    with cohere.ClientV2(api_key="unused", base_url=base) as client:
+        reply = client.rerank(model="rerank-v3.5", query=query, documents=texts, top_n=5)
+    assert [r.index for r in reply.results] == [r.index for r in expected]
+    for got, want in zip(reply.results, expected, strict=True):
+        assert got.relevance_score == pytest.approx(want.probability, rel=1e-6)
+    assert reply.meta is not None
+    assert reply.meta.api_version is not None
+    assert reply.meta.api_version.version == "2"
+
+
+def test_cohere_sdk_v1_rerank_returns_documents_when_asked(server, base, case) -> None:
+    query, texts = case
+    expected = grpc_rerank(server, query, texts, top_n=3)
+    with cohere.Client(api_key="unused", base_url=base) as client:
+        reply = client.rerank(
+            model="rerank-english-v3.0", query=query, documents=texts, top_n=3,
+            return_documents=True,
+        )  # fmt: skip
+        bare = client.rerank(model="rerank-english-v3.0", query=query, documents=texts, top_n=3)
+    assert [r.index for r in reply.results] == [r.index for r in expected]
+    for result in reply.results:
+        assert result.document is not None
+        assert result.document.text == texts[result.index]
+    assert all(result.document is None for result in bare.results)  # Cohere's default
+
+
+def test_cohere_max_tokens_per_doc_cuts_documents(server, base, case) -> None:
+    query, texts = case
+    expected = grpc_rerank(server, query, texts, max_tokens_per_doc=16)
+    assert all(result.truncated for result in expected if len(texts[result.index]) > 200)
+    with cohere.ClientV2(api_key="unused", base_url=base) as client:
+        reply = client.rerank(model="m", query=query, documents=texts, max_tokens_per_doc=16)
+    assert [r.index for r in reply.results] == [r.index for r in expected]
+    full = grpc_rerank(server, query, texts)
+    assert [r.relevance_score for r in full] != [r.relevance_score for r in expected]
+
+
+def test_langchain_cohere_rerank_in_a_retriever_pipeline(server, base, data) -> None:
+    class TandemRetriever(BaseRetriever):
+        """Stage 1 from Tandem's JSON search, retrieve-only: LangChain reranks next."""
+
+        url: str
+        k: int = 20
+
+        def _get_relevant_documents(
+            self, query: str, *, run_manager: CallbackManagerForRetrieverRun
+        ) -> list[Document]:
+            reply = httpx.post(
+                f"{self.url}/v1/search",
+                json={"query": query, "mode": "retrieve_only", "top_n": self.k,
+                      "include_text": True},
+            ).json()  # fmt: skip
+            hits = reply["hits"]
+            return [Document(page_content=h["text"], metadata={"id": h["id"]}) for h in hits]
+
+    query = data.topics[5].query
+    reranker = CohereRerank(cohere_api_key="unused", base_url=base, model="rerank-v3.5", top_n=3)
+    pipeline = ContextualCompressionRetriever(
+        base_compressor=reranker, base_retriever=TandemRetriever(url=base)
+    )
+    try:
+        reranked = pipeline.invoke(query)
+    finally:
+        reranker.client.__exit__(None, None, None)  # closes its connections
+    candidates = TandemRetriever(url=base).invoke(query)
+    expected = grpc_rerank(server, query, [c.page_content for c in candidates], top_n=3)
+    assert [d.metadata["id"] for d in reranked] == [
+        candidates[r.index].metadata["id"] for r in expected
+    ]
+    for got, want in zip(reranked, expected, strict=True):
+        assert got.metadata["relevance_score"] == pytest.approx(want.probability, rel=1e-6)
+
+
+def test_openai_sdk_embeddings_match_grpc_embed(server, base, data, request) -> None:
+    texts = [segment.text for segment in data.segments[:5]]
+    expected = server.stub().Embed(pb.EmbedRequest(texts=texts))
+    client = openai.OpenAI(api_key="unused", base_url=f"{base}/v1")
+    request.addfinalizer(client.close)
+    for encoding in ("base64", "float"):  # the SDK asks for base64 unless told
+        kwargs = {"encoding_format": encoding} if encoding == "float" else {}
+        reply = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts, **kwargs)
+        assert [item.index for item in reply.data] == list(range(len(texts)))
+        for got, want in zip(reply.data, expected.embeddings, strict=True):
+            np.testing.assert_allclose(got.embedding, want.values, rtol=0, atol=1e-6)
+        assert reply.usage.prompt_tokens > len(texts) * 10
+    single = client.embeddings.create(model="m", input="one text", encoding_format="float")
+    assert len(single.data) == 1
+    assert len(single.data[0].embedding) == expected.dimension
+
+
+def test_openai_errors_are_openai_shaped(base) -> None:
+    with (
+        openai.OpenAI(api_key="unused", base_url=f"{base}/v1", max_retries=0) as client,
+        pytest.raises(openai.BadRequestError) as caught,
+    ):
+        client.embeddings.create(model="m", input=[1, 2, 3])
+    assert "send the text" in caught.value.message
+    reply = httpx.post(f"{base}/v1/embeddings", json={"model": "m", "input": "x", "color": 1})
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "color" in error["message"]
+
+
+def test_tei_rerank_and_embed_match_grpc(server, base, case, data) -> None:
+    query, texts = case
+    expected = grpc_rerank(server, query, texts)
+    reply = httpx.post(
+        f"{base}/rerank",
+        json={"query": query, "texts": texts, "truncate": True, "return_text": True},
+    )
+    assert reply.status_code == 200, reply.text
+    ranks = reply.json()
+    assert [r["index"] for r in ranks] == [r.index for r in expected]
+    for got, want in zip(ranks, expected, strict=True):
+        assert got["score"] == pytest.approx(want.probability, rel=1e-6)
+        assert got["text"] == texts[got["index"]]
+    raw = httpx.post(
+        f"{base}/rerank",
+        json={"query": query, "texts": texts, "truncate": True, "raw_scores": True},
+    ).json()
+    assert [r["score"] for r in raw] == pytest.approx([r.relevance_score for r in expected])
+    assert "text" not in raw[0]
+
+    sample = [segment.text for segment in data.segments[:3]]
+    want = server.stub().Embed(pb.EmbedRequest(texts=sample))
+    vectors = httpx.post(f"{base}/embed", json={"inputs": sample, "truncate": True}).json()
+    for got, wanted in zip(vectors, want.embeddings, strict=True):
+        np.testing.assert_allclose(got, wanted.values, atol=1e-6)
+    one = httpx.post(f"{base}/embed", json={"inputs": "a single input"}).json()
+    assert len(one) == 1
+    assert len(one[0]) == want.dimension
+
+
+def test_tei_refuses_an_overlong_pair_unless_told_to_truncate(base) -> None:
+    # TEI's default is truncate=false: a pair past the model's length is an error, not cut.
+    reply = httpx.post(f"{base}/rerank", json={"query": "q", "texts": ["word " * 2000]})
+    assert reply.status_code == 400
+    assert reply.json()["error_type"] == "validation"
+    assert "truncate" in reply.json()["error"]
+
+
+def test_jina_rerank_matches_grpc_and_returns_documents_by_default(server, base, case) -> None:
+    query, texts = case
+    expected = grpc_rerank(server, query, texts, top_n=4)
+    reply = httpx.post(
+        f"{base}/v1/rerank",
+        json={"model": "jina-reranker-v2-base-multilingual", "query": query,
+              "documents": [{"text": t} for t in texts], "top_n": 4},
+    )  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["model"] == "jina-reranker-v2-base-multilingual"
+    assert [r["index"] for r in body["results"]] == [r.index for r in expected]
+    for got, want in zip(body["results"], expected, strict=True):
+        assert got["relevance_score"] == pytest.approx(want.probability, rel=1e-6)
+        assert got["document"]["text"] == texts[got["index"]]
+
+
+def test_native_search_mirrors_grpc_search(server, base, data) -> None:
+    query = data.topics[1].query
+    expected = server.stub().Search(
+        pb.SearchRequest(query=query, top_n=5, rerank_budget_ms=0, include_text=True)
+    )
+    reply = httpx.post(
+        f"{base}/v1/search",
+        json={"query": query, "top_n": 5, "rerank_budget_ms": 0, "include_text": True},
+    ).json()
+    assert [h["id"] for h in reply["hits"]] == [h.id for h in expected.hits]
+    assert reply["reranked_count"] == expected.reranked_count == reply["candidates"]
+    for got, want in zip(reply["hits"], expected.hits, strict=True):
+        assert got["score"] == pytest.approx(want.score, rel=1e-6)
+        assert got["probability"] == pytest.approx(want.probability, rel=1e-6)
+        assert got["text"] == want.text
+        assert got["stage1_rank"] == want.stage1_rank
+    assert reply["timings"]["total_ms"] > 0
+    retrieve = httpx.post(
+        f"{base}/v1/search", json={"query": query, "mode": "retrieve_only", "top_n": 3}
+    ).json()
+    assert retrieve["reranked_count"] == 0
+    assert all("probability" not in hit for hit in retrieve["hits"])  # unset, so left out
+
+
+def test_native_upsert_get_delete_round_trip(base) -> None:
+    documents = [
+        {"id": "http-1", "text": "Tandem serves rerankers over HTTP.", "metadata": {"lang": "en"}},
+        {"id": "http-2", "text": "A second document about gRPC."},
+    ]
+    written = httpx.post(f"{base}/v1/upsert", json={"documents": documents}).json()
+    assert (written["received"], written["inserted"]) == (2, 2)
+    fetched = httpx.post(f"{base}/v1/get", json={"ids": ["http-1", "missing"]}).json()
+    assert fetched["documents"] == [documents[0]]
+    assert fetched["not_found"] == ["missing"]
+    found = httpx.post(
+        f"{base}/v1/search",
+        json={"query": "rerankers over HTTP", "metadata_filter": {"lang": "en"},
+              "mode": "retrieve_only"},
+    ).json()  # fmt: skip
+    assert [hit["id"] for hit in found["hits"]] == ["http-1"]
+    deleted = httpx.post(f"{base}/v1/delete", json={"ids": ["http-1", "http-2"]}).json()
+    assert deleted["deleted"] == 2
+
+
+def test_info_and_health(base, server) -> None:
+    info = httpx.get(f"{base}/info").json()
+    assert info["score_activation"] == "sigmoid"
+    assert info["reranker"]["verified"] is True
+    assert info["dimension"] == server.stub().Info(pb.InfoRequest()).dimension
+    health = httpx.get(f"{base}/health")
+    assert (health.status_code, health.json()) == (200, {"status": "SERVING"})
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "field"),
+    [
+        ("/v2/rerank", {"query": "q", "documents": "not a list"}, "message"),
+        ("/v2/rerank", {"documents": ["d"]}, "message"),
+        ("/v2/rerank", {"query": "  ", "documents": ["d"]}, "message"),
+        ("/v2/rerank", {"query": "q", "documents": ["d"], "top_n": 0}, "message"),
+        ("/v1/rerank", {"query": "q", "documents": ["d"], "rank_fields": ["title"]}, "message"),
+        ("/rerank", {"query": "q", "texts": [1, 2]}, "error"),
+        ("/embed", {"inputs": []}, "error"),
+        ("/embed", {"inputs": "x", "normalize": False}, "error"),
+        ("/v1/search", {"query": "q", "recall_k": "many"}, "error"),
+        ("/v1/search", {"query": "q", "mode": "sideways"}, "error"),
+        ("/v1/upsert", {"documents": [{"id": "", "text": "t"}]}, "error"),
+    ],
+)
+def test_bad_requests_get_400_in_the_shape_of_the_route(base, path, payload, field) -> None:
+    reply = httpx.post(f"{base}{path}", json=payload)
+    assert reply.status_code == 400, reply.text
+    body = reply.json()
+    message = body[field]["message"] if isinstance(body[field], dict) else body[field]
+    assert message
+    assert "internal" not in message.lower()
+
+
+def test_malformed_json_is_400_not_500(base) -> None:
+    for path in ("/v2/rerank", "/rerank", "/v1/embeddings", "/v1/search"):
+        reply = httpx.post(
+            f"{base}{path}", content=b'{"query": ', headers={"content-type": "application/json"}
+        )
+        assert reply.status_code == 400, (path, reply.text)
+        assert "not valid JSON" in reply.text
+
+
+def test_a_body_over_the_message_limit_is_413(base) -> None:
+    big = {"query": "q", "texts": ["x" * 1000] * 300}  # ~300 KB, over the 256 KiB limit
+    reply = httpx.post(f"{base}/rerank", json=big)
+    assert reply.status_code == 413
+    assert "max_message_bytes" in reply.json()["error"]
+    chunked = httpx.post(
+        f"{base}/rerank", content=iter([json.dumps(big).encode()]),
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    assert chunked.status_code == 413
+
+
+def test_unknown_route_and_state_conflicts(base, tmp_path, bi_int8, data) -> None:
+    assert httpx.get(f"{base}/v9/nothing").status_code == 404
+    retrieve_only = ServerThread(settings_for(tmp_path, bi_int8[0], None))
+    try:
+        url = f"http://127.0.0.1:{retrieve_only.running.http_port}"
+        reply = httpx.post(f"{url}/v2/rerank", json={"query": "q", "documents": ["d"]})
+        assert reply.status_code == 409
+        assert "retrieve-only" in reply.json()["message"]
+        assert httpx.get(f"{url}/info").json()["score_activation"] == ""
+    finally:
+        retrieve_only.stop()
+
+
+def test_metrics_count_http_requests_by_route_and_status(server, base) -> None:
+    httpx.get(f"{base}/health")
+    httpx.post(f"{base}/v1/search", json={"query": ""})
+    registry = server.running.metrics.registry
+
+    def count(route: str, status: str) -> float:
+        value = registry.get_sample_value(
+            "tandem_http_requests_total", {"route": route, "status": status}
+        )
+        return value or 0.0
+
+    # Counted once the reply is sent, so a moment after the client has it.
+    deadline = time.monotonic() + 5
+    while count("/v1/search", "400") < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert count("/health", "200") >= 1
+    assert count("/v1/search", "400") >= 1
+    assert registry.get_sample_value("tandem_http_request_seconds_count", {"route": "/health"})
+
+
+def test_token_tls_and_overload_refusals(tmp_path, bi_int8, ce_int8, data) -> None:
+    from test_grpc_server import make_certificate
+
+    cert, key = make_certificate(tmp_path)
+    settings = settings_for(
+        tmp_path / "c", bi_int8[0], ce_int8[0], tls_cert=cert, tls_key=key, token=TOKEN,
+        max_in_flight=1,
+    )  # fmt: skip
+    running = ServerThread(settings)
+    url = f"https://localhost:{running.running.http_port}"
+    try:
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as client:
+            assert client.get(f"{url}/health").status_code == 200  # open, as gRPC health is
+            refused = client.post(f"{url}/v2/rerank", json={"query": "q", "documents": ["d"]})
+            assert refused.status_code == 401
+            assert refused.headers["www-authenticate"] == "Bearer"
+            assert "Authorization: Bearer" in refused.json()["message"]
+            wrong = client.post(
+                f"{url}/v1/embeddings", json={"model": "m", "input": "x"},
+                headers={"Authorization": "Bearer nope"},
+            )  # fmt: skip
+            assert wrong.status_code == 401
+            assert wrong.json()["error"]["type"] == "authentication_error"
+            sdk = cohere.ClientV2(api_key=TOKEN, base_url=url, httpx_client=client)
+            assert len(sdk.rerank(model="m", query="q", documents=["a", "b"]).results) == 2
+
+            # One call in flight (max_in_flight=1): a second is refused with 429, Retry-After.
+            texts = [segment.text for segment in data.segments[:200]]
+            slow = threading.Thread(
+                target=client.post,
+                args=(f"{url}/rerank",),
+                kwargs={"json": {"query": "q", "texts": texts, "truncate": True},
+                        "headers": {"Authorization": f"Bearer {TOKEN}"}, "timeout": 120},
+            )  # fmt: skip
+            slow.start()
+            deadline = time.monotonic() + 30
+            while running.running.gate.in_flight == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            shed = client.post(
+                f"{url}/v1/search", json={"query": "q"},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )  # fmt: skip
+            slow.join()
+            assert shed.status_code == 429, shed.text
+            assert int(shed.headers["retry-after"]) >= 1
+            assert shed.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+    finally:
+        running.stop()
+
+
+def test_drain_finishes_http_requests_in_flight(tmp_path, bi_int8, ce_int8, data) -> None:
+    running = ServerThread(settings_for(tmp_path, bi_int8[0], ce_int8[0], drain_seconds=60.0))
+    url = f"http://127.0.0.1:{running.running.http_port}"
+    texts = [segment.text for segment in data.segments[:150]]
+    replies: list[httpx.Response] = []
+    caller = threading.Thread(
+        target=lambda: replies.append(
+            httpx.post(f"{url}/rerank", json={"query": "q", "texts": texts, "truncate": True},
+                       timeout=120)
+        )
+    )  # fmt: skip
+    caller.start()
+    deadline = time.monotonic() + 30
+    while running.running.gate.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    running.stop(grace=60.0)
+    caller.join()
+    assert replies
+    assert replies[0].status_code == 200
+    assert len(replies[0].json()) == len(texts)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health")
