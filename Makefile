@@ -11,7 +11,7 @@ export TANDEM_DATA_DIR ?= $(CURDIR)/.cache/rag24
 DEMO ?= $(ARTIFACTS)/demo
 SERVE_FLAGS ?=
 
-.PHONY: install data models demo run node nginx test check bench clean
+.PHONY: install data models demo run node nginx chromium test check bench clean
 
 install: $(VENV)/.installed
 
@@ -54,7 +54,8 @@ $(DEMO)/.built: $(ARTIFACTS)/demo-corpus.jsonl.gz | models
 
 demo: $(DEMO)/.built
 
-# Serves on 127.0.0.1:50051 (metrics on :9464) until Ctrl-C; add flags with SERVE_FLAGS=...
+# Serves gRPC on 127.0.0.1:50051, HTTP on :8080 (the search page at /, the API docs at /docs)
+# and metrics on :9464 until Ctrl-C, and prints those addresses; add flags with SERVE_FLAGS=...
 # Without an exported reranker (checked once the models are built) the server runs
 # retrieve-only, and says so in its log.
 run: demo
@@ -80,13 +81,18 @@ $(NGINX_BIN):
 		&& dpkg -x nginx_*.deb . && rm nginx_*.deb
 	test -x $@
 
+# Debian's chromium for the search page's test (tests/test_search_page.py).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 check: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: check data node nginx
+test: check data node nginx chromium
 	$(BIN)/pytest
 
 bench: demo

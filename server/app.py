@@ -330,6 +330,22 @@ def _http_address(settings: Settings, port: int | None) -> str | None:
     return f"{'https' if settings.tls else 'http'}://{host}:{port}"
 
 
+def _addresses(settings: Settings, running: Running) -> str:
+    """What a person starting the server wants to open, on stdout (the log is on stderr)."""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    lines = [f"Tandem is serving gRPC on {host}:{running.port}"]
+    http = _http_address(settings, running.http_port)
+    if http is not None:
+        lines += [
+            f"  search page:  {http}/",
+            f"  API docs:     {http}/docs",
+            f"  rerank:       {http}/v2/rerank (Cohere), {http}/rerank (TEI)",
+        ]
+    if running.metrics_port is not None:
+        lines.append(f"  metrics:      http://{host}:{running.metrics_port}/metrics")
+    return "\n".join(lines)
+
+
 def _assemble(
     settings: Settings, engine: Engine, metrics: Metrics, health_servicer: health.aio.HealthServicer
 ) -> Running:
@@ -392,6 +408,7 @@ def _assemble(
 async def serve(settings: Settings) -> None:
     """Runs until SIGTERM/SIGINT, then drains and exits."""
     running = await create_server(settings)
+    print(_addresses(settings, running), flush=True)
     # Everything loaded so far (modules, models, the collection) lives as long as the
     # process; frozen, it is skipped by the cyclic collector, whose full passes otherwise
     # walk it all and pause every call in flight.
