@@ -171,7 +171,11 @@ def full_rerank_throughput(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     queries = topic_queries()
-    out: dict[str, Any] = {"machine": machine(), "commit": _commit(), "command": " ".join(sys.argv)}
+    out: dict[str, Any] = {
+        "machine": machine(),
+        "commit": git_commit(),
+        "command": " ".join(sys.argv),
+    }
     largest = max(args.recall_ks)
     bare = bare_session_pairs_per_second(
         args.reranker, args.bi_encoder, args.collection, queries[: args.bare_queries],
@@ -276,7 +280,7 @@ def plot_throughput(out: dict[str, Any], path: Path, recall_ks: Sequence[int]) -
     plt.close(figure)
 
 
-def _commit() -> str:
+def git_commit() -> str:
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True

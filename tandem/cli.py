@@ -38,6 +38,7 @@ BENCHES = {
     "serving": "Tandem against the seeds' pipeline, side by side",
     "quality": "nDCG/MRR/recall on RAG24",
     "replicas": "throughput through nginx with 1, 2, 3 replicas",
+    "http_overhead": "Rerank of 50 documents over HTTP (Cohere v2) against gRPC, one server",
 }
 
 

@@ -1,0 +1,240 @@
+"""`tandem bench http`: what the HTTP door costs against gRPC, on one server, in one run.
+
+The same Rerank (a RAG24 topic and 50 of its candidate passages, all scored, top_n 5) goes
+through gRPC ``Rerank`` and through Cohere's ``/v2/rerank``, closed-loop at each concurrency.
+Rounds alternate the order (gRPC then HTTP, then HTTP then gRPC) so that a slow spell of the
+shared machine falls on both. The figure is served pairs/s over HTTP as a fraction of gRPC's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+
+from tandem import rag24
+from tandem.benchmarks.encoders import machine
+from tandem.benchmarks.serving import Process, git_commit
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc
+
+TOP_N = 5
+TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Case:
+    query: str
+    documents: list[str]
+
+
+@dataclass
+class Round:
+    transport: str
+    callers: int
+    calls: int
+    pairs: int
+    seconds: float
+    latency_ms_p50: float
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.pairs / self.seconds
+
+
+def cases(count: int, documents: int) -> list[Case]:
+    """RAG24 topics, each with ``documents`` passages from the pool retrieved for them."""
+    data = rag24.load()
+    segments = [segment.text for segment in data.segments]
+    return [
+        Case(topic.query, segments[(i * documents) % len(segments) :][:documents])
+        for i, topic in enumerate(data.topics[:count])
+    ]
+
+
+async def closed_loop(
+    send: Callable[[Case], Awaitable[int]], work: list[Case], *, callers: int, seconds: float
+) -> tuple[int, int, float, list[float]]:
+    """(calls, pairs scored, seconds, latencies): ``callers`` loops, each sending its next call
+    as soon as the last is answered, until ``seconds`` have passed."""
+    deadline = time.perf_counter() + seconds
+    latencies: list[float] = []
+    pairs = 0
+    counter = 0
+
+    async def caller() -> None:
+        nonlocal pairs, counter
+        while time.perf_counter() < deadline:
+            case = work[counter % len(work)]
+            counter += 1
+            started = time.perf_counter()
+            pairs += await send(case)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return len(latencies), pairs, time.perf_counter() - started, latencies
+
+
+async def measure(
+    grpc_port: int, http_base: str, work: list[Case], args: argparse.Namespace
+) -> list[Round]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
+    stub = tandem_pb2_grpc.RetrievalStub(channel)  # type: ignore[no-untyped-call]
+    limits = httpx.Limits(max_connections=max(args.callers), max_keepalive_connections=None)
+    client = httpx.AsyncClient(base_url=http_base, timeout=TIMEOUT_S, limits=limits)
+
+    async def over_grpc(case: Case) -> int:
+        reply = await stub.Rerank(
+            pb.RerankRequest(
+                query=case.query,
+                documents=[pb.RerankDocument(text=text) for text in case.documents],
+                top_n=TOP_N,
+                rerank_budget_ms=0,
+            ),
+            timeout=TIMEOUT_S,
+        )
+        if reply.reranked_count != len(case.documents):
+            raise RuntimeError(f"gRPC scored {reply.reranked_count} of {len(case.documents)}")
+        return int(reply.reranked_count)
+
+    async def over_http(case: Case) -> int:
+        reply = await client.post(
+            "/v2/rerank",
+            json={"model": "bench", "query": case.query, "documents": case.documents,
+                  "top_n": TOP_N},
+        )  # fmt: skip
+        reply.raise_for_status()
+        if len(reply.json()["results"]) != TOP_N:
+            raise RuntimeError(f"HTTP returned {reply.text[:200]}")
+        return len(case.documents)  # Cohere's shape: every document is scored
+
+    senders = {"grpc": over_grpc, "http": over_http}
+    rounds: list[Round] = []
+    try:
+        for callers in args.callers:
+            for warm in senders.values():  # connections and first-call costs, unmeasured
+                await closed_loop(warm, work, callers=callers, seconds=2.0)
+            for number in range(args.rounds):
+                order = ["grpc", "http"] if number % 2 == 0 else ["http", "grpc"]
+                for transport in order:
+                    calls, pairs, seconds, latencies = await closed_loop(
+                        senders[transport], work, callers=callers, seconds=args.seconds
+                    )
+                    done = Round(
+                        transport, callers, calls, pairs, seconds,
+                        statistics.median(latencies) * 1000 if latencies else 0.0,
+                    )  # fmt: skip
+                    rounds.append(done)
+                    print(
+                        f"{transport:4} callers={callers} round {number + 1}: "
+                        f"{done.pairs_per_second:.1f} pairs/s, p50 {done.latency_ms_p50:.0f} ms",
+                        flush=True,
+                    )
+    finally:
+        await client.aclose()
+        await channel.close()
+    return rounds
+
+
+def summarize(rounds: list[Round]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for callers in sorted({r.callers for r in rounds}):
+        by = {
+            transport: [r for r in rounds if r.callers == callers and r.transport == transport]
+            for transport in ("grpc", "http")
+        }
+        rate = {
+            transport: sum(r.pairs for r in items) / sum(r.seconds for r in items)
+            for transport, items in by.items()
+        }
+        paired = [
+            h.pairs_per_second / g.pairs_per_second
+            for g, h in zip(by["grpc"], by["http"], strict=True)
+        ]
+        summary[str(callers)] = {
+            "grpc_pairs_per_s": rate["grpc"],
+            "http_pairs_per_s": rate["http"],
+            "http_over_grpc": rate["http"] / rate["grpc"],
+            "per_round_ratios": paired,
+            "grpc_p50_ms": statistics.median(r.latency_ms_p50 for r in by["grpc"]),
+            "http_p50_ms": statistics.median(r.latency_ms_p50 for r in by["http"]),
+        }
+    return summary
+
+
+def table(summary: dict[str, Any]) -> str:
+    lines = [
+        "| callers | gRPC pairs/s | HTTP pairs/s | HTTP / gRPC | per round | p50 gRPC / HTTP ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for callers, row in summary.items():
+        rounds = ", ".join(f"{ratio:.3f}" for ratio in row["per_round_ratios"])
+        lines.append(
+            f"| {callers} | {row['grpc_pairs_per_s']:.1f} | {row['http_pairs_per_s']:.1f} | "
+            f"**{row['http_over_grpc']:.3f}** | {rounds} | "
+            f"{row['grpc_p50_ms']:.0f} / {row['http_p50_ms']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bi-encoder", type=Path, default=Path("artifacts/bi-encoder"))
+    parser.add_argument("--reranker", type=Path, default=Path("artifacts/cross-encoder"))
+    parser.add_argument("--documents", type=int, default=50, help="documents per Rerank")
+    parser.add_argument("--topics", type=int, default=20, help="distinct requests, cycled")
+    parser.add_argument("--callers", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--seconds", type=float, default=15.0, help="per round")
+    parser.add_argument("--rounds", type=int, default=4, help="per transport (alternating)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/http_overhead.json"))
+    parser.add_argument("--smoke", action="store_true", help="seconds, not minutes")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.smoke:
+        args.callers, args.seconds, args.rounds, args.topics = [1], 1.0, 2, 2
+    work = cases(args.topics, args.documents)
+    with tempfile.TemporaryDirectory() as folder:
+        log = Path(folder) / "server.log"
+        command = [
+            sys.executable, "-m", "tandem.cli", "serve", "--port", "0", "--metrics-port", "-1",
+            "--http-port", "0", "--collection", str(Path(folder) / "collection"),
+            "--bi-encoder", str(args.bi_encoder), "--reranker", str(args.reranker),
+            "--threads", str(args.threads),
+        ]  # fmt: skip
+        server = Process(command, log, '"msg": "serving"')
+        try:
+            serving = next(
+                json.loads(line)
+                for line in log.read_text().splitlines()
+                if '"msg": "serving"' in line
+            )
+            rounds = asyncio.run(measure(server.port, serving["http"], work, args))
+        finally:
+            server.stop()
+    summary = summarize(rounds)
+    out = {
+        "machine": machine(),
+        "commit": git_commit(),
+        "command": " ".join(sys.argv),
+        "documents": args.documents,
+        "summary": summary,
+        "rounds": [asdict(r) | {"pairs_per_second": r.pairs_per_second} for r in rounds],
+    }
+    if not args.smoke:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(table(summary))
+    return 0
