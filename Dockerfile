@@ -10,7 +10,7 @@ COPY benchmarks benchmarks
 COPY export export
 RUN pip install --no-cache-dir . && useradd --uid 10001 tandem
 USER tandem
-EXPOSE 50051 9464
+EXPOSE 50051 8080 9464
 ENTRYPOINT ["tandem"]
 CMD ["serve", "--host=0.0.0.0", "--allow-remote", "--collection=/data", \
      "--bi-encoder=/models/bi-encoder", "--reranker=/models/cross-encoder"]

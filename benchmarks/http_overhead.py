@@ -26,11 +26,20 @@ import httpx
 from tandem import rag24
 from tandem.benchmarks.encoders import machine
 from tandem.benchmarks.serving import Process, git_commit
+from tandem.server.api.status import retry_delay
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
 
 TOP_N = 5
 TIMEOUT_S = 120.0
+
+
+class Refused(Exception):
+    """The server shed the call (RESOURCE_EXHAUSTED, HTTP 429); retry after ``delay_s``."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(f"refused; retry after {delay_s} s")
+        self.delay_s = delay_s
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class Round:
     pairs: int
     seconds: float
     latency_ms_p50: float
+    refused: int  # calls shed and retried after the server's delay, as a client does
 
     @property
     def pairs_per_second(self) -> float:
@@ -63,28 +73,43 @@ def cases(count: int, documents: int) -> list[Case]:
     ]
 
 
+@dataclass
+class Loop:
+    calls: int
+    pairs: int
+    seconds: float
+    latencies: list[float]
+    refused: int
+
+
 async def closed_loop(
     send: Callable[[Case], Awaitable[int]], work: list[Case], *, callers: int, seconds: float
-) -> tuple[int, int, float, list[float]]:
-    """(calls, pairs scored, seconds, latencies): ``callers`` loops, each sending its next call
-    as soon as the last is answered, until ``seconds`` have passed."""
+) -> Loop:
+    """``callers`` loops, each sending its next call as soon as the last is answered, until
+    ``seconds`` have passed. A refused call waits the server's retry delay and is sent again;
+    its latency counts from the first try."""
     deadline = time.perf_counter() + seconds
     latencies: list[float] = []
-    pairs = 0
-    counter = 0
+    pairs = refused = counter = 0
 
     async def caller() -> None:
-        nonlocal pairs, counter
+        nonlocal pairs, counter, refused
         while time.perf_counter() < deadline:
             case = work[counter % len(work)]
             counter += 1
             started = time.perf_counter()
-            pairs += await send(case)
+            while True:
+                try:
+                    pairs += await send(case)
+                    break
+                except Refused as refusal:
+                    refused += 1
+                    await asyncio.sleep(refusal.delay_s)
             latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(callers)))
-    return len(latencies), pairs, time.perf_counter() - started, latencies
+    return Loop(len(latencies), pairs, time.perf_counter() - started, latencies, refused)
 
 
 async def measure(
@@ -96,15 +121,22 @@ async def measure(
     client = httpx.AsyncClient(base_url=http_base, timeout=TIMEOUT_S, limits=limits)
 
     async def over_grpc(case: Case) -> int:
-        reply = await stub.Rerank(
-            pb.RerankRequest(
-                query=case.query,
-                documents=[pb.RerankDocument(text=text) for text in case.documents],
-                top_n=TOP_N,
-                rerank_budget_ms=0,
-            ),
-            timeout=TIMEOUT_S,
-        )
+        try:
+            reply = await stub.Rerank(
+                pb.RerankRequest(
+                    query=case.query,
+                    documents=[pb.RerankDocument(text=text) for text in case.documents],
+                    top_n=TOP_N,
+                    rerank_budget_ms=0,
+                ),
+                timeout=TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            details = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
+            delay = retry_delay(details if isinstance(details, bytes) else None)
+            raise Refused(delay or 0.1) from error
         if reply.reranked_count != len(case.documents):
             raise RuntimeError(f"gRPC scored {reply.reranked_count} of {len(case.documents)}")
         return int(reply.reranked_count)
@@ -115,6 +147,8 @@ async def measure(
             json={"model": "bench", "query": case.query, "documents": case.documents,
                   "top_n": TOP_N},
         )  # fmt: skip
+        if reply.status_code == 429:
+            raise Refused(float(reply.headers.get("retry-after", "1")))
         reply.raise_for_status()
         if len(reply.json()["results"]) != TOP_N:
             raise RuntimeError(f"HTTP returned {reply.text[:200]}")
@@ -129,17 +163,19 @@ async def measure(
             for number in range(args.rounds):
                 order = ["grpc", "http"] if number % 2 == 0 else ["http", "grpc"]
                 for transport in order:
-                    calls, pairs, seconds, latencies = await closed_loop(
+                    loop = await closed_loop(
                         senders[transport], work, callers=callers, seconds=args.seconds
                     )
                     done = Round(
-                        transport, callers, calls, pairs, seconds,
-                        statistics.median(latencies) * 1000 if latencies else 0.0,
+                        transport, callers, loop.calls, loop.pairs, loop.seconds,
+                        statistics.median(loop.latencies) * 1000 if loop.latencies else 0.0,
+                        loop.refused,
                     )  # fmt: skip
                     rounds.append(done)
                     print(
                         f"{transport:4} callers={callers} round {number + 1}: "
-                        f"{done.pairs_per_second:.1f} pairs/s, p50 {done.latency_ms_p50:.0f} ms",
+                        f"{done.pairs_per_second:.1f} pairs/s, p50 {done.latency_ms_p50:.0f} ms, "
+                        f"{done.refused} refused and retried",
                         flush=True,
                     )
     finally:
@@ -170,21 +206,25 @@ def summarize(rounds: list[Round]) -> dict[str, Any]:
             "per_round_ratios": paired,
             "grpc_p50_ms": statistics.median(r.latency_ms_p50 for r in by["grpc"]),
             "http_p50_ms": statistics.median(r.latency_ms_p50 for r in by["http"]),
+            "grpc_refused": sum(r.refused for r in by["grpc"]),
+            "http_refused": sum(r.refused for r in by["http"]),
         }
     return summary
 
 
 def table(summary: dict[str, Any]) -> str:
     lines = [
-        "| callers | gRPC pairs/s | HTTP pairs/s | HTTP / gRPC | per round | p50 gRPC / HTTP ms |",
-        "|---|---|---|---|---|---|",
+        "| callers | gRPC pairs/s | HTTP pairs/s | HTTP / gRPC | per round | p50 gRPC / HTTP ms "
+        "| refused gRPC / HTTP |",
+        "|---|---|---|---|---|---|---|",
     ]
     for callers, row in summary.items():
         rounds = ", ".join(f"{ratio:.3f}" for ratio in row["per_round_ratios"])
         lines.append(
             f"| {callers} | {row['grpc_pairs_per_s']:.1f} | {row['http_pairs_per_s']:.1f} | "
             f"**{row['http_over_grpc']:.3f}** | {rounds} | "
-            f"{row['grpc_p50_ms']:.0f} / {row['http_p50_ms']:.0f} |"
+            f"{row['grpc_p50_ms']:.0f} / {row['http_p50_ms']:.0f} | "
+            f"{row['grpc_refused']} / {row['http_refused']} |"
         )
     return "\n".join(lines)
 

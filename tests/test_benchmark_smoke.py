@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tandem.benchmarks import batcher, encoders, load, quality, serving, vector_search
+from tandem.benchmarks import (
+    batcher,
+    encoders,
+    http_overhead,
+    load,
+    quality,
+    serving,
+    vector_search,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -115,6 +123,14 @@ def test_serving_benchmark_smoke(tmp_path, small_collection, bi_int8, ce_int8, r
     assert result["ratios"]["5"]["baseline_pairs_per_s"] > 0
     assert result["ratios"]["5"]["tandem_pairs_per_s"] > 0
     assert set(result["retrieve_only_speedup_p50"]) == {"two_stage_budget_100", "two_stage_full"}
+
+
+def test_http_overhead_benchmark_smoke(bi_int8, ce_int8, capsys) -> None:
+    argv = ["--smoke", "--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0])]
+    assert http_overhead.main(bench_args(http_overhead, argv)) == 0
+    table = capsys.readouterr().out
+    assert "| callers | gRPC pairs/s | HTTP pairs/s |" in table
+    assert "HTTP / gRPC" in table
 
 
 def test_quality_benchmark_smoke(tmp_path, bi_int8, ce_int8, reranker_path, minilm_path) -> None:
