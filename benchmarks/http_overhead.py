@@ -1,6 +1,6 @@
 """`tandem bench http`: what the HTTP door costs against gRPC, on one server, in one run.
 
-The same Rerank (a RAG24 topic and 50 of its candidate passages, all scored, top_n 5) goes
+The same Rerank (a RAG24 topic and 50 passages, all scored, top_n 5, no deadline) goes
 through gRPC ``Rerank`` and through Cohere's ``/v2/rerank``, closed-loop at each concurrency.
 Rounds alternate the order (gRPC then HTTP, then HTTP then gRPC) so that a slow spell of the
 shared machine falls on both. The figure is served pairs/s over HTTP as a fraction of gRPC's.
@@ -100,7 +100,8 @@ async def closed_loop(
             started = time.perf_counter()
             while True:
                 try:
-                    pairs += await send(case)
+                    scored = await send(case)  # not `pairs += await ...`: that reads
+                    pairs += scored  # `pairs` before the await and loses other callers' adds
                     break
                 except Refused as refusal:
                     refused += 1
@@ -129,7 +130,8 @@ async def measure(
                     top_n=TOP_N,
                     rerank_budget_ms=0,
                 ),
-                timeout=TIMEOUT_S,
+                # No deadline, as the HTTP call has none: with one, the batcher orders pairs
+                # by deadline rather than grouping similar lengths, which is other work.
             )
         except grpc.aio.AioRpcError as error:
             if error.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -15,6 +15,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from langchain_classic.retrievers import ContextualCompressionRetriever
 from langchain_cohere import CohereRerank
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
@@ -447,3 +449,36 @@ def test_drain_finishes_http_requests_in_flight(tmp_path, bi_int8, ce_int8, data
     assert len(replies[0].json()) == len(texts)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health")
+
+
+FIELDS = ["query", "documents", "texts", "inputs", "input", "model", "top_n", "ids", "mode",
+          "recall_k", "return_documents", "raw_scores", "truncate", "metadata_filter",
+          "max_tokens_per_doc", "rerank_budget_ms", "encoding_format", "dimensions"]  # fmt: skip
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+              st.floats(allow_nan=False), st.text(max_size=40)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)  # fmt: skip
+bodies = st.one_of(
+    st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6),
+    json_values,
+)
+ROUTES = ["/v1/rerank", "/v2/rerank", "/rerank", "/embed", "/v1/embeddings", "/v1/search",
+          "/v1/upsert", "/v1/get", "/v1/delete"]  # fmt: skip
+
+
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@given(route=st.sampled_from(ROUTES), payload=bodies)
+@FUZZ
+def test_any_json_body_gets_an_answer_or_a_4xx_never_a_500(base, route, payload) -> None:
+    reply = httpx.post(f"{base}{route}", json=payload, timeout=120)
+    assert reply.status_code in (200, 400, 404, 409, 413), (route, payload, reply.text)
+    assert reply.headers["content-type"].startswith("application/json")
