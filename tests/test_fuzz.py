@@ -197,3 +197,16 @@ def test_a_non_finite_metadata_filter_is_invalid_argument(stub, number):
         stub.Search(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "metadata_filter['year']" in caught.value.details()
+
+
+@pytest.mark.parametrize("number", [float("inf"), float("nan")])
+def test_non_finite_metadata_is_invalid_argument_and_nothing_is_stored(stub, number):
+    """Found while building the HTTP door: such metadata was INTERNAL over gRPC, and over
+    HTTP (whose parser accepts NaN) it was stored, where SQLite's JSON functions choke on it."""
+    document = pb.Document(id="non-finite", text="a document")
+    document.metadata.update({"score": number})
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Upsert(iter([pb.UpsertRequest(documents=[document])]), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "NaN or Infinity" in caught.value.details()
+    assert list(stub.Get(pb.GetRequest(ids=["non-finite"]), timeout=30).not_found) == ["non-finite"]

@@ -323,6 +323,23 @@ def test_bad_requests_get_400_in_the_shape_of_the_route(base, path, payload, fie
     assert "internal" not in message.lower()
 
 
+@pytest.mark.parametrize(
+    ("path", "content"),
+    [
+        ("/v1/upsert", '{"documents": [{"id": "nan", "text": "t", "metadata": {"x": NaN}}]}'),
+        ("/v1/search", '{"query": "q", "metadata_filter": {"x": Infinity}}'),
+        ("/v2/rerank", '{"query": "q", "documents": ["d"], "top_n": Infinity}'),
+    ],
+)
+def test_nan_and_infinity_literals_are_refused_not_stored(base, path, content) -> None:
+    # Python's JSON parser accepts these literals; JSON (and SQLite's JSON functions) do not.
+    reply = httpx.post(
+        f"{base}{path}", content=content, headers={"content-type": "application/json"}
+    )
+    assert reply.status_code == 400, reply.text
+    assert httpx.post(f"{base}/v1/get", json={"ids": ["nan"]}).json()["not_found"] == ["nan"]
+
+
 def test_malformed_json_is_400_not_500(base) -> None:
     for path in ("/v2/rerank", "/rerank", "/v1/embeddings", "/v1/search"):
         reply = httpx.post(
@@ -456,7 +473,7 @@ FIELDS = ["query", "documents", "texts", "inputs", "input", "model", "top_n", "i
           "max_tokens_per_doc", "rerank_budget_ms", "encoding_format", "dimensions"]  # fmt: skip
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-              st.floats(allow_nan=False), st.text(max_size=40)),
+              st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40)),
     lambda inner: st.one_of(st.lists(inner, max_size=4),
                             st.dictionaries(st.text(max_size=8), inner, max_size=4)),
     max_leaves=12,

@@ -322,11 +322,14 @@ def _document_ref(document: pb.RerankDocument) -> DocumentRef:
 
 
 def _new_document(document: pb.Document) -> NewDocument:
-    return NewDocument(
-        id=document.id,
-        text=document.text,
-        metadata=dict(json_format.MessageToDict(document.metadata)),
-    )
+    try:
+        metadata = dict(json_format.MessageToDict(document.metadata))
+    except ValueError as error:  # NaN or Infinity: JSON, and so metadata, has neither
+        raise InvalidArgument(
+            f"the metadata of document {document.id!r} holds NaN or Infinity, which JSON "
+            "cannot: send a finite number"
+        ) from error
+    return NewDocument(id=document.id, text=document.text, metadata=metadata)
 
 
 def _filter(entries: Mapping[str, struct_pb2.Value]) -> dict[str, Any] | None:

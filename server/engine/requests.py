@@ -7,6 +7,7 @@ set nothing, so the engine applies the server's defaults itself. Every check rai
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,9 +72,24 @@ def bounded(name: str, value: int | None, *, default: int, limit: int) -> int:
     return int(value)
 
 
+def finite_json(value: Any, where: str) -> None:
+    """Metadata and filters are JSON, which has no NaN or Infinity (SQLite's JSON functions
+    reject them): refuse them here rather than store what later reads would choke on."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError as error:
+        raise InvalidArgument(
+            f"{where} holds NaN or Infinity, which JSON cannot: send a finite number"
+        ) from error
+    except TypeError as error:
+        raise InvalidArgument(f"{where} is not JSON: {error}") from error
+
+
 def check_search(request: SearchRequest, settings: Settings) -> tuple[int, int]:
     """(recall_k, top_n) with the server's defaults filled in."""
     check_query(request.query)
+    if request.metadata_filter:
+        finite_json(dict(request.metadata_filter), "metadata_filter")
     recall_k = bounded(
         "recall_k", request.recall_k, default=settings.default_recall_k, limit=settings.max_recall_k
     )
@@ -147,6 +163,7 @@ def check_batch(batch: UpsertBatch, settings: Settings) -> None:
             )
         if document.id in seen:
             raise InvalidArgument(f"id {document.id!r} appears twice in one message; send it once")
+        finite_json(document.metadata, f"the metadata of document {document.id!r}")
         seen.add(document.id)
 
 

@@ -220,7 +220,7 @@ class DocumentStore:
                         key,
                         document.id,
                         document.text,
-                        json.dumps(dict(document.metadata), ensure_ascii=False),
+                        json.dumps(dict(document.metadata), ensure_ascii=False, allow_nan=False),
                         np.asarray(tokens, dtype=np.int32).tobytes(),
                         np.asarray(vector, dtype=np.float32).tobytes(),
                     )
