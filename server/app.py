@@ -109,7 +109,7 @@ class Running:
         grace_s = self.settings.drain_seconds if grace is None else grace
         stopping = [self.server.stop(grace_s)]
         if self.http is not None:
-            stopping.append(self.http.stop())
+            stopping.append(self.http.stop(grace_s))
         await asyncio.gather(*stopping)
         if self.loop_lag is not None:
             self.loop_lag.cancel()
@@ -323,16 +323,19 @@ def _http_listener(settings: Settings, running: Running) -> HttpListener:
     )
 
 
+def _url_host(settings: Settings) -> str:
+    return f"[{settings.host}]" if ":" in settings.host else settings.host
+
+
 def _http_address(settings: Settings, port: int | None) -> str | None:
     if port is None:
         return None
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    return f"{'https' if settings.tls else 'http'}://{host}:{port}"
+    return f"{'https' if settings.tls else 'http'}://{_url_host(settings)}:{port}"
 
 
 def _addresses(settings: Settings, running: Running) -> str:
     """What a person starting the server wants to open, on stdout (the log is on stderr)."""
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    host = _url_host(settings)
     lines = [f"Tandem is serving gRPC on {host}:{running.port}"]
     http = _http_address(settings, running.http_port)
     if http is not None:

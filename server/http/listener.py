@@ -71,10 +71,13 @@ class HttpListener:
                 raise RuntimeError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
 
-    async def stop(self) -> None:
-        """Stops accepting, lets requests in flight finish (up to the drain time), closes."""
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stops accepting, lets requests in flight finish (up to ``grace_s``, else the drain
+        time), closes."""
         if self.task is None:
             self.socket.close()
             return
+        if grace_s is not None:
+            self.server.config.timeout_graceful_shutdown = max(math.ceil(grace_s), 1)
         self.server.should_exit = True
         await asyncio.gather(self.task, return_exceptions=True)
