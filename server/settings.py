@@ -191,6 +191,14 @@ class Settings:
     default_rerank_budget_ms: int = field(
         default=100, metadata=_doc("rerank budget when a call sets none; 0: no deadline")
     )
+    max_tokens_per_doc: int = field(
+        default=0,
+        metadata=_doc(
+            "cut each document to this many tokens before reranking, when a call sets no "
+            "max_tokens_per_doc: shorter pairs, so more of them within a budget; 0: only the "
+            "reranker's own length"
+        ),
+    )
     # Batching
     max_batch_tokens: int = field(
         default=1024, metadata=_doc("padded tokens per reranker run (see BatchLimits)")
@@ -382,8 +390,9 @@ def validate(settings: Settings) -> None:
         if getattr(settings, name) < 1
     )
     for name in (
-        "default_rerank_budget_ms", "query_cache", "checkpoint_seconds", "drain_seconds",
-        "max_queue_wait_ms", "latency_slack_ms", "reranker_nice", "compact_removed_fraction",
+        "default_rerank_budget_ms", "max_tokens_per_doc", "query_cache", "checkpoint_seconds",
+        "drain_seconds", "max_queue_wait_ms", "latency_slack_ms", "reranker_nice",
+        "compact_removed_fraction",
     ):  # fmt: skip
         if getattr(settings, name) < 0:
             problems.append(f"{name} must be >= 0 (got {getattr(settings, name)})")

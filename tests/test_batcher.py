@@ -82,6 +82,22 @@ def test_under_a_deadline_stage_one_order_beats_length() -> None:
     assert [e.pair.input_ids[0] for e in batch] == [0, 1]  # not the short 2 and 4
 
 
+def test_a_deadline_the_window_meets_with_room_to_spare_is_batched_as_bulk() -> None:
+    # A client deadline of minutes on a few seconds of work: ordering by deadline would only
+    # add padding, so lengths are grouped as for calls with no deadline.
+    cost = CostModel(seconds_per_token=0.001, weight=0.0, headroom=1.0, observed_at=0.0)
+    lengths = [10 + 90 * (i % 2) for i in range(6)]  # 10, 100, 10, 100, 10, 100
+
+    def first_batch(deadline: float) -> list[int]:
+        queue = queue_of(*(entry(i, n, deadline, order=(0, i)) for i, n in enumerate(lengths)))
+        batch, _ = build_batch(queue, BatchLimits(max_batch_tokens=250), cost, now=0.0)
+        return [int(e.pair.input_ids[0]) for e in batch]
+
+    # The window is 6 pairs of width 100 at 1 ms a token: 0.6 s, twice that is 1.2 s.
+    assert first_batch(120.0) == [0, 2, 4]  # the short ones together
+    assert first_batch(1.0) == [0, 1]  # a deadline it might miss: stage-one order
+
+
 def test_earliest_deadline_leads_the_batch() -> None:
     queue = queue_of(entry(0, deadline=50.0, order=(0, 0)), entry(1, deadline=5.0, order=(1, 0)))
     batch, _ = build_batch(queue, BatchLimits(max_batch_pairs=1), FREE, now=0.0)

@@ -182,6 +182,35 @@ def test_rerank_texts_and_stored_ids_in_cohere_shape(stub, data):
     assert all(not result.HasField("text") for result in top.results)
 
 
+def test_max_tokens_per_doc_cuts_candidates_in_search(stub, data):
+    query = data.topics[2].query
+    whole = stub.Search(pb.SearchRequest(query=query, top_n=10, rerank_budget_ms=0))
+    capped = stub.Search(
+        pb.SearchRequest(query=query, top_n=10, rerank_budget_ms=0, max_tokens_per_doc=16)
+    )
+    assert capped.reranked_count == capped.candidates
+    assert all(hit.truncated for hit in capped.hits)  # RAG24 segments run past 16 tokens
+    assert capped.truncated
+    assert {hit.id: hit.score for hit in capped.hits} != {hit.id: hit.score for hit in whole.hits}
+    assert code_of(stub.Search, pb.SearchRequest(query=query, max_tokens_per_doc=0)) == INVALID
+
+
+def test_server_default_max_tokens_per_doc(tmp_path, bi_int8, ce_int8, data):
+    running = ServerThread(settings_for(tmp_path, bi_int8[0], ce_int8[0], max_tokens_per_doc=16))
+    try:
+        stub = running.stub()
+        upsert(stub, [document(s.id, s.text) for s in data.segments[:20]])
+        assert stub.Info(pb.InfoRequest()).limits.default_max_tokens_per_doc == 16
+        reply = stub.Search(pb.SearchRequest(query=data.topics[0].query, rerank_budget_ms=0))
+        assert all(hit.truncated for hit in reply.hits)
+        texts = [pb.RerankDocument(text="word " * 40)]
+        assert stub.Rerank(pb.RerankRequest(query="q", documents=texts)).results[0].truncated
+        wider = pb.RerankRequest(query="q", documents=texts, max_tokens_per_doc=100)
+        assert not stub.Rerank(wider).results[0].truncated  # a call's own cap wins
+    finally:
+        running.stop()
+
+
 def test_rerank_errors(stub):
     assert code_of(stub.Rerank, pb.RerankRequest(query="q")) == INVALID
     too_many = [pb.RerankDocument(text="x")] * 121

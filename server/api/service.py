@@ -157,6 +157,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                     include_text=message.include_text,
                     metadata_filter=_filter(message.metadata_filter),
                     truncate=_get(message, "truncate") is not False,
+                    max_tokens_per_doc=_get(message, "max_tokens_per_doc"),
                 ),
                 call,
             )
@@ -390,6 +391,7 @@ def _info(info: EngineInfo) -> pb.InfoResponse:
             max_id_bytes=settings.max_id_bytes,
             query_max_tokens=info.query_max_tokens,
             pair_max_tokens=info.pair_max_tokens,
+            default_max_tokens_per_doc=settings.max_tokens_per_doc,
         ),
         index_size=info.index_size,
         index_dtype=info.index_dtype,

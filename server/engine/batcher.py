@@ -165,6 +165,21 @@ class EdfQueue:
         heapq.heapify(self.heap)
 
 
+# How many times over the window's predicted work a deadline must leave for the window to be
+# batched as bulk work: the head's deadline is the earliest, so every entry in it then
+# finishes in time whatever order the batches take.
+BULK_SLACK = 2.0
+
+
+def _bulk(head: Entry, window: list[Entry], cost: CostModel, *, now: float) -> bool:
+    if math.isinf(head.deadline):
+        return True
+    if cost.seconds_per_token <= 0:  # no estimate yet: nothing says the window fits
+        return False
+    width = max([head.length, *(entry.length for entry in window)])
+    return now + BULK_SLACK * cost.predict(len(window) + 1, width) <= head.deadline
+
+
 def build_batch(
     queue: EdfQueue, limits: BatchLimits, cost: CostModel, *, now: float
 ) -> tuple[list[Entry], list[Entry]]:
@@ -188,12 +203,13 @@ def build_batch(
         candidate = queue.pop()
         if candidate.wanted:
             window.append(candidate)
-    if math.isinf(head.deadline):
-        # No deadline (bulk work): pick similar lengths, since padding is wasted compute.
+    if _bulk(head, window, cost, now=now):
+        # No deadline, or one the whole window meets with room to spare: pick similar
+        # lengths, since padding is wasted compute.
         window.sort(key=lambda entry: (abs(entry.length - head.length), entry.sort_key()))
-    # With a deadline the window stays in EDF order, which within a request is stage-1 order:
-    # under a budget the best stage-1 candidates must be the ones that get scored, even at
-    # the cost of some padding.
+    # Under a deadline the window cannot all meet, it stays in EDF order, which within a
+    # request is stage-1 order: the best stage-1 candidates must be the ones that get
+    # scored, even at the cost of some padding.
     batch, width = [head], head.length
     for index, candidate in enumerate(window):
         grown = max(width, candidate.length)

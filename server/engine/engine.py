@@ -40,6 +40,7 @@ from tandem.server.engine.requests import (
     check_embed,
     check_rerank,
     check_search,
+    document_cap,
     unique_ids,
 )
 from tandem.server.engine.search import SCORE_ACTIVATION, Mode, Result, Searcher, ms_since
@@ -247,6 +248,7 @@ class Engine:
             metadata_filter=request.metadata_filter or None,
             truncate=request.truncate,
             arrived=call.arrived,
+            max_tokens_per_doc=document_cap(request.max_tokens_per_doc, self.settings),
         )
 
     async def rerank(self, request: RerankRequest, call: Call) -> Result:
@@ -261,7 +263,7 @@ class Engine:
             include_text=request.return_documents,
             truncate=request.truncate,
             arrived=call.arrived,
-            max_tokens_per_doc=request.max_tokens_per_doc,
+            max_tokens_per_doc=document_cap(request.max_tokens_per_doc, self.settings),
         )
 
     def _budget(self, requested_ms: int | None, call: Call) -> float | None:

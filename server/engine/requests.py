@@ -32,6 +32,7 @@ class SearchRequest:
     include_text: bool = False
     metadata_filter: Mapping[str, Any] | None = None
     truncate: bool = True
+    max_tokens_per_doc: int | None = None  # None: the server's default
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class RerankRequest:
     rerank_budget_ms: int | None = None
     return_documents: bool = False
     truncate: bool = True
-    max_tokens_per_doc: int | None = None  # None: as many as the reranker's length leaves
+    max_tokens_per_doc: int | None = None  # None: the server's default
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,19 @@ def finite_json(value: Any, where: str) -> None:
         raise InvalidArgument(f"{where} is not JSON: {error}") from error
 
 
+def document_cap(requested: int | None, settings: Settings) -> int | None:
+    """The per-document token cap: the request's, else the server's (None: no cap but the
+    reranker's own length)."""
+    if requested is None:
+        return settings.max_tokens_per_doc or None
+    if requested < 1:
+        raise InvalidArgument(
+            f"max_tokens_per_doc must be at least 1 (got {requested}); leave it out for the "
+            "server's default"
+        )
+    return int(requested)
+
+
 def check_search(request: SearchRequest, settings: Settings) -> tuple[int, int]:
     """(recall_k, top_n) with the server's defaults filled in."""
     check_query(request.query)
@@ -118,11 +132,6 @@ def check_rerank(request: RerankRequest, settings: Settings) -> int | None:
             raise InvalidArgument(f"documents[{position}].text is empty: send the document's text")
         if document.id is not None:
             check_id(document.id, settings.max_id_bytes)
-    if request.max_tokens_per_doc is not None and request.max_tokens_per_doc < 1:
-        raise InvalidArgument(
-            f"max_tokens_per_doc must be at least 1 (got {request.max_tokens_per_doc}); leave "
-            "it out to keep as many tokens as the reranker reads"
-        )
     if request.top_n is None:
         return None
     return min(bounded("top_n", request.top_n, default=count, limit=settings.max_top_n), count)

@@ -184,9 +184,12 @@ class Searcher:
         metadata_filter: Mapping[str, Any] | None = None,
         truncate: bool = True,
         arrived: float | None = None,
+        max_tokens_per_doc: int | None = None,
     ) -> Result:
         """``arrived``: when the call arrived (``time.perf_counter()``); the budget counts
-        from it. None: from now."""
+        from it. None: from now. ``max_tokens_per_doc`` cuts each candidate to that many
+        tokens before it is paired with the query: shorter pairs, so more of them within
+        the budget."""
         if mode is Mode.TWO_STAGE:
             self._require_reranker()
         timings: dict[str, float] = {}
@@ -224,6 +227,7 @@ class Searcher:
         result = await self._rerank(
             query, candidates, top_n=top_n, budget_s=budget_s, include_text=include_text,
             timings=timings, query_truncated=query_truncated, truncate=True, arrived=arrived,
+            document_cap=max_tokens_per_doc,
         )  # fmt: skip
         return result if matched is None else replace(result, filter_matched=matched)
 

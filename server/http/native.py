@@ -58,6 +58,7 @@ def router(engine: Engine, calls: Calls, *, serving: Callable[[], bool]) -> APIR
                     include_text=request.include_text,
                     metadata_filter=request.metadata_filter,
                     truncate=request.truncate,
+                    max_tokens_per_doc=request.max_tokens_per_doc,
                 ),
                 call,
             )
@@ -169,6 +170,7 @@ def info_body(info: EngineInfo) -> dict[str, Any]:
             "max_id_bytes": settings.max_id_bytes,
             "query_max_tokens": info.query_max_tokens,
             "pair_max_tokens": info.pair_max_tokens,
+            "default_max_tokens_per_doc": settings.max_tokens_per_doc,
         },
         "index_size": info.index_size,
         "index_dtype": info.index_dtype,

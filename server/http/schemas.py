@@ -152,6 +152,9 @@ class SearchBody(BaseModel):
     include_text: bool = False
     metadata_filter: dict[str, Any] | None = None
     truncate: bool = True
+    max_tokens_per_doc: int | None = Field(
+        default=None, description="cut each candidate to this many tokens before reranking"
+    )
 
 
 class HitBody(BaseModel):
