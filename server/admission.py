@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from tandem.server.engine.batcher import Overloaded
+from tandem.server.engine.batcher import Overloaded, TooShallow
 from tandem.server.engine.engine import Call
 from tandem.server.engine.errors import Retryable
 from tandem.server.settings import Settings
@@ -204,6 +204,8 @@ class Gate:
             outcome = "overloaded" if isinstance(error, Retryable) else "failed"
             if isinstance(error, Overloaded):  # the reranker's queue is full
                 self._refused("queue_full", call.arrived)
+            elif isinstance(error, TooShallow):  # min_rerank could not be met in time
+                self._refused("too_shallow", call.arrived)
             raise
         finally:
             self.release(

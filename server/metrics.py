@@ -86,7 +86,7 @@ class Metrics:
         self.rejections = Counter(
             "tandem_rejections",
             "Calls refused before any work: in_flight, concurrency_limit, queue_wait, "
-            "queue_full, unauthenticated",
+            "queue_full, too_shallow (min_rerank), unauthenticated",
             ["reason"],
             registry=self.registry,
         )

@@ -191,6 +191,14 @@ class Settings:
     default_rerank_budget_ms: int = field(
         default=100, metadata=_doc("rerank budget when a call sets none; 0: no deadline")
     )
+    min_rerank: int = field(
+        default=0,
+        metadata=_doc(
+            "when a call sets no min_rerank: refuse a budgeted call (RESOURCE_EXHAUSTED, with a "
+            "retry delay) predicted to rerank fewer candidates than this, rather than answer "
+            "in stage-1 order; 0: never"
+        ),
+    )
     max_tokens_per_doc: int = field(
         default=0,
         metadata=_doc(
@@ -390,7 +398,8 @@ def validate(settings: Settings) -> None:
         if getattr(settings, name) < 1
     )
     for name in (
-        "default_rerank_budget_ms", "max_tokens_per_doc", "query_cache", "checkpoint_seconds",
+        "default_rerank_budget_ms", "max_tokens_per_doc", "min_rerank", "query_cache",
+        "checkpoint_seconds",
         "drain_seconds", "max_queue_wait_ms", "latency_slack_ms", "reranker_nice",
         "compact_removed_fraction",
     ):  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from tandem.server.engine.batcher import (
     RerankBatcher,
     RunnerFailed,
     Ticket,
+    TooShallow,
     build_batch,
 )
 from tandem.server.engine.pairs import JoinedPair, PairIds, PairTemplate, _Segment
@@ -293,6 +295,43 @@ def test_admission_refuses_past_the_queue_bound() -> None:
             await batcher.score([pair(9), pair(9)], budget=HOUR)
         runner.gate.set()
         await asyncio.gather(blocker, waiting)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_min_scored_refuses_a_call_the_budget_cannot_serve_before_it_queues() -> None:
+    async def scenario() -> None:
+        runner = GatedRunner()
+        # 0.01 s a token: a 10-token pair is 0.1 s of work.
+        cost = CostModel(seconds_per_token=0.01, weight=0.0, headroom=1.0)
+        batcher = RerankBatcher(runner, cost=cost)
+        await batcher.start()
+        blocker = asyncio.create_task(batcher.score([pair(1)], budget=HOUR))
+        await wait_started(runner)
+        ahead = asyncio.create_task(batcher.score([pair(i) for i in range(5)], budget=HOUR))
+        while batcher.queued < 5:
+            await asyncio.sleep(0)
+        # 0.6 s of work is ahead (the running pair and five queued); 1.0 s leaves room for 4.
+        assert batcher.queued_seconds() == pytest.approx(0.6)
+        candidates = [pair(20 + i) for i in range(10)]
+        assert batcher.predict_scored(candidates, 1.0) == 4
+        with pytest.raises(TooShallow, match="about 4 of 10 candidates") as refused:
+            await batcher.score(candidates, budget=1.0, min_scored=5)
+        assert refused.value.retry_after_s == pytest.approx(0.6)
+        assert batcher.queued == 5  # nothing of the refused call was queued
+        # Met, not asked for, or with no budget: the call queues as before.
+        for kwargs in ({"min_scored": 4}, {"min_scored": 0}, {}):
+            task = asyncio.create_task(batcher.score(candidates[:1], budget=HOUR, **kwargs))
+            await asyncio.sleep(0)
+            assert not task.done()  # queued and waiting, not refused
+            assert batcher.queued == 6
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        unbounded = asyncio.create_task(batcher.score(candidates[:2], budget=None, min_scored=9))
+        runner.gate.set()
+        await asyncio.gather(blocker, ahead, unbounded)
         await batcher.stop()
 
     asyncio.run(scenario())

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving import ServerThread, document, settings_for, upsert
 
 from tandem.encoders import BiEncoder
+from tandem.server.api import status
 from tandem.v1 import tandem_pb2 as pb
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -209,6 +210,28 @@ def test_server_default_max_tokens_per_doc(tmp_path, bi_int8, ce_int8, data):
         assert not stub.Rerank(wider).results[0].truncated  # a call's own cap wins
     finally:
         running.stop()
+
+
+def test_min_rerank_refuses_a_call_its_budget_cannot_rerank_deeply_enough(stub, data):
+    query = data.topics[4].query
+    # 100 candidates of RAG24 length in 5 ms: nowhere near 50 of them, on any CPU.
+    shallow = pb.SearchRequest(query=query, rerank_budget_ms=5, min_rerank=50)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Search(shallow)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "min_rerank=50" in caught.value.details()
+    details = dict(caught.value.trailing_metadata())["grpc-status-details-bin"]
+    assert status.retry_delay(details) is not None  # retryable, with a delay to wait
+    texts = [pb.RerankDocument(text=s.text) for s in data.segments[:60]]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Rerank(pb.RerankRequest(query=query, documents=texts, rerank_budget_ms=5,
+                                     min_rerank=50))  # fmt: skip
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Within reach, or with no budget, the call is answered as before.
+    assert stub.Search(pb.SearchRequest(query=query, rerank_budget_ms=0, min_rerank=50))
+    reply = stub.Search(pb.SearchRequest(query=query, recall_k=3, rerank_budget_ms=5000,
+                                         min_rerank=3))  # fmt: skip
+    assert reply.reranked_count == 3
 
 
 def test_rerank_errors(stub):

@@ -269,6 +269,14 @@ def test_native_search_mirrors_grpc_search(server, base, data) -> None:
     assert all("probability" not in hit for hit in retrieve["hits"])  # unset, so left out
 
 
+def test_native_search_min_rerank_is_429_with_retry_after(base, data) -> None:
+    body = {"query": data.topics[4].query, "rerank_budget_ms": 5, "min_rerank": 50}
+    reply = httpx.post(f"{base}/v1/search", json=body)
+    assert reply.status_code == 429, reply.text
+    assert int(reply.headers["retry-after"]) >= 1
+    assert "min_rerank=50" in reply.json()["error"]["message"]
+
+
 def test_native_upsert_get_delete_round_trip(base) -> None:
     documents = [
         {"id": "http-1", "text": "Tandem serves rerankers over HTTP.", "metadata": {"lang": "en"}},

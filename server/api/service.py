@@ -158,6 +158,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                     metadata_filter=_filter(message.metadata_filter),
                     truncate=_get(message, "truncate") is not False,
                     max_tokens_per_doc=_get(message, "max_tokens_per_doc"),
+                    min_rerank=_get(message, "min_rerank"),
                 ),
                 call,
             )
@@ -189,6 +190,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                     return_documents=message.return_documents,
                     truncate=_get(message, "truncate") is not False,
                     max_tokens_per_doc=_get(message, "max_tokens_per_doc"),
+                    min_rerank=_get(message, "min_rerank"),
                 ),
                 call,
             )
@@ -392,6 +394,7 @@ def _info(info: EngineInfo) -> pb.InfoResponse:
             query_max_tokens=info.query_max_tokens,
             pair_max_tokens=info.pair_max_tokens,
             default_max_tokens_per_doc=settings.max_tokens_per_doc,
+            default_min_rerank=settings.min_rerank,
         ),
         index_size=info.index_size,
         index_dtype=info.index_dtype,

@@ -41,6 +41,11 @@ class Overloaded(Retryable):
     """The pair queue is full, or admission refused the call: the caller should back off."""
 
 
+class TooShallow(Retryable):
+    """Fewer than the call's ``min_rerank`` candidates would be scored within its budget:
+    refused before any of its pairs queue, rather than answered in stage-1 order."""
+
+
 class RunnerFailed(Internal):
     """The model run for a batch holding this request's pairs failed."""
 
@@ -292,10 +297,41 @@ class RerankBatcher:
                 await self.task
         self.executor.shutdown(wait=True)
 
-    async def score(self, pairs: Sequence[JoinedPair], *, budget: float | None) -> Outcome:
-        """Scores ``pairs`` (in stage-1 order) within ``budget`` seconds; None means no limit."""
+    def queued_seconds(self) -> float:
+        """Predicted seconds of work queued or running now, ahead of a newcomer."""
+        tokens = sum(item[2].length for item in self.queue.heap if item[2].wanted)
+        tokens += sum(entry.length for entry in self.in_hand)
+        return self.cost.predict(1, tokens)
+
+    def predict_scored(self, pairs: Sequence[JoinedPair], budget: float) -> int:
+        """How many of ``pairs``, in order, would be scored within ``budget`` seconds: the work
+        queued ahead runs first (a newcomer's deadline is rarely the earliest), then its own."""
+        left = budget - self.queued_seconds()
+        used = 0
+        for count, pair in enumerate(pairs):
+            used += len(pair)
+            if self.cost.predict(1, used) > left:
+                return count
+        return len(pairs)
+
+    async def score(
+        self, pairs: Sequence[JoinedPair], *, budget: float | None, min_scored: int = 0
+    ) -> Outcome:
+        """Scores ``pairs`` (in stage-1 order) within ``budget`` seconds; None means no limit.
+        Under a budget, a call predicted to get fewer than ``min_scored`` scores is refused
+        (``TooShallow``) before its pairs queue."""
         if not pairs:
             return Outcome(np.zeros(0, dtype=np.float32), 0.0, 0.0, 0)
+        wanted = min(min_scored, len(pairs))
+        if budget is not None and wanted > 0:
+            predicted = self.predict_scored(pairs, budget)
+            if predicted < wanted:
+                raise TooShallow(
+                    f"within the {budget * 1000:.0f} ms left of its budget about {predicted} "
+                    f"of {len(pairs)} candidates would be reranked, fewer than min_rerank="
+                    f"{min_scored}: retry shortly, or raise rerank_budget_ms",
+                    retry_after_s=max(self.queued_seconds(), 0.05),
+                )
         if len(self.queue) + len(pairs) > self.limits.max_queued_pairs:
             raise Overloaded(
                 f"{len(self.queue)} pairs are queued; {len(pairs)} more would pass the limit of "

@@ -41,6 +41,7 @@ from tandem.server.engine.requests import (
     check_rerank,
     check_search,
     document_cap,
+    min_rerank,
     unique_ids,
 )
 from tandem.server.engine.search import SCORE_ACTIVATION, Mode, Result, Searcher, ms_since
@@ -249,6 +250,7 @@ class Engine:
             truncate=request.truncate,
             arrived=call.arrived,
             max_tokens_per_doc=document_cap(request.max_tokens_per_doc, self.settings),
+            min_rerank=min_rerank(request.min_rerank, self.settings),
         )
 
     async def rerank(self, request: RerankRequest, call: Call) -> Result:
@@ -264,6 +266,7 @@ class Engine:
             truncate=request.truncate,
             arrived=call.arrived,
             max_tokens_per_doc=document_cap(request.max_tokens_per_doc, self.settings),
+            min_rerank=min_rerank(request.min_rerank, self.settings),
         )
 
     def _budget(self, requested_ms: int | None, call: Call) -> float | None:

@@ -33,6 +33,7 @@ class SearchRequest:
     metadata_filter: Mapping[str, Any] | None = None
     truncate: bool = True
     max_tokens_per_doc: int | None = None  # None: the server's default
+    min_rerank: int | None = None  # None: the server's default
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class RerankRequest:
     return_documents: bool = False
     truncate: bool = True
     max_tokens_per_doc: int | None = None  # None: the server's default
+    min_rerank: int | None = None  # None: the server's default
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,16 @@ def document_cap(requested: int | None, settings: Settings) -> int | None:
             f"max_tokens_per_doc must be at least 1 (got {requested}); leave it out for the "
             "server's default"
         )
+    return int(requested)
+
+
+def min_rerank(requested: int | None, settings: Settings) -> int:
+    """How many candidates a budgeted call must get reranked, or be refused: the request's,
+    else the server's (0: answer whatever the budget allowed)."""
+    if requested is None:
+        return settings.min_rerank
+    if requested < 0:
+        raise InvalidArgument(f"min_rerank must be >= 0 (got {requested})")
     return int(requested)
 
 

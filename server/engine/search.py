@@ -185,11 +185,12 @@ class Searcher:
         truncate: bool = True,
         arrived: float | None = None,
         max_tokens_per_doc: int | None = None,
+        min_rerank: int = 0,
     ) -> Result:
         """``arrived``: when the call arrived (``time.perf_counter()``); the budget counts
         from it. None: from now. ``max_tokens_per_doc`` cuts each candidate to that many
         tokens before it is paired with the query: shorter pairs, so more of them within
-        the budget."""
+        the budget. ``min_rerank``: refuse (``TooShallow``) rather than rerank fewer."""
         if mode is Mode.TWO_STAGE:
             self._require_reranker()
         timings: dict[str, float] = {}
@@ -227,7 +228,7 @@ class Searcher:
         result = await self._rerank(
             query, candidates, top_n=top_n, budget_s=budget_s, include_text=include_text,
             timings=timings, query_truncated=query_truncated, truncate=True, arrived=arrived,
-            document_cap=max_tokens_per_doc,
+            document_cap=max_tokens_per_doc, min_rerank=min_rerank,
         )  # fmt: skip
         return result if matched is None else replace(result, filter_matched=matched)
 
@@ -308,6 +309,7 @@ class Searcher:
         truncate: bool = True,
         arrived: float | None = None,
         max_tokens_per_doc: int | None = None,
+        min_rerank: int = 0,
     ) -> Result:
         """Reranks documents the client names, sent as text or as stored ids, in any mix.
 
@@ -346,6 +348,7 @@ class Searcher:
             budget_s=budget_s, include_text=include_text, timings=timings,
             query_truncated=False, truncate=truncate, arrived=arrived,
             client_texts=[ref.id is None for ref in documents], document_cap=max_tokens_per_doc,
+            min_rerank=min_rerank,
         )  # fmt: skip
 
     async def rerank_texts(
@@ -414,6 +417,7 @@ class Searcher:
         arrived: float,
         client_texts: Sequence[bool] | None = None,
         document_cap: int | None = None,
+        min_rerank: int = 0,
     ) -> Result:
         pairs = self._require_reranker()
         assert self.batcher is not None
@@ -432,7 +436,7 @@ class Searcher:
         # The budget runs from the call's arrival, so embedding and search time count against
         # it: a caller's 100 ms means 100 ms of latency, not 100 ms after the index answers.
         remaining = None if deadline is None else max(deadline - time.perf_counter(), 1e-6)
-        outcome = await self.batcher.score(joined, budget=remaining)
+        outcome = await self.batcher.score(joined, budget=remaining, min_scored=min_rerank)
         timings["queue"] = outcome.queue_seconds * 1000
         timings["rerank"] = outcome.run_seconds * 1000
         scored = outcome.scored

@@ -59,6 +59,7 @@ def router(engine: Engine, calls: Calls, *, serving: Callable[[], bool]) -> APIR
                     metadata_filter=request.metadata_filter,
                     truncate=request.truncate,
                     max_tokens_per_doc=request.max_tokens_per_doc,
+                    min_rerank=request.min_rerank,
                 ),
                 call,
             )
@@ -171,6 +172,7 @@ def info_body(info: EngineInfo) -> dict[str, Any]:
             "query_max_tokens": info.query_max_tokens,
             "pair_max_tokens": info.pair_max_tokens,
             "default_max_tokens_per_doc": settings.max_tokens_per_doc,
+            "default_min_rerank": settings.min_rerank,
         },
         "index_size": info.index_size,
         "index_dtype": info.index_dtype,

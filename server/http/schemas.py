@@ -155,6 +155,10 @@ class SearchBody(BaseModel):
     max_tokens_per_doc: int | None = Field(
         default=None, description="cut each candidate to this many tokens before reranking"
     )
+    min_rerank: int | None = Field(
+        default=None,
+        description="refuse (429) rather than rerank fewer candidates than this in the budget",
+    )
 
 
 class HitBody(BaseModel):
