@@ -60,18 +60,24 @@ def within_slo(report: LevelReport) -> bool:
     )
 
 
-def capacity(port: int, queries: list[str], *, seconds: float) -> float:
+def capacity(
+    port: int, queries: list[str], *, seconds: float, depth_floor: float | None = None
+) -> float:
     """The highest offered rate served within the SLO: from the start rate, double (or, when
     the start rate already fails, halve) until the outcome flips, then try the midpoint once.
     A closed loop would not do: its callers retry a refusal at once, so it measures how fast
     the server refuses. Halving matters on a shared machine: one stall of its cores can fail
-    the start rate, and a capacity search that only climbs would then find none."""
+    the start rate, and a capacity search that only climbs would then find none.
+
+    With ``depth_floor``, a rate passes only if the calls also reranked at least that many
+    candidates on average, and a floor out of reach even at the lowest rate gives 0.0."""
     shape = CallShape(recall_k=100, top_n=5, budget_ms=BUDGET_MS)
 
     def passes(qps: float) -> bool:
         report = _run(port, [Level("open", qps, seconds, 1_000_000)], queries, shape)[0]
         print(f"capacity probe: {format_report(report)}", flush=True)
-        return within_slo(report)
+        deep = depth_floor is None or report.reranked.get("mean", 0.0) >= depth_floor
+        return within_slo(report) and deep
 
     if passes(CAPACITY_START_QPS):
         passed, failed = CAPACITY_START_QPS, CAPACITY_START_QPS * 2
@@ -81,6 +87,8 @@ def capacity(port: int, queries: list[str], *, seconds: float) -> float:
         passed, failed = CAPACITY_START_QPS / 2, CAPACITY_START_QPS
         while not passes(passed):
             if passed <= CAPACITY_MIN_QPS:
+                if depth_floor is not None:
+                    return 0.0
                 raise RuntimeError(f"the server missed its SLO even at {passed:g} QPS")
             passed, failed = passed / 2, passed
     middle = (passed + failed) / 2
@@ -149,7 +157,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tandem.benchmarks import serving
 
     serving.add_arguments(parser)
-    parser.add_argument("--what", choices=("overload", "soak"), default="overload")
+    parser.add_argument("--what", choices=("overload", "soak", "depth"), default="overload")
+    parser.add_argument(
+        "--depth-floors", type=float, nargs="+", default=[10.0, 20.0],
+        help="depth: the highest load whose calls rerank at least this many on average",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-tokens-per-doc", type=int, default=0,
+        help="the server's per-document token cap (0: off): trades passage length for depth",
+    )  # fmt: skip
     parser.add_argument("--seconds", type=float, default=60.0, help="per overload level")
     parser.add_argument("--soak-seconds", type=float, default=300.0)
     parser.add_argument("--capacity-seconds", type=float, default=10.0, help="per probed rate")
@@ -160,9 +176,22 @@ def main(args: argparse.Namespace) -> int:
 
     queries = topic_queries()
     args.out.mkdir(parents=True, exist_ok=True)
-    server = start_tandem(args, args.out / "logs" / f"{args.what}.log")
+    extra = ["--max-tokens-per-doc", str(args.max_tokens_per_doc)]
+    server = start_tandem(args, args.out / "logs" / f"{args.what}.log", extra=extra)
     try:
         record: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv)}
+        if args.what == "depth":
+            # Capacity at each depth floor, beside capacity by latency alone.
+            floors = {"latency_only": None, **{f"{f:g}": f for f in args.depth_floors}}
+            record["capacity_qps_at_depth"] = {
+                name: capacity(
+                    server.port, queries, seconds=args.capacity_seconds, depth_floor=floor
+                )
+                for name, floor in floors.items()
+            }
+            record["max_tokens_per_doc"] = args.max_tokens_per_doc
+            print(json.dumps(record["capacity_qps_at_depth"]), flush=True)
+            return _write(args, record)
         measured = capacity(server.port, queries, seconds=args.capacity_seconds)
         if args.what == "overload":
             report = overload(
@@ -184,5 +213,10 @@ def main(args: argparse.Namespace) -> int:
             )
     finally:
         server.stop()
-    (args.out / f"{args.what}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return _write(args, record)
+
+
+def _write(args: argparse.Namespace, record: dict[str, Any]) -> int:
+    name = args.what if args.what != "depth" else f"depth_cap{args.max_tokens_per_doc}"
+    (args.out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     return 0

@@ -130,12 +130,18 @@ def _port_of(line: str) -> int:
     return int(json.loads(line)["address"].rsplit(":", 1)[1])
 
 
-def start_tandem(args: argparse.Namespace, log: Path, *, collection: Path | None = None) -> Process:
+def start_tandem(
+    args: argparse.Namespace,
+    log: Path,
+    *,
+    collection: Path | None = None,
+    extra: Sequence[str] = (),
+) -> Process:
     command = [
         sys.executable, "-m", "tandem.cli", "serve", "--port", "0", "--metrics-port", "-1",
         "--http-port", "-1",
         "--collection", str(collection or args.collection), "--bi-encoder", str(args.bi_encoder),
-        "--reranker", str(args.reranker), "--threads", str(args.threads),
+        "--reranker", str(args.reranker), "--threads", str(args.threads), *extra,
     ]  # fmt: skip
     return Process(command, log, '"msg": "serving"')
 
