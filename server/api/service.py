@@ -198,8 +198,8 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
             for hit in result.hits:
                 item = pb.RerankResult(
                     index=hit.stage1_rank,
-                    relevance_score=hit.rerank_score if hit.rerank_score is not None else 0.0,
-                    reranked=hit.rerank_score is not None,
+                    relevance_score=hit.score,
+                    reranked=hit.reranked,
                     truncated=hit.truncated,
                 )
                 if message.return_documents and hit.text is not None:
@@ -350,14 +350,12 @@ def _filter(entries: Mapping[str, struct_pb2.Value]) -> dict[str, Any] | None:
 
 
 def _hit(hit: Hit, *, include_text: bool) -> pb.Hit:
-    reranked = hit.rerank_score is not None
-    stage1 = hit.stage1_score if hit.stage1_score is not None else 0.0
     message = pb.Hit(
         id=hit.id,
-        score=hit.rerank_score if hit.rerank_score is not None else stage1,
-        stage1_score=stage1,
+        score=hit.score,
+        stage1_score=hit.stage1_score if hit.stage1_score is not None else 0.0,
         stage1_rank=hit.stage1_rank,
-        reranked=reranked,
+        reranked=hit.reranked,
         truncated=hit.truncated,
     )
     if include_text and hit.text is not None:
@@ -374,28 +372,11 @@ def _timings(stages_ms: Mapping[str, float], call: Call) -> pb.Timings:
 
 
 def _info(info: EngineInfo) -> pb.InfoResponse:
-    settings = info.settings
     response = pb.InfoResponse(
         version=info.version,
         bi_encoder=_model_info(info.models.bi_encoder),
         reranker_is_stand_in=info.models.reranker_is_stand_in,
-        limits=pb.Limits(
-            max_recall_k=settings.max_recall_k,
-            max_top_n=settings.max_top_n,
-            max_rerank_documents=settings.max_rerank_documents,
-            max_embed_texts=settings.max_embed_texts,
-            max_message_bytes=settings.max_message_bytes,
-            max_in_flight=settings.max_in_flight,
-            default_rerank_budget_ms=settings.default_rerank_budget_ms,
-            default_recall_k=settings.default_recall_k,
-            default_top_n=settings.default_top_n,
-            max_upsert_documents=settings.max_upsert_documents,
-            max_id_bytes=settings.max_id_bytes,
-            query_max_tokens=info.query_max_tokens,
-            pair_max_tokens=info.pair_max_tokens,
-            default_max_tokens_per_doc=settings.max_tokens_per_doc,
-            default_min_rerank=settings.min_rerank,
-        ),
+        limits=pb.Limits(**info.limits),
         index_size=info.index_size,
         index_dtype=info.index_dtype,
         store_generation=info.generation,

@@ -303,10 +303,13 @@ class RerankBatcher:
         tokens += sum(entry.length for entry in self.in_hand)
         return self.cost.predict(1, tokens)
 
-    def predict_scored(self, pairs: Sequence[JoinedPair], budget: float) -> int:
+    def predict_scored(
+        self, pairs: Sequence[JoinedPair], budget: float, *, ahead_s: float | None = None
+    ) -> int:
         """How many of ``pairs``, in order, would be scored within ``budget`` seconds: the work
-        queued ahead runs first (a newcomer's deadline is rarely the earliest), then its own."""
-        left = budget - self.queued_seconds()
+        queued ahead (``ahead_s``, else ``queued_seconds()``) runs first, since a newcomer's
+        deadline is rarely the earliest, then its own."""
+        left = budget - (self.queued_seconds() if ahead_s is None else ahead_s)
         used = 0
         for count, pair in enumerate(pairs):
             used += len(pair)
@@ -324,13 +327,14 @@ class RerankBatcher:
             return Outcome(np.zeros(0, dtype=np.float32), 0.0, 0.0, 0)
         wanted = min(min_scored, len(pairs))
         if budget is not None and wanted > 0:
-            predicted = self.predict_scored(pairs, budget)
+            ahead = self.queued_seconds()  # a walk over the queue: once per call
+            predicted = self.predict_scored(pairs, budget, ahead_s=ahead)
             if predicted < wanted:
                 raise TooShallow(
                     f"within the {budget * 1000:.0f} ms left of its budget about {predicted} "
                     f"of {len(pairs)} candidates would be reranked, fewer than min_rerank="
                     f"{min_scored}: retry shortly, or raise rerank_budget_ms",
-                    retry_after_s=max(self.queued_seconds(), 0.05),
+                    retry_after_s=max(ahead, 0.05),
                 )
         if len(self.queue) + len(pairs) > self.limits.max_queued_pairs:
             raise Overloaded(

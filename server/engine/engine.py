@@ -137,6 +137,29 @@ class EngineInfo:
     pair_max_tokens: int  # 0 without a reranker
     score_activation: str  # what maps a rerank logit into [0, 1]; "" without a reranker
 
+    @property
+    def limits(self) -> dict[str, int]:
+        """The limits and defaults a client plans against, under the names both transports
+        send (the gRPC ``Limits`` message's fields)."""
+        settings = self.settings
+        return {
+            "max_recall_k": settings.max_recall_k,
+            "max_top_n": settings.max_top_n,
+            "max_rerank_documents": settings.max_rerank_documents,
+            "max_embed_texts": settings.max_embed_texts,
+            "max_message_bytes": settings.max_message_bytes,
+            "max_in_flight": settings.max_in_flight,
+            "default_rerank_budget_ms": settings.default_rerank_budget_ms,
+            "default_recall_k": settings.default_recall_k,
+            "default_top_n": settings.default_top_n,
+            "max_upsert_documents": settings.max_upsert_documents,
+            "max_id_bytes": settings.max_id_bytes,
+            "query_max_tokens": self.query_max_tokens,
+            "pair_max_tokens": self.pair_max_tokens,
+            "default_max_tokens_per_doc": settings.max_tokens_per_doc,
+            "default_min_rerank": settings.min_rerank,
+        }
+
 
 class Engine:
     def __init__(

@@ -82,6 +82,18 @@ class Hit:
     truncated: bool = False
 
     @property
+    def reranked(self) -> bool:
+        return self.rerank_score is not None
+
+    @property
+    def score(self) -> float:
+        """The rerank score where reranked, else the stage-1 cosine (0.0 for a document the
+        client sent, which has none)."""
+        if self.rerank_score is not None:
+            return self.rerank_score
+        return self.stage1_score if self.stage1_score is not None else 0.0
+
+    @property
     def probability(self) -> float | None:
         """The rerank score through ``SCORE_ACTIVATION``, in [0, 1]."""
         return None if self.rerank_score is None else sigmoid(self.rerank_score)

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from tandem.server.admission import Gate
@@ -46,7 +47,7 @@ class Calls:
             return error_response(dialect, error)
         if isinstance(reply, Response):
             return reply
-        if hasattr(reply, "model_dump"):
+        if isinstance(reply, BaseModel):
             # Fields left unset are left out, as the originals do (Cohere's `document`).
             return JSONResponse(reply.model_dump(mode="json", exclude_none=True))
         return JSONResponse(reply)

@@ -27,15 +27,13 @@ def timings(stages_ms: Mapping[str, float], call: Call) -> s.TimingsBody:
 
 
 def hit_body(hit: Hit) -> s.HitBody:
-    reranked = hit.rerank_score is not None
-    stage1 = hit.stage1_score if hit.stage1_score is not None else 0.0
     return s.HitBody(
         id=hit.id,
-        score=hit.rerank_score if hit.rerank_score is not None else stage1,
+        score=hit.score,
         probability=hit.probability,
         stage1_score=hit.stage1_score,
         stage1_rank=hit.stage1_rank,
-        reranked=reranked,
+        reranked=hit.reranked,
         truncated=hit.truncated,
         text=hit.text,
         metadata=hit.metadata,
@@ -150,30 +148,13 @@ def router(engine: Engine, calls: Calls, *, serving: Callable[[], bool]) -> APIR
 
 
 def info_body(info: EngineInfo) -> dict[str, Any]:
-    settings = info.settings
     return {
         "version": info.version,
         "bi_encoder": _model(info.models.bi_encoder),
         "reranker": _model(info.models.reranker) if info.models.reranker else None,
         "reranker_is_stand_in": info.models.reranker_is_stand_in,
         "score_activation": info.score_activation,
-        "limits": {
-            "max_recall_k": settings.max_recall_k,
-            "max_top_n": settings.max_top_n,
-            "max_rerank_documents": settings.max_rerank_documents,
-            "max_embed_texts": settings.max_embed_texts,
-            "max_message_bytes": settings.max_message_bytes,
-            "max_in_flight": settings.max_in_flight,
-            "default_rerank_budget_ms": settings.default_rerank_budget_ms,
-            "default_recall_k": settings.default_recall_k,
-            "default_top_n": settings.default_top_n,
-            "max_upsert_documents": settings.max_upsert_documents,
-            "max_id_bytes": settings.max_id_bytes,
-            "query_max_tokens": info.query_max_tokens,
-            "pair_max_tokens": info.pair_max_tokens,
-            "default_max_tokens_per_doc": settings.max_tokens_per_doc,
-            "default_min_rerank": settings.min_rerank,
-        },
+        "limits": info.limits,
         "index_size": info.index_size,
         "index_dtype": info.index_dtype,
         "store_generation": info.generation,
