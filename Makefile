@@ -11,7 +11,7 @@ export TANDEM_DATA_DIR ?= $(CURDIR)/.cache/rag24
 DEMO ?= $(ARTIFACTS)/demo
 SERVE_FLAGS ?=
 
-.PHONY: install data models demo run node nginx chromium test check bench clean
+.PHONY: install data models demo run node nginx chromium test check bench gpu-carry clean
 
 install: $(VENV)/.installed
 
@@ -103,6 +103,22 @@ bench: demo
 	$(BIN)/python -m tandem.benchmarks.vector_search --out benchmarks/results/vector_search.json
 	$(BIN)/tandem bench serving --collection $(DEMO) --out benchmarks/results
 	$(BIN)/tandem bench quality --out benchmarks/results/quality.json
+
+# What `tandem bench gpu` needs on a lent GPU machine, in .gpu/ (see docs/DEVELOPERS.md):
+# the FP16 reranker's checkpoint (no ONNX graph), RAG24 cases, and wheels (Python 3.12) of
+# what that machine lacks. All of it must fit the 64 MiB a device call carries.
+GPU_RERANKER ?= $(STAND_IN)
+GPU_WHEELS := usearch==2.26.6 numkong==7.8.6 grpcio==1.85.1 grpcio-health-checking==1.85.1 \
+	grpcio-reflection==1.85.1 grpcio-status==1.85.1 googleapis-common-protos==1.76.0 \
+	protobuf==7.36.2
+gpu-carry: | data
+	$(BIN)/tandem export cross-encoder --model $(GPU_RERANKER) --precision fp16 \
+		--out $(ARTIFACTS)/cross-encoder-fp16 --force
+	$(BIN)/tandem bench gpu --prepare --reranker $(ARTIFACTS)/cross-encoder-fp16 --carry .gpu
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .gpu/wheels $(GPU_WHEELS)
+	du -sh .gpu
 
 clean:
 	rm -rf $(VENV) $(ARTIFACTS) .cache .mypy_cache .pytest_cache .ruff_cache tandem/v1 \

@@ -183,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 batch_size=32,
                 show_progress_bar=False,
             ),
-            "onnxruntime fp32": partial(ce_fp32.score, query, documents),
-            "onnxruntime int8": partial(ce_int8.score, query, documents),
+            f"{ce_fp32.manifest.runtime} fp32": partial(ce_fp32.score, query, documents),
+            f"{ce_int8.manifest.runtime} int8": partial(ce_int8.score, query, documents),
         }
         tokens = ce_int8.tokenize_pairs(query, documents).lengths
         rows = run_rounds(backends, repeats=args.repeats, pairs=size)
@@ -205,9 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch fp32 (sentence-transformers encode)": partial(
             torch_bi.encode, show_progress_bar=False
         ),
-        "onnxruntime fp32": BiEncoder(folders["bi-encoder", "fp32"], threads=args.threads).embed,
-        "onnxruntime int8": BiEncoder(folders["bi-encoder", "int8"], threads=args.threads).embed,
     }
+    for precision in ("fp32", "int8"):
+        embedder = BiEncoder(folders["bi-encoder", precision], threads=args.threads)
+        embedders[f"{embedder.manifest.runtime} {precision}"] = embedder.embed
     queries = [topic.query for topic in data.topics[: max(args.repeats * 4, 8)]]
     results["query_embedding"] = [
         query_latency(name, embed, queries) for name, embed in embedders.items()

@@ -63,6 +63,16 @@ class Round:
         return self.pairs / self.seconds
 
 
+def rerank_request(case: Case) -> pb.RerankRequest:
+    """Every document scored (no budget), the best ``TOP_N`` returned."""
+    return pb.RerankRequest(
+        query=case.query,
+        documents=[pb.RerankDocument(text=text) for text in case.documents],
+        top_n=TOP_N,
+        rerank_budget_ms=0,
+    )
+
+
 def cases(count: int, documents: int) -> list[Case]:
     """RAG24 topics, each with ``documents`` passages from the pool retrieved for them."""
     data = rag24.load()
@@ -124,12 +134,7 @@ async def measure(
     async def over_grpc(case: Case) -> int:
         try:
             reply = await stub.Rerank(
-                pb.RerankRequest(
-                    query=case.query,
-                    documents=[pb.RerankDocument(text=text) for text in case.documents],
-                    top_n=TOP_N,
-                    rerank_budget_ms=0,
-                ),
+                rerank_request(case),
                 # None by default, as the HTTP call has none: the same work on both doors.
                 timeout=args.grpc_deadline_s,
             )

@@ -96,11 +96,15 @@ def bare_session_pairs_per_second(
 class Process:
     """A server in a child process, its log in a file, stopped with SIGTERM."""
 
-    def __init__(self, command: list[str], log: Path, ready: str) -> None:
+    def __init__(
+        self, command: list[str], log: Path, ready: str, *, env: dict[str, str] | None = None
+    ) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
         self.handle = log.open("w")
-        self.process = subprocess.Popen(command, stdout=self.handle, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            command, stdout=self.handle, stderr=subprocess.STDOUT, env=env
+        )
         self.port = self._wait_for(ready)
 
     def _wait_for(self, marker: str, timeout: float = 900) -> int:

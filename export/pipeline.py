@@ -20,7 +20,9 @@ from numpy.typing import NDArray
 
 import tandem
 from tandem.artifact import (
+    CHECKPOINT_DIR,
     MODEL_NAME,
+    GraphRuntime,
     Kind,
     Manifest,
     Precision,
@@ -28,8 +30,11 @@ from tandem.artifact import (
     write_manifest,
 )
 from tandem.encoders import BiEncoder, CrossEncoder, TokenBatch
+from tandem.export.checkpoint import keep_checkpoint
 from tandem.export.errors import OutputConflict, ParityFailure, UsageError
 from tandem.export.graph import DEFAULT_OPSET, export_fp32, optimize
+from tandem.export.openvino import quantize_static
+from tandem.export.openvino import save_fp32 as save_openvino_fp32
 from tandem.export.parity import (
     Thresholds,
     embedding_metrics,
@@ -61,10 +66,14 @@ log = logging.getLogger(__name__)
 
 VERSIONED = (
     "torch", "transformers", "sentence-transformers", "optimum", "optimum-onnx", "onnx",
-    "onnxruntime", "tokenizers",
+    "onnxruntime", "tokenizers", "openvino", "nncf",
 )  # fmt: skip
 # Calibration aims a little above the bars, since verification runs on other texts.
 CALIBRATION_MARGIN = 0.004
+# Static INT8 fixes activation scales on the calibration split's first 5 topics x 50 candidates.
+STATIC_CALIBRATION_QUERIES = 5
+# ...and a bi-encoder's on 128 passages and this many queries (the calibration split's).
+STATIC_QUERIES = 64
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,16 @@ class ExportRequest:
     bars: Thresholds = field(default_factory=Thresholds)
     sample: Sample = field(default_factory=Sample)
     threads: int = 2
+    runtime: GraphRuntime | None = None  # None: default_runtime(precision)
+
+
+def default_runtime(precision: Precision) -> GraphRuntime:
+    """OpenVINO's static INT8 for x86 CPUs, where it measured faster at parity
+    (benchmarks/RESULTS.md); onnxruntime for GPUs (FP16), Arm, and FP32."""
+    import platform
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return "openvino" if precision == "int8" and x86 else "onnxruntime"
 
 
 def check_output(out: Path, source: ModelSource, *, force: bool) -> None:
@@ -132,6 +151,12 @@ def _build(
     fused = optimize(raw, optimized, source)
     log.info("transformer optimizer fused: %s", fused)
 
+    runtime = request.runtime or default_runtime(request.precision)
+    if runtime == "openvino" and request.precision == "fp16":
+        raise UsageError(
+            "FP16 artifacts are for GPUs, which OpenVINO does not serve here; "
+            "use --runtime onnxruntime"
+        )
     artifact = staging / "artifact"
     artifact.mkdir()
     for path in raw_dir.iterdir():
@@ -154,17 +179,26 @@ def _build(
         files={},
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         extra={"source_revision": source.revision} if source.revision else {},
+        runtime=runtime,
     )
     # The FP32 graph is written first: calibration compares INT8 candidates with it.
-    shutil.copy2(optimized, artifact / MODEL_NAME)
+    if runtime == "openvino":
+        save_openvino_fp32(raw, artifact)
+    else:
+        shutil.copy2(optimized, artifact / MODEL_NAME)
     write_manifest(artifact, manifest)
-    if request.precision == "int8":
+    if request.precision == "int8" and runtime == "openvino":
+        manifest = _quantize_static(manifest, artifact, raw, request, data)
+    elif request.precision == "int8":
         preset = PRESETS[request.preset or detect_preset()]
         manifest = _quantize(manifest, artifact, optimized, preset, request, data)
     elif request.precision == "fp16":
         convert_fp16(optimized, artifact / MODEL_NAME)
         manifest = _replace_quantization(manifest, {"method": "fp16", "keep_io_types": True})
-    inputs = _graph_inputs(artifact / MODEL_NAME)
+        log.info("keeping the checkpoint in fp16 for the PyTorch backend")
+        keep_checkpoint(source, request.kind, artifact / CHECKPOINT_DIR)
+        manifest = replace(manifest, checkpoint=CHECKPOINT_DIR)
+    inputs = _graph_inputs(raw)
     manifest = _with_files(manifest, artifact, inputs)
     write_manifest(artifact, manifest)
     return manifest
@@ -214,6 +248,47 @@ def _quantize(
     )
 
 
+def _quantize_static(
+    manifest: Manifest, artifact: Path, raw: Path, request: ExportRequest, data: Rag24
+) -> Manifest:
+    """NNCF static INT8, with the same mixed-precision search as the dynamic path: the weight
+    MatMuls with the worst local INT8 error stay FP32, as few as calibration parity allows."""
+    calibration = _Calibration(artifact, request, data)
+    static_feeds = calibration.static_feeds()
+    errors = local_errors(raw, calibration.feeds(), preset=PRESETS["avx512_vnni"])
+    ranked = sorted(errors, key=lambda name: -errors[name])
+    trials: list[dict[str, object]] = []
+
+    def passes(excluded: Sequence[str]) -> bool:
+        quantize_static(raw, artifact, static_feeds, exclude=excluded)
+        metrics, ok = calibration.check(margin=CALIBRATION_MARGIN)
+        trials.append({"fp32_nodes": len(excluded), "passed": ok, **metrics})
+        log.info("static INT8 with %d FP32 nodes: %s -> %s", len(excluded), metrics, ok)
+        return ok
+
+    excluded, passed = choose_exclusions(ranked, passes, max_excluded=len(ranked))
+    quantize_static(raw, artifact, static_feeds, exclude=excluded)
+    if not passed:
+        log.warning("no mixed-precision plan met the parity bars on calibration text")
+    return _replace_quantization(
+        manifest,
+        {
+            "method": "static",
+            "tool": "nncf",
+            "weights": "s8 per channel",
+            "activations": "u8/s8, scales fixed on calibration text",
+            "calibration_pairs" if request.kind == "cross-encoder" else "calibration_texts": sum(
+                len(feed["input_ids"]) for feed in static_feeds
+            ),
+            "inference_precision": "f32 (OpenVINO's bf16 default ran 2x slower without AMX)",
+            "fp32_nodes": excluded,
+            "quantized_nodes": len(ranked) - len(excluded),
+            "selection": "local INT8 error rank, bisected on calibration parity",
+            "calibration_trials": trials,
+        },
+    )
+
+
 class _Calibration:
     """Calibration inputs and the FP32 outputs that INT8 candidates must stay close to."""
 
@@ -224,6 +299,7 @@ class _Calibration:
         self.threads = request.threads
         if self.kind == "bi-encoder":
             self.texts = passages(data, count=128, part="calibrate")
+            self.queries = [topic.query for topic in data.topics[1::2][:STATIC_QUERIES]]
             self.reference = [self._embed()]
         else:
             self.cases = rerank_cases(data, queries=8, candidates=50, part="calibrate")
@@ -249,6 +325,30 @@ class _Calibration:
             scorer = CrossEncoder(self.artifact, threads=self.threads, check_hashes=False)
             batches = [
                 scorer.tokenize_pairs(case.query, case.documents[:16]) for case in self.cases[:4]
+            ]
+            names = scorer.input_names
+        return [batch.feed(names) for batch in batches]
+
+    def static_feeds(self, *, rows: int = 4) -> list[dict[str, NDArray[np.int64]]]:
+        """Calibration text (250 pairs, or 128 passages and 64 queries), in small batches: the
+        activation ranges that static INT8 fixes come from these."""
+        batches: list[TokenBatch]
+        if self.kind == "bi-encoder":
+            # Queries too: a served bi-encoder embeds short queries far more often than
+            # passages, and their activations fall outside ranges fixed on passages alone.
+            texts = [*self.texts, *self.queries]
+            encoder = BiEncoder(self.artifact, threads=self.threads, check_hashes=False)
+            batches = [
+                encoder.tokenize(texts[start : start + rows])
+                for start in range(0, len(texts), rows)
+            ]
+            names = encoder.input_names
+        else:
+            scorer = CrossEncoder(self.artifact, threads=self.threads, check_hashes=False)
+            batches = [
+                scorer.tokenize_pairs(case.query, case.documents[start : start + rows])
+                for case in self.cases[:STATIC_CALIBRATION_QUERIES]
+                for start in range(0, len(case.documents), rows)
             ]
             names = scorer.input_names
         return [batch.feed(names) for batch in batches]

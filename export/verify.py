@@ -15,7 +15,8 @@ from tandem.artifact import (
     read_manifest,
     write_manifest,
 )
-from tandem.encoders import BiEncoder, CrossEncoder, Device
+from tandem.devices import BackendChoice, DeviceSpec
+from tandem.encoders import BiEncoder, CrossEncoder
 from tandem.export import reference
 from tandem.export.errors import InvalidSource, ParityFailure
 from tandem.export.parity import (
@@ -28,6 +29,7 @@ from tandem.export.parity import (
 from tandem.export.source import ModelSource, resolve
 from tandem.export.texts import passages, rerank_cases
 from tandem.rag24 import Rag24
+from tandem.runtimes import choose_backend
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,13 @@ def measure(
     bars: Thresholds,
     sample: Sample,
     threads: int = 2,
-    device: Device = "cpu",
+    device: str = "cpu",
+    backend: BackendChoice = "auto",
 ) -> Parity:
     manifest = read_manifest(folder)
     if manifest.kind == "bi-encoder":
         texts = passages(data, count=sample.texts, part="verify")
-        encoder = BiEncoder(folder, threads=threads, device=device)
+        encoder = BiEncoder(folder, threads=threads, device=device, backend=backend)
         got = encoder.embed(texts)
         want = reference.embed(source.path, texts, max_length=manifest.max_length, threads=threads)
         metrics = embedding_metrics(got, want)
@@ -66,7 +69,7 @@ def measure(
         cases = rerank_cases(
             data, queries=sample.queries, candidates=sample.candidates, part="verify"
         )
-        scorer = CrossEncoder(folder, threads=threads, device=device)
+        scorer = CrossEncoder(folder, threads=threads, device=device, backend=backend)
         got_scores = [scorer.score(case.query, case.documents) for case in cases]
         want_scores = reference.score(
             source.path,
@@ -103,7 +106,8 @@ def verify_folder(
     sample: Sample,
     model: str | None = None,
     threads: int = 2,
-    device: Device = "cpu",
+    device: str = "cpu",
+    backend: BackendChoice = "auto",
 ) -> Manifest:
     """Measures parity, writes it into the manifest, and raises if the thresholds are missed.
 
@@ -112,11 +116,22 @@ def verify_folder(
     """
     try:
         manifest = read_manifest(folder)
-        check_files(folder, manifest)
+        check_files(folder, manifest, unread=manifest.graph_files if backend == "torch" else ())
     except ArtifactError as exc:
         raise InvalidSource(str(exc)) from exc
     source = resolve(model or manifest.source)
-    parity = measure(folder, source, data, bars=bars, sample=sample, threads=threads, device=device)
+    parity = measure(
+        folder, source, data, bars=bars, sample=sample, threads=threads, device=device,
+        backend=backend,
+    )  # fmt: skip
+    chosen = choose_backend(manifest, backend, DeviceSpec.parse(device))
+    if chosen == "torch":
+        # The manifest's parity is the graph's; the checkpoint's is reported, not recorded.
+        if not parity.passed:
+            raise ParityFailure(
+                f"{folder} on PyTorch ({device}): parity {parity.metrics} below {parity.thresholds}"
+            )
+        return manifest.with_parity(parity)
     updated = manifest.with_parity(parity)
     write_manifest(folder, updated)
     if not parity.passed:

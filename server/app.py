@@ -18,13 +18,17 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tandem.artifact import Manifest
+from tandem.devices import BackendChoice, TorchDtype
 from tandem.encoders import BiEncoder, CrossEncoder
+from tandem.runtimes import Runtime
+from tandem.runtimes.capacity import learn_batch_tokens, warm_up
 from tandem.server.admission import Gate, LoopLag
 from tandem.server.api.auth import TokenAuth
 from tandem.server.api.service import RetrievalService, add_to_server
@@ -36,18 +40,21 @@ from tandem.server.engine.pairs import PairTokenizer
 from tandem.server.engine.priority import lower_this_thread, with_threads_lowered
 from tandem.server.engine.search import Searcher, make_runner
 from tandem.server.engine.supervisor import Supervisor
-from tandem.server.http.app import create_app
-from tandem.server.http.listener import HttpListener
 from tandem.server.metrics import Metrics, MetricsEndpoint
 from tandem.server.replication.follow import Follower
 from tandem.server.replication.publish import current_version, is_published_root, version_folder
 from tandem.server.settings import Settings, is_loopback
 from tandem.v1 import tandem_pb2
 
+if TYPE_CHECKING:
+    from tandem.server.http.listener import HttpListener
+
 log = logging.getLogger(__name__)
 SERVICE_NAME: str = tandem_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name
 WARM_UP_QUERY = "what is two-stage retrieval"
 FOLLOWER = "follower"
+# A GPU batch holds up to (learned tokens / this) pairs: short pairs should fill it too.
+GPU_SHORTEST_PAIR_TOKENS = 64
 
 
 class Unverified(Exception):
@@ -142,30 +149,65 @@ def _check_verified(manifest: Manifest, folder: Path, settings: Settings) -> Non
     log.warning("SERVING AN UNVERIFIED ARTIFACT", extra={"folder": str(folder), "why": measured})
 
 
+def batch_limits(settings: Settings, runtime: Runtime) -> BatchLimits:
+    """The settings' batch caps; where they are 0, the CPU defaults or, on a GPU, a cap
+    learned from the device (GPU batches are far larger: thousands of padded tokens)."""
+    tokens, pairs = settings.max_batch_tokens, settings.max_batch_pairs
+    if runtime.device.is_gpu:
+        tokens = tokens or learn_batch_tokens(runtime)
+        pairs = pairs or max(BatchLimits.max_batch_pairs, tokens // GPU_SHORTEST_PAIR_TOKENS)
+    limits = BatchLimits(
+        max_batch_tokens=tokens or BatchLimits.max_batch_tokens,
+        max_batch_pairs=pairs or BatchLimits.max_batch_pairs,
+        window=max(BatchLimits.window, pairs),
+        max_queued_pairs=settings.max_queued_pairs,
+    )
+    log.info(
+        "reranker batches",
+        extra={
+            "backend": runtime.backend,
+            "device": str(runtime.device),
+            "max_batch_tokens": limits.max_batch_tokens,
+            "max_batch_pairs": limits.max_batch_pairs,
+        },
+    )
+    return limits
+
+
 def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) -> Engine:
     """Opens both models (refusing altered or unverified artifacts) and the collection."""
     embedder = BiEncoder(
-        settings.bi_encoder, threads=settings.threads, spinning=settings.ort_spinning
+        settings.bi_encoder,
+        threads=settings.threads,
+        spinning=settings.ort_spinning,
+        device=settings.bi_encoder_device or settings.device,
+        backend=cast(BackendChoice, settings.backend),
+        torch_dtype=cast(TorchDtype, settings.torch_dtype),
     )
     _check_verified(embedder.manifest, settings.bi_encoder, settings)
+    warm_up(embedder.runtime)
     reranker = None
     pairs = None
     batcher = None
     if settings.reranker is not None:
         path = settings.reranker
         reranker = with_threads_lowered(
-            lambda: CrossEncoder(path, threads=settings.threads, spinning=settings.ort_spinning),
+            lambda: CrossEncoder(
+                path,
+                threads=settings.threads,
+                spinning=settings.ort_spinning,
+                device=settings.device,
+                backend=cast(BackendChoice, settings.backend),
+                torch_dtype=cast(TorchDtype, settings.torch_dtype),
+            ),
             settings.reranker_nice,
         )
         _check_verified(reranker.manifest, path, settings)
+        warm_up(reranker.runtime)
         pairs = PairTokenizer.for_reranker(reranker)
         batcher = RerankBatcher(
             make_runner(reranker),
-            limits=BatchLimits(
-                max_batch_tokens=settings.max_batch_tokens,
-                max_batch_pairs=settings.max_batch_pairs,
-                max_queued_pairs=settings.max_queued_pairs,
-            ),
+            limits=batch_limits(settings, reranker.runtime),
             on_batch=metrics.observe_batch,
             worker_setup=functools.partial(lower_this_thread, settings.reranker_nice),
         )
@@ -306,6 +348,10 @@ async def create_server(settings: Settings, *, warm: bool = True) -> Running:
 
 
 def _http_listener(settings: Settings, running: Running) -> HttpListener:
+    # Imported here: a gRPC-only server (--http-port -1) loads no FastAPI, pydantic or uvicorn.
+    from tandem.server.http.app import create_app
+    from tandem.server.http.listener import HttpListener
+
     app = create_app(
         running.engine,
         settings=settings,

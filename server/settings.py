@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from tandem.devices import BACKEND_CHOICES, DEVICE_PATTERN, TORCH_DTYPES
+
 ENV_PREFIX = "TANDEM_"
 
 
@@ -130,6 +132,28 @@ class Settings:
             "0: equal): reranking is elastic under a budget, the rest is on every call's path"
         ),
     )
+    device: str = field(
+        default="cpu",
+        metadata=_doc(
+            "where both encoders run: cpu, cuda or cuda:N (a GPU needs FP16 artifacts: "
+            "tandem export --precision fp16)"
+        ),
+    )
+    bi_encoder_device: str | None = field(
+        default=None,
+        metadata=_doc("where the bi-encoder runs, when it differs from --device"),
+    )
+    backend: str = field(
+        default="auto",
+        metadata=_doc(
+            "runtime: auto (the artifact's graph on a CPU; on a GPU, onnxruntime's CUDA "
+            "provider if installed, else PyTorch), onnxruntime, openvino or torch"
+        ),
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata=_doc("PyTorch backend precision: auto (float16 on a GPU), bfloat16, float32"),
+    )
     # Security
     tls_cert: Path | None = field(default=None, metadata=_doc("PEM certificate chain: TLS on"))
     tls_key: Path | None = field(default=None, metadata=_doc("PEM private key for --tls-cert"))
@@ -209,9 +233,15 @@ class Settings:
     )
     # Batching
     max_batch_tokens: int = field(
-        default=1024, metadata=_doc("padded tokens per reranker run (see BatchLimits)")
+        default=0,
+        metadata=_doc(
+            "padded tokens per reranker run (see BatchLimits); 0: 1024 on a CPU, learned from "
+            "the GPU at start-up (the smallest batch within a tenth of its best tokens/s)"
+        ),
     )
-    max_batch_pairs: int = field(default=32, metadata=_doc("pairs per reranker run"))
+    max_batch_pairs: int = field(
+        default=0, metadata=_doc("pairs per reranker run; 0: 32 on a CPU, more on a GPU")
+    )
     max_queued_pairs: int = field(
         default=4096,
         metadata=_doc("pairs waiting to be reranked before RESOURCE_EXHAUSTED (~25 s of work)"),
@@ -382,6 +412,16 @@ def validate(settings: Settings) -> None:
         )
     if settings.index_dtype not in (None, "i8", "f16", "f32"):
         problems.append(f"index_dtype {settings.index_dtype!r} is not i8, f16 or f32")
+    for name in ("device", "bi_encoder_device"):
+        value = getattr(settings, name)
+        if value is not None and not DEVICE_PATTERN.match(value.strip().lower()):
+            problems.append(f"{name} {value!r} is not cpu, cuda or cuda:N")
+    if settings.backend not in BACKEND_CHOICES:
+        problems.append(f"backend {settings.backend!r} is not one of {', '.join(BACKEND_CHOICES)}")
+    if settings.torch_dtype not in TORCH_DTYPES:
+        problems.append(
+            f"torch_dtype {settings.torch_dtype!r} is not one of {', '.join(TORCH_DTYPES)}"
+        )
     if settings.log_level not in ("debug", "info", "warning", "error"):
         problems.append(f"log_level {settings.log_level!r} is not debug/info/warning/error")
     if settings.log_format not in ("json", "text"):
@@ -389,8 +429,7 @@ def validate(settings: Settings) -> None:
     positive = (
         "threads", "max_in_flight", "max_message_bytes", "max_recall_k", "max_top_n",
         "max_rerank_documents", "max_embed_texts", "max_upsert_documents", "max_id_bytes",
-        "default_recall_k", "default_top_n", "max_batch_tokens", "max_batch_pairs",
-        "max_queued_pairs", "compact_min_removed",
+        "default_recall_k", "default_top_n", "max_queued_pairs", "compact_min_removed",
     )  # fmt: skip
     problems.extend(
         f"{name} must be at least 1 (got {getattr(settings, name)})"
@@ -399,6 +438,7 @@ def validate(settings: Settings) -> None:
     )
     for name in (
         "default_rerank_budget_ms", "max_tokens_per_doc", "min_rerank", "query_cache",
+        "max_batch_tokens", "max_batch_pairs",
         "checkpoint_seconds",
         "drain_seconds", "max_queue_wait_ms", "latency_slack_ms", "reranker_nice",
         "compact_removed_fraction",

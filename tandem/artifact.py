@@ -1,13 +1,16 @@
 """The exported model folder as a self-describing artifact: its manifest and the checks on it.
 
-An artifact folder holds ``model.onnx``, the tokenizer and config files, and ``manifest.json``.
-The manifest names every file with its sha256, so a server can refuse a folder whose files no
-longer match what was exported and verified.
+An artifact folder holds the model graph (``model.onnx`` for onnxruntime, or
+``openvino_model.xml`` and ``.bin`` for OpenVINO), the tokenizer and config files, optionally
+the checkpoint itself (``checkpoint/``, for the PyTorch backend on a GPU), and
+``manifest.json``. The manifest names every file with its sha256, so a server can refuse a
+folder whose files no longer match what was exported and verified.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -16,15 +19,25 @@ from tandem.durable import sha256_file, write_text_atomically
 
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
+OPENVINO_XML = "openvino_model.xml"
+OPENVINO_BIN = "openvino_model.bin"
+CHECKPOINT_DIR = "checkpoint"
 FORMAT_VERSION = 1
 
 Kind = Literal["bi-encoder", "cross-encoder"]
 Precision = Literal["int8", "fp16", "fp32"]
 PoolingMode = Literal["mean", "cls", "max", "lasttoken"]
+# Which runtime the artifact's graph is for; the checkpoint, when kept, serves PyTorch.
+GraphRuntime = Literal["onnxruntime", "openvino"]
 
 KINDS: tuple[Kind, ...] = ("bi-encoder", "cross-encoder")
 PRECISIONS: tuple[Precision, ...] = ("int8", "fp16", "fp32")
 POOLING_MODES: tuple[PoolingMode, ...] = ("mean", "cls", "max", "lasttoken")
+GRAPH_RUNTIMES: tuple[GraphRuntime, ...] = ("onnxruntime", "openvino")
+GRAPH_FILES: dict[GraphRuntime, tuple[str, ...]] = {
+    "onnxruntime": (MODEL_NAME,),
+    "openvino": (OPENVINO_XML, OPENVINO_BIN),
+}
 
 
 class ArtifactError(Exception):
@@ -75,10 +88,23 @@ class Manifest:
     parity: Parity | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    runtime: GraphRuntime = "onnxruntime"
+    # The checkpoint's folder inside the artifact (fp16 safetensors), or None when not kept.
+    checkpoint: str | None = None
 
     @property
     def verified(self) -> bool:
         return self.parity is not None and self.parity.passed
+
+    @property
+    def graph_files(self) -> tuple[str, ...]:
+        return GRAPH_FILES[self.runtime]
+
+    @property
+    def weights_sha256(self) -> str:
+        """The hash of the file holding the graph's weights: what a collection records as
+        the bi-encoder its vectors came from (``model.onnx``, or OpenVINO's ``.bin``)."""
+        return self.files.get(self.graph_files[-1], "")
 
     def with_parity(self, parity: Parity) -> Manifest:
         return replace(self, parity=parity)
@@ -117,6 +143,10 @@ def _manifest_from_dict(raw: dict[str, Any]) -> Manifest:
             if pooling_raw["mode"] not in POOLING_MODES:
                 raise ArtifactError(f"manifest pooling mode {pooling_raw['mode']!r} is unknown")
             pooling = Pooling(mode=pooling_raw["mode"], normalize=bool(pooling_raw["normalize"]))
+        runtime = raw.get("runtime", "onnxruntime")
+        if runtime not in GRAPH_RUNTIMES:
+            raise ArtifactError(f"manifest runtime {runtime!r} is not one of {GRAPH_RUNTIMES}")
+        checkpoint = raw.get("checkpoint")
         parity_raw = raw.get("parity")
         parity = Parity(**parity_raw) if parity_raw is not None else None
         return Manifest(
@@ -136,6 +166,8 @@ def _manifest_from_dict(raw: dict[str, Any]) -> Manifest:
             created_at=str(raw["created_at"]),
             parity=parity,
             extra=dict(raw.get("extra", {})),
+            runtime=cast(GraphRuntime, runtime),
+            checkpoint=None if checkpoint is None else str(checkpoint),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"manifest.json is missing or has a malformed field: {exc}") from exc
@@ -162,21 +194,29 @@ def read_manifest(folder: Path) -> Manifest:
     return Manifest.from_json(path.read_text(encoding="utf-8"))
 
 
-def open_checked(folder: Path, kind: Kind, *, check_hashes: bool = True) -> Manifest:
-    """Reads the manifest of a ``kind`` artifact, refusing another kind or altered files."""
+def open_checked(
+    folder: Path, kind: Kind, *, check_hashes: bool = True, unread: Sequence[str] = ()
+) -> Manifest:
+    """Reads the manifest of a ``kind`` artifact, refusing another kind or altered files.
+
+    ``unread`` names files (or folders, ending in ``/``) the caller will not open: they may be
+    absent, as when only the checkpoint travels to a GPU machine, and are not hashed.
+    """
     manifest = read_manifest(folder)
     if manifest.kind != kind:
         raise ArtifactError(
             f"{folder} holds a {manifest.kind}, not a {kind}; pass the {kind} export instead"
         )
     if check_hashes:
-        check_files(folder, manifest)
+        check_files(folder, manifest, unread=unread)
     return manifest
 
 
-def check_files(folder: Path, manifest: Manifest) -> None:
+def check_files(folder: Path, manifest: Manifest, *, unread: Sequence[str] = ()) -> None:
     """Raises if any file the manifest names is missing or differs from what was exported."""
     for name, expected in sorted(manifest.files.items()):
+        if any(name == skipped or name.startswith(skipped.rstrip("/") + "/") for skipped in unread):
+            continue
         path = folder / name
         if not path.is_file():
             raise ArtifactError(f"{path} is listed in the manifest but missing")

@@ -39,6 +39,9 @@ BENCHES = {
     "quality": "nDCG/MRR/recall on RAG24",
     "replicas": "throughput through nginx with 1, 2, 3 replicas",
     "http_overhead": "Rerank of 50 documents over HTTP (Cohere v2) against gRPC, one server",
+    "gpu": "the reranker on a GPU, bare and served, beside sentence-transformers (make gpu-carry)",
+    "runtimes": "reranker and bi-encoder throughput per CPU runtime (OpenVINO, onnxruntime)",
+    "peers": "Tandem beside Infinity and the seeds' pipeline, on the same rerank requests",
 }
 
 
@@ -61,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="int8 for CPUs (default), fp16 for GPUs, fp32 as reference",
         )
         sub.add_argument(
+            "--runtime",
+            choices=("onnxruntime", "openvino"),
+            help="graph format; default: openvino (static INT8) for int8 on x86-64, else "
+            "onnxruntime. fp16 also keeps the checkpoint for the PyTorch GPU backend",
+        )
+        sub.add_argument(
             "--preset",
             choices=("avx2", "avx512", "avx512_vnni", "arm64"),
             help="INT8 layout; default: picked from this CPU's flags",
@@ -76,10 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("folder", type=Path, help="artifact folder holding manifest.json")
     verify.add_argument("--model", help="reference checkpoint; default: the manifest's source")
     verify.add_argument(
-        "--device",
-        choices=("cpu", "cuda"),
-        default="cpu",
-        help="run the artifact on this device (cuda for FP16 on a GPU)",
+        "--device", default="cpu", help="cpu, cuda or cuda:N (an FP16 artifact on a GPU)"
+    )
+    verify.add_argument(
+        "--backend",
+        choices=("auto", "onnxruntime", "openvino", "torch"),
+        default="auto",
+        help="runtime to measure; torch runs the checkpoint an FP16 artifact keeps",
     )
     _add_verification_flags(verify)
     index = commands.add_parser("index", help="build a collection from a corpus")
@@ -241,6 +253,7 @@ def _run_export(args: argparse.Namespace) -> int:
                 model=args.model,
                 threads=args.threads,
                 device=args.device,
+                backend=args.backend,
             )
         else:
             manifest = export_model(
@@ -255,6 +268,7 @@ def _run_export(args: argparse.Namespace) -> int:
                     bars=bars,
                     sample=sample,
                     threads=args.threads,
+                    runtime=args.runtime,
                 ),
                 data,
             )

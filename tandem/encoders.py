@@ -1,133 +1,50 @@
-"""Runs exported encoders on onnxruntime: tokenize, run the session, pool. No torch here.
+"""Runs exported encoders: tokenize, run the model on its runtime, pool. No torch here.
 
 Each encoder splits its work into ``tokenize -> forward`` so a batcher can tokenize ahead of
-the session and cap batches by padded tokens (the seam Infinity's backends use).
+the model and cap batches by padded tokens (the seam Infinity's backends use). Which runtime
+runs the model (onnxruntime, OpenVINO or PyTorch) is chosen in ``tandem.runtimes``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-import onnxruntime as ort
 from numpy.typing import NDArray
-from tokenizers import Encoding, Tokenizer
 
-from tandem.artifact import MODEL_NAME, ArtifactError, Kind, Manifest, open_checked
+from tandem.artifact import ArtifactError, Kind, Manifest, check_files, open_checked
+from tandem.devices import BackendChoice, DeviceSpec, TorchDtype
+from tandem.runtimes import Runtime, choose_backend, open_runtime, unread_files
+from tandem.tokens import (
+    TokenBatch,
+    load_tokenizer,
+    pad_encodings,
+    pad_rows,
+    pad_token_id,
+)
 
-Device = Literal["cpu", "cuda"]
+__all__ = [
+    "BiEncoder",
+    "CrossEncoder",
+    "TokenBatch",
+    "load_tokenizer",
+    "pad_encodings",
+    "pad_rows",
+    "pad_token_id",
+]
 
-# Pairs per session run when a caller hands over more: batches whose activations fit in L3
+# Pairs per model run when a caller hands over more: batches whose activations fit in L3
 # (10-20 pairs of ~110 tokens) run 10-20% faster than one batch of 100 on these cores.
 DEFAULT_BATCH_SIZE = 16
 
 
-@dataclass(frozen=True)
-class TokenBatch:
-    """Padded model inputs for one session run; ``truncated`` marks inputs that were cut."""
+class Encoder:
+    """An artifact folder opened for inference: manifest checked, tokenizer and model loaded.
 
-    input_ids: NDArray[np.int64]
-    attention_mask: NDArray[np.int64]
-    token_type_ids: NDArray[np.int64]
-    truncated: NDArray[np.bool_]
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def lengths(self) -> NDArray[np.int64]:
-        return np.asarray(self.attention_mask.sum(axis=1), dtype=np.int64)
-
-    def feed(self, names: Sequence[str]) -> dict[str, NDArray[np.int64]]:
-        arrays = {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "token_type_ids": self.token_type_ids,
-        }
-        return {name: arrays[name] for name in names}
-
-
-def load_tokenizer(folder: Path, *, max_length: int) -> Tokenizer:
-    """Loads ``tokenizer.json`` with truncation at ``max_length`` and no built-in padding.
-
-    Some tokenizer files fix padding and truncation (all-MiniLM-L6-v2's pad to 128), so both
-    are reset here: padding is done per batch, to the longest member.
+    Only the files the chosen runtime reads are hashed, so an artifact may travel without the
+    graph another runtime would use (a GPU machine needs only the checkpoint).
     """
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise ArtifactError(f"{folder} has no tokenizer.json")
-    tokenizer = Tokenizer.from_file(str(path))
-    tokenizer.no_padding()
-    # longest_first is what transformers' `truncation=True` does, so scores match the
-    # sentence-transformers reference on overlong pairs.
-    tokenizer.enable_truncation(max_length, strategy="longest_first")
-    return tokenizer
-
-
-def pad_rows(
-    ids: Sequence[Sequence[int] | NDArray[np.int64]],
-    type_ids: Sequence[Sequence[int] | NDArray[np.int64]],
-    truncated: Sequence[bool],
-    *,
-    pad_id: int = 0,
-) -> TokenBatch:
-    """Right-pads variable-length rows to the longest one."""
-    width = max((len(row) for row in ids), default=0)
-    count = len(ids)
-    input_ids = np.full((count, width), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((count, width), dtype=np.int64)
-    token_type_ids = np.zeros((count, width), dtype=np.int64)
-    for row, (row_ids, row_types) in enumerate(zip(ids, type_ids, strict=True)):
-        input_ids[row, : len(row_ids)] = row_ids
-        attention_mask[row, : len(row_ids)] = 1
-        token_type_ids[row, : len(row_ids)] = row_types
-    return TokenBatch(
-        input_ids, attention_mask, token_type_ids, np.asarray(truncated, dtype=np.bool_)
-    )
-
-
-def pad_encodings(encodings: Sequence[Encoding], *, pad_id: int = 0) -> TokenBatch:
-    return pad_rows(
-        [encoding.ids for encoding in encodings],
-        [encoding.type_ids for encoding in encodings],
-        [bool(encoding.overflowing) for encoding in encodings],
-        pad_id=pad_id,
-    )
-
-
-def pad_token_id(folder: Path) -> int:
-    """The model's padding id from its config.json (0 for BERT, 1 for RoBERTa/XLM-R)."""
-    path = folder / "config.json"
-    if not path.is_file():
-        return 0
-    value = json.loads(path.read_text(encoding="utf-8")).get("pad_token_id")
-    return int(value) if isinstance(value, int) else 0
-
-
-def create_session(
-    model_path: Path, *, threads: int, device: Device, spinning: bool = True
-) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    # One model runs at a time per session; a second inter-op pool would only contend for cores.
-    options.inter_op_num_threads = 1
-    if not spinning:
-        # Idle worker threads spin by default, which wins when a session owns its cores and
-        # steals them from the other session, the event loop and the store when it does not.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = ["CPUExecutionProvider"]
-    if device == "cuda":
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ort.InferenceSession(str(model_path), options, providers=providers)
-
-
-class OnnxEncoder:
-    """An artifact folder opened for inference: manifest checked, tokenizer and session loaded."""
 
     kind: Kind
 
@@ -137,25 +54,35 @@ class OnnxEncoder:
         *,
         threads: int = 2,
         spinning: bool = True,
-        device: Device = "cpu",
+        device: str | DeviceSpec = "cpu",
+        backend: BackendChoice = "auto",
+        torch_dtype: TorchDtype = "auto",
         check_hashes: bool = True,
     ) -> None:
         self.folder = folder
-        self.manifest: Manifest = open_checked(folder, self.kind, check_hashes=check_hashes)
+        spec = device if isinstance(device, DeviceSpec) else DeviceSpec.parse(device)
+        self.manifest: Manifest = open_checked(folder, self.kind, check_hashes=False)
+        chosen = choose_backend(self.manifest, backend, spec)
+        if check_hashes:
+            check_files(folder, self.manifest, unread=unread_files(self.manifest, chosen))
         self.tokenizer = load_tokenizer(folder, max_length=self.manifest.max_length)
         self.pad_id = pad_token_id(folder)
-        self.session = create_session(
-            folder / MODEL_NAME, threads=threads, device=device, spinning=spinning
+        self.runtime: Runtime = open_runtime(
+            folder,
+            self.manifest,
+            chosen,
+            device=spec,
+            threads=threads,
+            spinning=spinning,
+            torch_dtype=torch_dtype,
         )
-        self.input_names = tuple(node.name for node in self.session.get_inputs())
-        self.output_name = self.session.get_outputs()[0].name
+        self.input_names = self.runtime.input_names
 
     def _run(self, batch: TokenBatch) -> NDArray[np.float32]:
-        outputs = self.session.run([self.output_name], batch.feed(self.input_names))
-        return np.asarray(outputs[0], dtype=np.float32)
+        return self.runtime.run(batch)
 
 
-class BiEncoder(OnnxEncoder):
+class BiEncoder(Encoder):
     """Embeds texts into unit (or raw, per the manifest) sentence vectors."""
 
     kind: Kind = "bi-encoder"
@@ -198,10 +125,10 @@ class BiEncoder(OnnxEncoder):
 
     @property
     def dimension(self) -> int:
-        return int(self.session.get_outputs()[0].shape[-1])
+        return self.runtime.output_width
 
 
-class CrossEncoder(OnnxEncoder):
+class CrossEncoder(Encoder):
     """Scores (query, document) pairs; higher means more relevant. Scores are raw logits."""
 
     kind: Kind = "cross-encoder"

@@ -58,6 +58,35 @@ def ce_int8(tmp_path_factory, data, reranker_path) -> tuple[Path, Manifest]:
     return _export(tmp_path_factory, data, kind="cross-encoder", model=str(reranker_path))
 
 
+@pytest.fixture(scope="session")
+def ce_onnx(tmp_path_factory, data, reranker_path) -> tuple[Path, Manifest]:
+    """onnxruntime's dynamic INT8: the default on Arm, and still supported on x86."""
+    return _export(
+        tmp_path_factory,
+        data,
+        kind="cross-encoder",
+        model=str(reranker_path),
+        runtime="onnxruntime",
+    )
+
+
+@pytest.fixture(scope="session")
+def ce_fp16(tmp_path_factory, data, reranker_path) -> tuple[Path, Manifest]:
+    """The GPU artifact: FP16 ONNX, and the checkpoint the PyTorch backend runs."""
+    return _export(
+        tmp_path_factory, data, kind="cross-encoder", model=str(reranker_path), precision="fp16",
+        sample=SMALL_SAMPLE,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def bi_fp16(tmp_path_factory, data, minilm_path) -> tuple[Path, Manifest]:
+    return _export(
+        tmp_path_factory, data, kind="bi-encoder", model=str(minilm_path), precision="fp16",
+        sample=SMALL_SAMPLE,
+    )  # fmt: skip
+
+
 @pytest.fixture
 def bi_copy(tmp_path, bi_int8) -> Path:
     """A private copy of the bi-encoder export that a test may alter."""

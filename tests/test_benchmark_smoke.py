@@ -16,10 +16,13 @@ from tandem.benchmarks import (
     encoders,
     http_overhead,
     load,
+    peers,
     quality,
+    runtimes,
     serving,
     vector_search,
 )
+from tandem.export.pipeline import default_runtime
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +39,7 @@ def test_encoder_benchmark_smoke(tmp_path: Path, bi_int8, ce_int8, reranker_path
     )  # fmt: skip
     assert code == 0
     table = capsys.readouterr().out
-    assert "| onnxruntime int8 | 8 |" in table
+    assert f"| {default_runtime('int8')} int8 | 8 |" in table
     assert "torch fp32 (sentence-transformers encode)" in table
     assert not out.exists()
 
@@ -131,6 +134,33 @@ def test_http_overhead_benchmark_smoke(bi_int8, ce_int8, capsys) -> None:
     table = capsys.readouterr().out
     assert "| callers | gRPC pairs/s | HTTP pairs/s |" in table
     assert "HTTP / gRPC" in table
+
+
+def test_runtimes_benchmark_smoke(tmp_path, bi_int8, ce_int8, capsys) -> None:
+    out = tmp_path / "runtimes.json"
+    argv = ["--smoke", "--rerankers", str(ce_int8[0]), "--bi-encoders", str(bi_int8[0]),
+            "--out", str(out)]  # fmt: skip
+    assert runtimes.main(bench_args(runtimes, argv)) == 0
+    result = json.loads(out.read_text())
+    row = result["rerankers"][str(ce_int8[0])]
+    assert row["pairs_per_s"] > 0
+    assert 0 < row["parity"]["mean_spearman"] <= 1  # 2 queries: the command, not the bar
+    assert result["bi_encoders"][str(bi_int8[0])]["docs_per_s"] > 0
+    assert "| reranker runtime | pairs/s |" in capsys.readouterr().out
+
+
+def test_peers_benchmark_smoke(tmp_path, bi_int8, ce_int8, reranker_path, capsys) -> None:
+    argv = ["--smoke", "--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0]),
+            "--reranker-source", str(reranker_path), "--infinity", str(tmp_path / "absent"),
+            "--out", str(tmp_path)]  # fmt: skip
+    assert peers.main(bench_args(peers, argv)) == 0
+    result = json.loads((tmp_path / "peers_smoke.json").read_text())
+    assert "is missing" in result["infinity"]
+    grpc_row = result["rows"]["Tandem gRPC"]
+    assert grpc_row["pairs_per_s_1"] > 0
+    # Tandem's INT8 ranks like FP32 on most of these short passages.
+    assert grpc_row["top5_overlap_with_fp32"] >= 0.6
+    assert "Tandem HTTP (Cohere /v1/rerank)" in capsys.readouterr().out
 
 
 def test_quality_benchmark_smoke(tmp_path, bi_int8, ce_int8, reranker_path, minilm_path) -> None:

@@ -174,11 +174,12 @@ def test_damaged_index_is_rebuilt_from_the_store_at_start_up(
 def test_altered_or_missing_model_refuses_to_start(tmp_path, bi_int8, ce_int8):
     altered = tmp_path / "bi-encoder"
     shutil.copytree(bi_int8[0], altered)
-    model = altered / "model.onnx"
+    weights = bi_int8[1].graph_files[-1]  # model.onnx, or OpenVINO's .bin
+    model = altered / weights
     raw = bytearray(model.read_bytes())
     raw[-10] ^= 0xFF
     model.write_bytes(bytes(raw))
-    for bi_encoder, reason in ((altered, "model.onnx"), (tmp_path / "absent", "manifest")):
+    for bi_encoder, reason in ((altered, weights), (tmp_path / "absent", "manifest")):
         server = ServerProcess(
             "--collection", str(tmp_path / "c"), "--bi-encoder", str(bi_encoder),
             "--reranker", str(ce_int8[0]),

@@ -172,7 +172,7 @@ class Collection:
         return len(self.store)
 
     def _check_embedder(self) -> None:
-        fingerprint = self.embedder.manifest.files.get("model.onnx", "")
+        fingerprint = self.embedder.manifest.weights_sha256
         recorded = self.store.get_meta(EMBEDDER_KEY)
         if recorded is None:
             if not self.read_only:

@@ -1,0 +1,159 @@
+"""The GPU artifact's two backends, run on the CPU as CI runs them.
+
+An FP16 export keeps its checkpoint for the PyTorch backend (fp16/bf16 with SDPA on a GPU,
+fp32 on a CPU); these tests run that backend against the PyTorch reference, through the
+server, and from the files `make gpu-carry` sends to a GPU machine. The CUDA paths
+themselves run only on a lent GPU (`tandem bench gpu`, docs/DEVELOPERS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from serving import ServerThread, document, settings_for, upsert
+
+from tandem.artifact import ArtifactError, read_manifest
+from tandem.benchmarks import gpu
+from tandem.cli import main
+from tandem.encoders import BiEncoder, CrossEncoder
+from tandem.export import reference
+from tandem.export.parity import spearman
+from tandem.export.texts import passages, rerank_cases
+from tandem.runtimes import RuntimeUnavailable
+from tandem.v1 import tandem_pb2 as pb
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_fp16_export_keeps_its_checkpoint_in_fp16(ce_fp16) -> None:
+    folder, manifest = ce_fp16
+    assert manifest.verified
+    assert manifest.checkpoint == "checkpoint"
+    assert manifest.runtime == "onnxruntime"
+    weights = folder / "checkpoint" / "model.safetensors"
+    assert f"checkpoint/{weights.name}" in manifest.files
+    with safe_open(str(weights), framework="np") as tensors:
+        dtypes = {tensors.get_slice(name).get_dtype() for name in tensors.keys()}  # noqa: SIM118
+    assert dtypes == {"F16"}
+
+
+def test_torch_backend_scores_like_the_reference(ce_fp16, reranker_path: Path, data) -> None:
+    scorer = CrossEncoder(ce_fp16[0], backend="torch")
+    assert scorer.runtime.backend == "torch"
+    cases = rerank_cases(data, queries=3, candidates=20, part="verify")
+    got = [scorer.score(case.query, case.documents) for case in cases]
+    want = reference.score(reranker_path, [(c.query, c.documents) for c in cases], max_length=512)
+    for mine, theirs in zip(got, want, strict=True):
+        # fp16 weights computed in fp32: the ranking holds, scores move by weight rounding.
+        assert spearman(mine, theirs) >= 0.995
+        assert np.abs(mine - theirs).max() < 0.05
+
+
+def test_torch_backend_embeds_like_the_reference(bi_fp16, minilm_path: Path, data) -> None:
+    texts = passages(data, count=16, part="verify")
+    embedder = BiEncoder(bi_fp16[0], backend="torch")
+    got = embedder.embed(texts)
+    want = reference.embed(minilm_path, texts, max_length=256)
+    assert embedder.dimension == 384
+    cosines = (got * want).sum(axis=1) / np.linalg.norm(want, axis=1)
+    assert cosines.min() >= 0.999
+
+
+def test_only_the_files_a_backend_reads_must_be_there(ce_fp16, tmp_path: Path) -> None:
+    copy = tmp_path / "checkpoint-only"
+    shutil.copytree(ce_fp16[0], copy)
+    (copy / "model.onnx").unlink()
+    CrossEncoder(copy, backend="torch")
+    with pytest.raises(ArtifactError, match=r"model\.onnx is listed in the manifest but missing"):
+        CrossEncoder(copy)
+
+
+def test_a_gpu_asked_for_where_there_is_none_is_refused(ce_fp16, ce_int8) -> None:
+    with pytest.raises(RuntimeUnavailable, match="PyTorch sees no GPU"):
+        CrossEncoder(ce_fp16[0], device="cuda", backend="torch")
+    with pytest.raises(RuntimeUnavailable, match="export with --precision fp16"):
+        CrossEncoder(ce_int8[0], device="cuda:1")
+
+
+def test_verify_measures_the_checkpoint_without_rewriting_the_manifest(ce_fp16, tmp_path, capsys):
+    copy = tmp_path / "fp16"
+    shutil.copytree(ce_fp16[0], copy)
+    before = (copy / "manifest.json").read_text()
+    code = main(
+        [
+            "export",
+            "verify",
+            str(copy),
+            "--backend",
+            "torch",
+            "--queries",
+            "2",
+            "--candidates",
+            "10",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "verified cross-encoder (fp16)" in capsys.readouterr().out
+    assert (copy / "manifest.json").read_text() == before
+
+
+def test_the_server_reranks_on_the_torch_backend(tmp_path, bi_fp16, ce_fp16, data) -> None:
+    settings = settings_for(tmp_path / "c", bi_fp16[0], ce_fp16[0], backend="torch")
+    running = ServerThread(settings)
+    try:
+        stub = running.stub()
+        upsert(stub, [document(s.id, s.text) for s in data.segments[:30]])
+        case = rerank_cases(data, queries=1, candidates=10, part="verify")[0]
+        reply = stub.Rerank(
+            pb.RerankRequest(
+                query=case.query,
+                documents=[pb.RerankDocument(text=text) for text in case.documents],
+                rerank_budget_ms=0,
+            )
+        )
+        want = CrossEncoder(ce_fp16[0], backend="torch").score(case.query, case.documents)
+        assert reply.reranked_count == 10
+        got = {result.index: result.relevance_score for result in reply.results}
+        assert np.allclose([got[i] for i in range(10)], want, atol=1e-3)
+        found = stub.Search(
+            pb.SearchRequest(query=case.query, recall_k=20, top_n=5, rerank_budget_ms=0)
+        )
+        assert found.reranked_count == 20
+    finally:
+        running.stop()
+
+
+def test_what_travels_to_a_gpu_opens_there(ce_fp16, tmp_path: Path, data) -> None:
+    carry = tmp_path / "carry"
+    args = argparse.Namespace(reranker=ce_fp16[0], carry=carry, queries=2)
+    assert gpu.prepare(args) == 0
+    reranker = carry / gpu.RERANKER_NAME
+    assert not (reranker / "model.onnx").exists()
+    assert list((reranker / "checkpoint").glob("*.xz"))
+    gpu.unpack(reranker)
+    scorer = CrossEncoder(reranker, backend="torch")  # every file it reads matches its hash
+    cases = json.loads(gzip.decompress((carry / gpu.CASES_NAME).read_bytes()))
+    assert len(cases) == 2
+    assert all(len(case["documents"]) == 100 for case in cases)
+    bi_encoder = gpu.bi_encoder_from(reranker, tmp_path / "bi")
+    embedder = BiEncoder(bi_encoder, backend="torch")
+    assert read_manifest(bi_encoder).parity is None  # timing only: never verified
+    assert embedder.embed(["a passage"]).shape == (1, 384)
+    assert np.isfinite(scorer.score("q", ["d"])).all()
+
+
+def test_a_collection_refuses_another_bi_encoders_vectors(tmp_path, bi_int8, bi_fp16) -> None:
+    from tandem.server.engine.collection import Collection, CollectionError
+
+    Collection(tmp_path / "c", embedder=BiEncoder(bi_int8[0]), pairs=None).close()
+    # The same architecture exported again (FP16 here) embeds a little differently: vectors
+    # from two models must not share an index, whichever runtime's graph they came from.
+    with pytest.raises(CollectionError, match="embedded with another bi-encoder"):
+        Collection(tmp_path / "c", embedder=BiEncoder(bi_fp16[0]), pairs=None)
