@@ -149,6 +149,11 @@ def _check_verified(manifest: Manifest, folder: Path, settings: Settings) -> Non
     log.warning("SERVING AN UNVERIFIED ARTIFACT", extra={"folder": str(folder), "why": measured})
 
 
+def warmed(reranker: CrossEncoder) -> CrossEncoder:
+    warm_up(reranker.runtime)
+    return reranker
+
+
 def batch_limits(settings: Settings, runtime: Runtime) -> BatchLimits:
     """The settings' batch caps; where they are 0, the CPU defaults or, on a GPU, a cap
     learned from the device (GPU batches are far larger: thousands of padded tokens)."""
@@ -185,25 +190,28 @@ def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) ->
         torch_dtype=cast(TorchDtype, settings.torch_dtype),
     )
     _check_verified(embedder.manifest, settings.bi_encoder, settings)
-    warm_up(embedder.runtime)
     reranker = None
     pairs = None
     batcher = None
     if settings.reranker is not None:
         path = settings.reranker
+        # Warmed inside too: OpenVINO starts its worker threads on the first run, not when
+        # the model is compiled. Before the bi-encoder's first run, so that the workers
+        # the two models share start lowered; the query path keeps its calling thread.
         reranker = with_threads_lowered(
-            lambda: CrossEncoder(
-                path,
-                threads=settings.threads,
-                spinning=settings.ort_spinning,
-                device=settings.device,
-                backend=cast(BackendChoice, settings.backend),
-                torch_dtype=cast(TorchDtype, settings.torch_dtype),
+            lambda: warmed(
+                CrossEncoder(
+                    path,
+                    threads=settings.threads,
+                    spinning=settings.ort_spinning,
+                    device=settings.device,
+                    backend=cast(BackendChoice, settings.backend),
+                    torch_dtype=cast(TorchDtype, settings.torch_dtype),
+                )
             ),
             settings.reranker_nice,
         )
         _check_verified(reranker.manifest, path, settings)
-        warm_up(reranker.runtime)
         pairs = PairTokenizer.for_reranker(reranker)
         batcher = RerankBatcher(
             make_runner(reranker),
@@ -211,6 +219,8 @@ def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) ->
             on_batch=metrics.observe_batch,
             worker_setup=functools.partial(lower_this_thread, settings.reranker_nice),
         )
+
+    warm_up(embedder.runtime)
 
     def open_collection(folder: Path, version: str | None, read_only: bool) -> Collection:
         return Collection(
