@@ -42,6 +42,15 @@ class Refused(Exception):
         self.delay_s = delay_s
 
 
+def refusal(error: grpc.aio.AioRpcError) -> Exception:
+    """RESOURCE_EXHAUSTED as ``Refused``, with the server's retry delay; anything else as is."""
+    if error.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return error
+    details = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
+    delay = retry_delay(details if isinstance(details, bytes) else None)
+    return Refused(delay or 0.1)
+
+
 @dataclass(frozen=True)
 class Case:
     query: str
@@ -139,11 +148,7 @@ async def measure(
                 timeout=args.grpc_deadline_s,
             )
         except grpc.aio.AioRpcError as error:
-            if error.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise
-            details = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-            delay = retry_delay(details if isinstance(details, bytes) else None)
-            raise Refused(delay or 0.1) from error
+            raise refusal(error) from error
         if reply.reranked_count != len(case.documents):
             raise RuntimeError(f"gRPC scored {reply.reranked_count} of {len(case.documents)}")
         return int(reply.reranked_count)

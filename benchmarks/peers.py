@@ -30,7 +30,14 @@ import numpy as np
 
 from tandem import rag24
 from tandem.benchmarks.encoders import machine
-from tandem.benchmarks.http_overhead import TOP_N, Case, closed_loop, rerank_request
+from tandem.benchmarks.http_overhead import (
+    TOP_N,
+    Case,
+    Refused,
+    closed_loop,
+    refusal,
+    rerank_request,
+)
 from tandem.benchmarks.load import CallShape, Level, sweep, topic_queries
 from tandem.benchmarks.serving import Process, git_commit
 from tandem.export import reference
@@ -69,7 +76,10 @@ def grpc_sender(port: int) -> tuple[Send, Callable[[], Awaitable[None]]]:
     stub = tandem_pb2_grpc.RetrievalStub(channel)  # type: ignore[no-untyped-call]
 
     async def send(case: Case) -> list[int]:
-        reply = await stub.Rerank(rerank_request(case))
+        try:
+            reply = await stub.Rerank(rerank_request(case))
+        except grpc.aio.AioRpcError as error:
+            raise refusal(error) from error
         if reply.reranked_count != len(case.documents):
             raise RuntimeError(f"scored {reply.reranked_count} of {len(case.documents)}")
         return [result.index for result in reply.results]
@@ -88,6 +98,8 @@ def http_sender(base: str, path: str, model: str) -> tuple[Send, Callable[[], Aw
             json={"model": model, "query": case.query, "documents": case.documents,
                   "top_n": TOP_N, "return_documents": False},
         )  # fmt: skip
+        if reply.status_code == 429:
+            raise Refused(float(reply.headers.get("retry-after", "1")))
         reply.raise_for_status()
         return [int(result["index"]) for result in reply.json()["results"]]
 
@@ -99,7 +111,7 @@ async def measure(
 ) -> dict[str, Any]:
     overlaps = []
     for case in work:
-        got = await send(case)
+        got = await retrying(send, case)
         overlaps.append(len(set(got) & set(want[case.query])) / TOP_N)
     rows: dict[str, Any] = {"top5_overlap_with_fp32": round(float(np.mean(overlaps)), 3)}
 
@@ -128,6 +140,14 @@ async def measure_with(
         return await measure(send, work, want, args)
     finally:
         await close()
+
+
+async def retrying(send: Send, case: Case) -> list[int]:
+    while True:
+        try:
+            return await send(case)
+        except Refused as refused:
+            await asyncio.sleep(refused.delay_s)
 
 
 def wait_http(base: str, process: Any, log: Path, timeout: float = 600) -> None:
