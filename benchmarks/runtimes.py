@@ -118,28 +118,27 @@ def table(results: dict[str, Any]) -> str:
         "",
         "| reranker runtime | pairs/s | vs first | mean Spearman | top-10 overlap |",
         "|---|---|---|---|---|",
+        *_rows(results["rerankers"], "pairs_per_s", ("mean_spearman", "mean_top10_overlap"), 3),
     ]
-    rerankers = list(results["rerankers"].values())
-    for row in rerankers:
-        ratio = row["pairs_per_s"] / rerankers[0]["pairs_per_s"]
-        lines.append(
-            f"| {row['runtime']} | {row['pairs_per_s']} | {ratio:.2f}x | "
-            f"{row['parity']['mean_spearman']:.3f} | {row['parity']['mean_top10_overlap']:.3f} |"
-        )
     if results.get("bi_encoders"):
         lines += [
             "",
             "| bi-encoder runtime | docs/s | vs first | mean cosine | min cosine |",
             "|---|---|---|---|---|",
+            *_rows(results["bi_encoders"], "docs_per_s", ("mean_cosine", "min_cosine"), 4),
         ]
-        encoders = list(results["bi_encoders"].values())
-        for row in encoders:
-            ratio = row["docs_per_s"] / encoders[0]["docs_per_s"]
-            lines.append(
-                f"| {row['runtime']} | {row['docs_per_s']} | {ratio:.2f}x | "
-                f"{row['parity']['mean_cosine']:.4f} | {row['parity']['min_cosine']:.4f} |"
-            )
     return "\n".join(lines)
+
+
+def _rows(measured: dict[str, Any], rate: str, parity: tuple[str, str], digits: int) -> list[str]:
+    """One table row per runtime: its rate, the ratio to the first runtime, two parity cells."""
+    rows = list(measured.values())
+    return [
+        f"| {row['runtime']} | {row[rate]} | {row[rate] / rows[0][rate]:.2f}x | "
+        + " | ".join(f"{row['parity'][key]:.{digits}f}" for key in parity)
+        + " |"
+        for row in rows
+    ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -78,9 +78,6 @@ class Encoder:
         )
         self.input_names = self.runtime.input_names
 
-    def _run(self, batch: TokenBatch) -> NDArray[np.float32]:
-        return self.runtime.run(batch)
-
 
 class BiEncoder(Encoder):
     """Embeds texts into unit (or raw, per the manifest) sentence vectors."""
@@ -94,7 +91,7 @@ class BiEncoder(Encoder):
         pooling = self.manifest.pooling
         if pooling is None:
             raise ArtifactError("bi-encoder manifest has no pooling section")
-        hidden = self._run(batch)
+        hidden = self.runtime.run(batch)
         return pool(hidden, batch.attention_mask, mode=pooling.mode, normalize=pooling.normalize)
 
     def embed(
@@ -138,7 +135,7 @@ class CrossEncoder(Encoder):
         return pad_encodings(encodings, pad_id=self.pad_id)
 
     def forward(self, batch: TokenBatch) -> NDArray[np.float32]:
-        return self._run(batch).reshape(len(batch), -1)[:, 0]
+        return self.runtime.run(batch).reshape(len(batch), -1)[:, 0]
 
     def score(
         self, query: str, documents: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE

@@ -9,6 +9,7 @@ themselves run only on a lent GPU (`tandem bench gpu`, docs/DEVELOPERS.md).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gzip
 import json
 import shutil
@@ -147,6 +148,24 @@ def test_what_travels_to_a_gpu_opens_there(ce_fp16, tmp_path: Path, data) -> Non
     assert read_manifest(bi_encoder).parity is None  # timing only: never verified
     assert embedder.embed(["a passage"]).shape == (1, 384)
     assert np.isfinite(scorer.score("q", ["d"])).all()
+    # The device script's served half, on the CPU: a fault there would cost a lent GPU's
+    # few minutes. Short passages keep it quick; every call still carries 100 of them.
+    short = [
+        {"query": case["query"], "documents": [" ".join(t.split()[:12]) for t in case["documents"]]}
+        for case in cases
+    ]
+    settings = settings_for(tmp_path / "c", bi_encoder, reranker, backend="torch",
+                            allow_unverified=True)  # fmt: skip
+    running = ServerThread(settings)
+    try:
+        timing = argparse.Namespace(callers=[2], seconds=0.5)
+        served = asyncio.run(gpu.served(running.running.port, short, timing))
+    finally:
+        running.stop()
+    assert served["rerank_100_all_scored"]
+    assert served["search_all_scored"]
+    assert served["rerank_100_concurrency_1_ms"]["p50"] > 0
+    assert served["closed_loop"]["2"]["pairs_per_s"] > 0
 
 
 def test_a_collection_refuses_another_bi_encoders_vectors(tmp_path, bi_int8, bi_fp16) -> None:
