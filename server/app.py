@@ -413,7 +413,6 @@ def _assemble(
     batcher = engine.searcher.batcher
     if batcher is not None:
         metrics.watch_queue(lambda: batcher.queued)
-        metrics.watch_headroom(lambda: batcher.cost.margin)
     metrics.watch_documents(lambda: len(engine.collection.index))
 
     def rejected(method: str) -> None:

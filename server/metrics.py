@@ -110,18 +110,9 @@ class Metrics:
         self.documents = Gauge(
             "tandem_documents", "Documents in the collection", registry=self.registry
         )
-        self.rerank_headroom = Gauge(
-            "tandem_rerank_headroom",
-            "The factor the batcher adds to its predicted run times, learned from how far "
-            "runs stray: high on busy or noisy cores, where budgets end with less reranked",
-            registry=self.registry,
-        )
 
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
-
-    def watch_headroom(self, headroom: Callable[[], float]) -> None:
-        self.rerank_headroom.set_function(headroom)
 
     def watch_documents(self, count: Callable[[], int]) -> None:
         self.documents.set_function(count)

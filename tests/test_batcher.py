@@ -261,34 +261,6 @@ def test_a_stale_estimate_is_probed_rather_than_expiring_every_pair_forever() ->
     assert not cost.stale(5.02)
 
 
-def test_headroom_shrinks_on_steady_runs_and_grows_on_erratic_ones() -> None:
-    cost = CostModel(seconds_per_token=0.001)
-    assert cost.margin == pytest.approx(1.25)  # before any run: the old fixed headroom
-    for tick in range(40):  # runs exactly as predicted
-        cost.observe(4, 250, 1.0, now=float(tick))
-    assert cost.margin == pytest.approx(1.05)  # the floor
-    assert cost.predict(4, 250) == pytest.approx(1.05)
-    for tick in range(40):  # every other run takes 1.4 times as long
-        cost.observe(4, 250, 1.4 if tick % 2 else 1.0, now=40.0 + tick)
-    assert 1.3 < cost.margin <= 1.5
-
-
-def test_one_stall_cannot_hold_the_headroom_at_its_ceiling() -> None:
-    cost = CostModel(seconds_per_token=0.001, spread=0.0)
-    cost.observe(1, 1000, 30.0, now=0.0)  # 30 times the estimate: counted as 2x
-    assert cost.spread == pytest.approx(0.2)
-    cost.seconds_per_token = 0.001
-    for tick in range(10):
-        cost.observe(1, 1000, 1.0, now=1.0 + tick)
-    assert cost.margin < 1.1
-
-
-def test_a_fixed_headroom_is_not_learned() -> None:
-    cost = CostModel(seconds_per_token=0.001, headroom=1.0)
-    cost.observe(1, 1000, 5.0, now=0.0)
-    assert cost.margin == 1.0
-
-
 def test_budget_scores_stage_one_order_first_and_reports_the_rest_unscored() -> None:
     async def scenario() -> None:
         clock = [0.0]

@@ -120,56 +120,32 @@ class Entry:
 
 @dataclass
 class CostModel:
-    """Seconds per padded token, as an exponentially weighted moving average, and how far
-    runs stray from it.
+    """Seconds per padded token, as an exponentially weighted moving average.
 
-    Predictions carry headroom: a batch planned to end just inside a deadline often ends
-    outside it (runs vary on shared cores, attention grows faster than linearly with width,
-    a new input shape runs slower once), and then every score in it arrives too late to use.
-    Too much headroom wastes the end of every budget instead. So the headroom is learned, as
-    TCP learns its retransmission timeout from the round trip's variation: 1 plus twice the
-    moving mean of each run's relative error, within [1.05, 1.5]. It starts at 1.25. On an
-    idle 2-core EPYC it settled near 1.1 and a 100 ms budget reranked 6% more candidates
-    than at a fixed 1.25 (benchmarks/RESULTS.md).
+    Predictions carry ``headroom``: runs vary by a fifth on shared cores, and attention grows
+    faster than linearly with width, so a batch planned to end just inside a deadline often
+    ends outside it, and then every score in it arrives too late to use.
     """
 
     seconds_per_token: float
     weight: float = 0.2
-    headroom: float | None = None  # a fixed headroom; None learns it from ``spread``
-    spread: float = 0.125  # moving mean of |run / prediction without headroom - 1|
+    headroom: float = 1.25
     # The estimate only moves when a batch runs. After a slow spell (cores taken by other
     # work) it can predict that no pair fits any budget, so none would ever run again and
     # it would never come down: past this long without a run, one pair runs as a probe.
     stale_after: float = 1.0
     observed_at: float = -math.inf
 
-    @property
-    def margin(self) -> float:
-        """The factor predictions are multiplied by."""
-        if self.headroom is not None:
-            return self.headroom
-        return min(max(1.0 + SPREAD_MULTIPLE * self.spread, MIN_HEADROOM), MAX_HEADROOM)
-
     def predict(self, pairs: int, width: int) -> float:
-        return self.seconds_per_token * pairs * width * self.margin
+        return self.seconds_per_token * pairs * width * self.headroom
 
     def observe(self, pairs: int, width: int, seconds: float, *, now: float) -> None:
         sample = seconds / max(pairs * width, 1)
-        if self.seconds_per_token > 0:
-            # Capped: one stall of the whole machine should not hold the headroom at its
-            # maximum for dozens of batches.
-            error = min(abs(sample / self.seconds_per_token - 1.0), 1.0)
-            self.spread += self.weight * (error - self.spread)
         self.seconds_per_token += self.weight * (sample - self.seconds_per_token)
         self.observed_at = now
 
     def stale(self, now: float) -> bool:
         return now - self.observed_at > self.stale_after
-
-
-SPREAD_MULTIPLE = 2.0
-MIN_HEADROOM = 1.05
-MAX_HEADROOM = 1.5
 
 
 @dataclass
