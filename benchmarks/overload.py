@@ -172,14 +172,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tandem.benchmarks.serving import start_tandem
+    from tandem.benchmarks.serving import git_commit, start_tandem
 
     queries = topic_queries()
     args.out.mkdir(parents=True, exist_ok=True)
     extra = ["--max-tokens-per-doc", str(args.max_tokens_per_doc)]
     server = start_tandem(args, args.out / "logs" / f"{args.what}.log", extra=extra)
     try:
-        record: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv)}
+        record: dict[str, Any] = {
+            "machine": machine(),
+            "commit": git_commit(),
+            "command": " ".join(sys.argv),
+        }
         if args.what == "depth":
             # Capacity at each depth floor, beside capacity by latency alone.
             floors = {"latency_only": None, **{f"{f:g}": f for f in args.depth_floors}}

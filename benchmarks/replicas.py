@@ -23,7 +23,7 @@ from typing import Any
 from tandem.benchmarks.encoders import machine
 from tandem.benchmarks.load import CallShape, Level, format_report, sweep, topic_queries
 from tandem.benchmarks.nginx import Nginx, NginxMissing, find_binary, find_config
-from tandem.benchmarks.serving import Process, start_tandem
+from tandem.benchmarks.serving import Process, git_commit, start_tandem
 from tandem.server.replication.publish import publish
 
 # Callers back off 50 ms when refused, as the server asks: throughput of served calls, not
@@ -64,7 +64,12 @@ def main(args: argparse.Namespace) -> int:
         return 2
     queries = topic_queries()
     args.out.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "runs": []}
+    record: dict[str, Any] = {
+        "machine": machine(),
+        "commit": git_commit(),
+        "command": " ".join(sys.argv),
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory(prefix="tandem-replicas-") as scratch:
         root = Path(scratch) / "published"
         publish(args.collection, root)
