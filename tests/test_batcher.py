@@ -77,11 +77,26 @@ def test_under_a_deadline_stage_one_order_beats_length() -> None:
         entry(0, 10, 9.0, order=(0, 0)), entry(1, 100, 9.0, order=(0, 1)),
         entry(2, 12, 9.0, order=(0, 2)),
     )  # fmt: skip
-    batch, _ = build_batch(queue, BatchLimits(max_batch_tokens=400), FREE, now=0.0)
+    any_padding = BatchLimits(max_batch_tokens=400, max_padding=math.inf)
+    batch, _ = build_batch(queue, any_padding, FREE, now=0.0)
     assert [e.pair.input_ids[0] for e in batch] == [0, 1, 2]
     queue = queue_of(*(entry(i, 10 + 90 * (i % 2), 9.0, order=(0, i)) for i in range(6)))
-    batch, _ = build_batch(queue, BatchLimits(max_batch_tokens=250), FREE, now=0.0)
+    any_padding = BatchLimits(max_batch_tokens=250, max_padding=math.inf)
+    batch, _ = build_batch(queue, any_padding, FREE, now=0.0)
     assert [e.pair.input_ids[0] for e in batch] == [0, 1]  # not the short 2 and 4
+
+
+def test_a_batch_closes_before_padding_passes_its_cap_and_the_next_candidate_leads() -> None:
+    queue = queue_of(
+        entry(0, 100, 9.0, order=(0, 0)), entry(1, 110, 9.0, order=(0, 1)),
+        entry(2, 200, 9.0, order=(0, 2)), entry(3, 100, 9.0, order=(0, 3)),
+    )  # fmt: skip
+    limits = BatchLimits(max_batch_tokens=1000, max_padding=0.15)
+    # 0 and 1 pad 10 tokens of 210; adding 2 would pad 190 of 410.
+    batch, _ = build_batch(queue, limits, FREE, now=0.0)
+    assert [e.pair.input_ids[0] for e in batch] == [0, 1]
+    batch, _ = build_batch(queue, limits, FREE, now=0.0)
+    assert [e.pair.input_ids[0] for e in batch] == [2]  # stage-1 order kept: 3 waits
 
 
 def test_a_deadline_the_window_meets_with_room_to_spare_is_batched_as_bulk() -> None:
@@ -92,7 +107,8 @@ def test_a_deadline_the_window_meets_with_room_to_spare_is_batched_as_bulk() -> 
 
     def first_batch(deadline: float) -> list[int]:
         queue = queue_of(*(entry(i, n, deadline, order=(0, i)) for i, n in enumerate(lengths)))
-        batch, _ = build_batch(queue, BatchLimits(max_batch_tokens=250), cost, now=0.0)
+        limits = BatchLimits(max_batch_tokens=250, max_padding=math.inf)
+        batch, _ = build_batch(queue, limits, cost, now=0.0)
         return [int(e.pair.input_ids[0]) for e in batch]
 
     # The window is 6 pairs of width 100 at 1 ms a token: 0.6 s, twice that is 1.2 s.

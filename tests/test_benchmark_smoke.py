@@ -18,6 +18,7 @@ from tandem.benchmarks import (
     load,
     peers,
     quality,
+    quantization,
     runtimes,
     serving,
     vector_search,
@@ -147,6 +148,19 @@ def test_runtimes_benchmark_smoke(tmp_path, bi_int8, ce_int8, capsys) -> None:
     assert 0 < row["parity"]["mean_spearman"] <= 1  # 2 queries: the command, not the bar
     assert result["bi_encoders"][str(bi_int8[0])]["docs_per_s"] > 0
     assert "| reranker runtime | pairs/s |" in capsys.readouterr().out
+
+
+def test_quantization_benchmark_smoke(tmp_path, ce_int8, reranker_path, capsys) -> None:
+    if ce_int8[1].runtime != "openvino":
+        pytest.skip("the recipes are OpenVINO's; this machine's INT8 export is onnxruntime's")
+    out = tmp_path / "quantization.json"
+    argv = ["--smoke", "--source", str(reranker_path), "--template", str(ce_int8[0]),
+            "--out", str(out)]  # fmt: skip
+    assert quantization.main(bench_args(quantization, argv)) == 0
+    row = json.loads(out.read_text())["rows"]["export"]
+    assert 0 < row["top5_overlap"] <= 1
+    assert row["pairs_per_s"] > 0
+    assert "| export: tandem export's recipe" in capsys.readouterr().out
 
 
 def test_peers_benchmark_smoke(tmp_path, bi_int8, ce_int8, reranker_path, capsys) -> None:
