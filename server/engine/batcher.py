@@ -63,9 +63,10 @@ class BatchLimits:
     max_batch_tokens: int = 1024  # padded tokens per session run
     max_batch_pairs: int = 32
     # Padding a batch may add, as a share of its real tokens. Under a deadline a batch takes
-    # candidates in stage-1 order, whatever their lengths: on RAG24's segments (~260 tokens,
-    # mixed) that padded a quarter of each run, and batches closed at 15% ran 12% more pairs
-    # per second (OpenVINO INT8, 2 cores); the next candidate leads the next batch instead.
+    # candidates in stage-1 order, whatever their lengths: RAG24's first 12 candidates of 30
+    # topics (~260 tokens, mixed) padded 15% in batches of up to 1,024 tokens, 6% with this
+    # cap, and ran 12% faster (in process, OpenVINO INT8, 2 cores; served, the gain was
+    # within the noise). The next candidate leads the next batch instead.
     max_padding: float = 0.15
     window: int = 64  # entries looked at per batch to find similar lengths
     # Pairs waiting at once. 4096 pairs is ~25 s of INT8 work on 2 cores: past that, waiting
