@@ -25,13 +25,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from tandem import rag24
-from tandem.artifact import OPENVINO_BIN, OPENVINO_XML
 from tandem.benchmarks.encoders import machine
 from tandem.benchmarks.peers import requests
 from tandem.benchmarks.serving import git_commit
 from tandem.encoders import CrossEncoder
 from tandem.export import reference
 from tandem.export.graph import DEFAULT_OPSET, export_fp32
+from tandem.export.openvino import quantize_static
 from tandem.export.parity import spearman
 from tandem.export.pipeline import STATIC_CALIBRATION_QUERIES
 from tandem.export.source import resolve
@@ -98,21 +98,6 @@ def calibration_feeds(
         for query, documents in texts
         for start in range(0, len(documents), 4)
     ]
-
-
-def quantize(raw: Path, folder: Path, feeds: list[Feed], options: dict[str, Any]) -> None:
-    import nncf
-    import openvino as ov
-
-    quantized = nncf.quantize(
-        ov.convert_model(str(raw)),
-        nncf.Dataset(feeds),
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(feeds),
-        **options,
-    )
-    (folder / OPENVINO_BIN).unlink(missing_ok=True)
-    ov.save_model(quantized, str(folder / OPENVINO_XML), compress_to_fp16=False)
 
 
 def evaluate(
@@ -182,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.copytree(args.template, folder)
             started = time.perf_counter()
             feeds = calibration_feeds(template, calibration, which, topics=args.topics)
-            quantize(raw, folder, feeds, RECIPES[recipe][1](nncf))
+            quantize_static(raw, folder, feeds, exclude=(), options=RECIPES[recipe][1](nncf))
             row: dict[str, Any] = dict(
                 evaluate(folder, short, short_want, whole, whole_want, args.threads)
             )

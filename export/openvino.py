@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -28,22 +29,30 @@ def save_fp32(onnx_path: Path, folder: Path) -> None:
 
 
 def quantize_static(
-    onnx_path: Path, folder: Path, feeds: Sequence[NumpyFeed], *, exclude: Sequence[str]
+    onnx_path: Path,
+    folder: Path,
+    feeds: Sequence[NumpyFeed],
+    *,
+    exclude: Sequence[str],
+    options: Mapping[str, Any] | None = None,
 ) -> None:
-    """Writes the INT8 graph; ``exclude`` names weight MatMuls (ONNX node names) kept in FP32."""
+    """Writes the INT8 graph; ``exclude`` names weight MatMuls (ONNX node names) kept in FP32.
+    ``options``: more keyword arguments for ``nncf.quantize`` (the recipes of
+    ``tandem bench quantization``)."""
     import nncf
     import openvino as ov
 
     model = ov.convert_model(str(onnx_path))
-    ignored = None
+    settings: dict[str, Any] = {}
     if exclude:
-        ignored = nncf.IgnoredScope(names=_graph_names(model, exclude), validate=False)
+        names = _graph_names(model, exclude)
+        settings["ignored_scope"] = nncf.IgnoredScope(names=names, validate=False)
     quantized = nncf.quantize(
         model,
         nncf.Dataset(list(feeds)),
         model_type=nncf.ModelType.TRANSFORMER,
         subset_size=len(feeds),
-        ignored_scope=ignored,
+        **{**settings, **(options or {})},
     )
     (folder / OPENVINO_BIN).unlink(missing_ok=True)
     ov.save_model(quantized, str(folder / OPENVINO_XML), compress_to_fp16=False)
