@@ -186,7 +186,14 @@ async def served(
         )
         out: dict[str, Any] = {"indexed_passages": len(documents)}
         searches = [
-            pb.SearchRequest(query=case["query"], recall_k=100, top_n=10, rerank_budget_ms=0)
+            # Dense, named: the GPU machine has no tantivy, so its default would be dense too.
+            pb.SearchRequest(
+                query=case["query"],
+                recall_k=100,
+                top_n=10,
+                rerank_budget_ms=0,
+                first_stage=pb.FIRST_STAGE_DENSE,
+            )
             for case in cases
         ]
         (

@@ -22,38 +22,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tandem.benchmarks.encoders import machine
+from tandem.relevance import mrr_at, ndcg_at, recall_at
+
+if TYPE_CHECKING:
+    from tandem.server.engine.collection import Collection
 
 Ranking = list[str]
-
-
-def ndcg_at(ranking: Ranking, grades: Mapping[str, int], k: int = 10) -> float:
-    gains = [grades.get(doc, 0) for doc in ranking[:k]]
-    dcg = sum(gain / math.log2(position + 2) for position, gain in enumerate(gains))
-    ideal = sorted(grades.values(), reverse=True)[:k]
-    best = sum(gain / math.log2(position + 2) for position, gain in enumerate(ideal))
-    return dcg / best if best else 0.0
-
-
-def mrr_at(ranking: Ranking, grades: Mapping[str, int], *, relevant: int, k: int = 10) -> float:
-    for position, doc in enumerate(ranking[:k]):
-        if grades.get(doc, 0) >= relevant:
-            return 1.0 / (position + 1)
-    return 0.0
-
-
-def recall_at(ranking: Ranking, grades: Mapping[str, int], *, relevant: int, k: int) -> float:
-    wanted = {doc for doc, grade in grades.items() if grade >= relevant}
-    return len(wanted & set(ranking[:k])) / len(wanted) if wanted else 0.0
 
 
 def evaluate(
@@ -78,6 +61,20 @@ def evaluate(
     }
 
 
+def index_corpus(collection: Collection, corpus: Sequence[tuple[str, str]]) -> None:
+    """Fills ``collection`` with (id, text) pairs unless it already holds as many."""
+    from tandem.server.engine.store import NewDocument
+
+    if len(collection) == len(corpus):
+        return
+    started = time.perf_counter()
+    for start in range(0, len(corpus), 256):
+        chunk = corpus[start : start + 256]
+        collection.upsert([NewDocument(id=i, text=t) for i, t in chunk])
+    collection.checkpoint()
+    print(f"  indexed {len(corpus)} segments in {time.perf_counter() - started:.0f} s")
+
+
 def run_tandem(
     corpus: Sequence[tuple[str, str]],
     topics: Sequence[tuple[str, str]],
@@ -96,7 +93,6 @@ def run_tandem(
     from tandem.server.engine.index import IndexSettings
     from tandem.server.engine.pairs import PairTokenizer
     from tandem.server.engine.search import Mode, Searcher, make_runner
-    from tandem.server.engine.store import NewDocument
 
     embedder = BiEncoder(bi_encoder, threads=threads)
     model = CrossEncoder(reranker, threads=threads) if reranker else None
@@ -104,13 +100,7 @@ def run_tandem(
     settings = IndexSettings(dtype=dtype)  # type: ignore[arg-type]
     collection = Collection(folder, embedder=embedder, pairs=pairs, settings=settings)
     try:
-        if len(collection) != len(corpus):
-            started = time.perf_counter()
-            for start in range(0, len(corpus), 256):
-                chunk = corpus[start : start + 256]
-                collection.upsert([NewDocument(id=i, text=t) for i, t in chunk])
-            collection.checkpoint()
-            print(f"  indexed {len(corpus)} segments in {time.perf_counter() - started:.0f} s")
+        index_corpus(collection, corpus)
 
         async def search_all() -> dict[str, tuple[Ranking, Ranking]]:
             batcher = RerankBatcher(make_runner(model)) if model else None

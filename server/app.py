@@ -253,7 +253,13 @@ def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) ->
         cache_size=settings.query_cache,
         lanes=Lanes.threaded(),
     )
-    engine = Engine(searcher, settings=settings, models=models, supervisor=supervisor)
+    engine = Engine(
+        searcher,
+        settings=settings,
+        models=models,
+        supervisor=supervisor,
+        on_search=metrics.observe_search,
+    )
     if collection.version is not None:
         follower = Follower(
             settings.collection,

@@ -19,6 +19,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from tandem.server.engine.search import Result
+
 # Seconds: the rerank budget is 100 ms, so resolution is finest around it.
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1.0,
@@ -27,6 +29,9 @@ LATENCY_BUCKETS = (
 PAIR_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 1536, 2048, 4096)
 FRACTION_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+# Tenths: the last bucket below 1.0 is where the pool's tail starts (TAIL_FRACTION).
+RANK_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+TAIL_FRACTION = 0.9
 
 
 class Metrics:
@@ -83,6 +88,21 @@ class Metrics:
             buckets=FRACTION_BUCKETS,
             registry=self.registry,
         )
+        self.winner_rank = Histogram(
+            "tandem_winner_stage1_rank_fraction",
+            "Where each reranked hit a Search returned stood in stage 1: (rank + 1) / "
+            "candidates, so 1.0 is the last candidate of recall_k; by first stage",
+            ["first_stage"],
+            buckets=RANK_BUCKETS,
+            registry=self.registry,
+        )
+        self.winners_from_tail = Counter(
+            "tandem_winners_from_pool_tail",
+            "Reranked hits a Search returned that came from the last tenth of its candidates: "
+            "often, and recall_k is too small; by first stage",
+            ["first_stage"],
+            registry=self.registry,
+        )
         self.rejections = Counter(
             "tandem_rejections",
             "Calls refused before any work: in_flight, concurrency_limit, queue_wait, "
@@ -125,6 +145,19 @@ class Metrics:
         for stage, milliseconds in timings_ms.items():
             if stage != "total":
                 self.stages.labels(stage).observe(milliseconds / 1000)
+
+    def observe_search(self, result: Result) -> None:
+        """Where the reranker's winners stood in stage 1 (``winner_rank``)."""
+        if result.first_stage is None or not result.candidates:
+            return
+        stage = result.first_stage.value
+        ranks = self.winner_rank.labels(stage)
+        tail = self.winners_from_tail.labels(stage)  # shown at 0 before the first one
+        for hit in result.hits:
+            if hit.reranked:
+                ranks.observe((hit.stage1_rank + 1) / result.candidates)
+                if hit.stage1_rank >= TAIL_FRACTION * result.candidates:
+                    tail.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

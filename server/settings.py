@@ -21,6 +21,7 @@ from typing import Any
 from tandem.devices import BACKEND_CHOICES, DEVICE_PATTERN, TORCH_DTYPES
 
 ENV_PREFIX = "TANDEM_"
+FIRST_STAGES = ("dense", "lexical", "hybrid")  # fusion.FirstStage's values
 
 
 class SettingsError(Exception):
@@ -231,6 +232,28 @@ class Settings:
             "reranker's own length"
         ),
     )
+    # First stage
+    first_stage: str = field(
+        default="hybrid",
+        metadata=_doc(
+            "first stage when a call sets none: dense (vectors), lexical (BM25) or hybrid "
+            "(both, fused by RRF): hybrid recalled more on RAG24 (benchmarks/RESULTS.md)"
+        ),
+    )
+    # Fixed on half of RAG24's topics (tandem bench stage1), reported on the other half.
+    rrf_k: int = field(
+        default=10,
+        metadata=_doc(
+            "hybrid's RRF constant: a document at 0-based rank r scores weight / (k + r + 1); "
+            "larger k flattens the lead of the first places (60 in the RRF paper)"
+        ),
+    )
+    dense_weight: float = field(
+        default=1.0, metadata=_doc("hybrid's weight on the dense ranking, when a call sets none")
+    )
+    lexical_weight: float = field(
+        default=0.75, metadata=_doc("hybrid's weight on the BM25 ranking, when a call sets none")
+    )
     # Batching
     max_batch_tokens: int = field(
         default=0,
@@ -422,6 +445,12 @@ def validate(settings: Settings) -> None:
         problems.append(
             f"torch_dtype {settings.torch_dtype!r} is not one of {', '.join(TORCH_DTYPES)}"
         )
+    if settings.first_stage not in FIRST_STAGES:
+        problems.append(
+            f"first_stage {settings.first_stage!r} is not one of {', '.join(FIRST_STAGES)}"
+        )
+    if settings.dense_weight + settings.lexical_weight <= 0:
+        problems.append("dense_weight and lexical_weight are both 0: give one a weight")
     if settings.log_level not in ("debug", "info", "warning", "error"):
         problems.append(f"log_level {settings.log_level!r} is not debug/info/warning/error")
     if settings.log_format not in ("json", "text"):
@@ -430,6 +459,7 @@ def validate(settings: Settings) -> None:
         "threads", "max_in_flight", "max_message_bytes", "max_recall_k", "max_top_n",
         "max_rerank_documents", "max_embed_texts", "max_upsert_documents", "max_id_bytes",
         "default_recall_k", "default_top_n", "max_queued_pairs", "compact_min_removed",
+        "rrf_k",
     )  # fmt: skip
     problems.extend(
         f"{name} must be at least 1 (got {getattr(settings, name)})"
@@ -441,7 +471,7 @@ def validate(settings: Settings) -> None:
         "max_batch_tokens", "max_batch_pairs",
         "checkpoint_seconds",
         "drain_seconds", "max_queue_wait_ms", "latency_slack_ms", "reranker_nice",
-        "compact_removed_fraction",
+        "compact_removed_fraction", "dense_weight", "lexical_weight",
     ):  # fmt: skip
         if getattr(settings, name) < 0:
             problems.append(f"{name} must be >= 0 (got {getattr(settings, name)})")

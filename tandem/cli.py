@@ -43,6 +43,7 @@ BENCHES = {
     "runtimes": "reranker and bi-encoder throughput per CPU runtime (OpenVINO, onnxruntime)",
     "peers": "Tandem beside Infinity and the seeds' pipeline, on the same rerank requests",
     "quantization": "static INT8 recipes for a reranker: top-5 overlap with FP32, and speed",
+    "stage1": "dense, lexical and hybrid first stages on RAG24: quality, latency, index size",
 }
 
 
@@ -161,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="query a running server")
     client.add_arguments(search)
+    # Its flags are parsed by tandem.tune itself, which loads the models' runtimes on import.
+    tuning = commands.add_parser(
+        "tune",
+        help="how deep stage 1 must reach on your queries: recall_k, first stage, budget "
+        "(tandem tune --help lists its flags)",
+        add_help=False,
+    )
+    tuning.add_argument("tune_args", nargs=argparse.REMAINDER, help="tandem tune's flags")
     bench = commands.add_parser(
         "bench",
         help="load tests and quality evaluation",
@@ -213,6 +222,8 @@ def _run_index(args: argparse.Namespace) -> int:
         collection = Collection(args.out, embedder=embedder, pairs=pairs, settings=settings)
         try:
             report = build(collection, args.corpus, batch_size=args.batch_size)
+            lexical = collection.lexical
+            indexed = len(collection.index), len(lexical) if lexical is not None else 0
         finally:
             collection.close()
     except (CorpusError, ArtifactError, CollectionError) as exc:
@@ -223,7 +234,8 @@ def _run_index(args: argparse.Namespace) -> int:
         return 1
     print(
         f"{args.out}: {report.added} documents added, {report.skipped} already present, "
-        f"{report.total} read in {report.seconds:.1f} s"
+        f"{report.total} read in {report.seconds:.1f} s; the vector index holds {indexed[0]}, "
+        f"the lexical (BM25) index {indexed[1]}"
     )
     return 0
 
@@ -312,6 +324,24 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_tune(argv: Sequence[str]) -> int:
+    from tandem import tune
+    from tandem.artifact import ArtifactError
+    from tandem.server.engine.collection import CollectionError
+
+    parser = argparse.ArgumentParser(
+        prog="tandem tune",
+        description=tune.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tune.add_arguments(parser)
+    try:
+        return tune.main(parser.parse_args(argv))
+    except (tune.TuneError, ArtifactError, CollectionError, ValueError) as exc:
+        print(f"tandem tune: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def _run_bench(name: str, argv: Sequence[str]) -> int:
     import importlib
 
@@ -322,7 +352,10 @@ def _run_bench(name: str, argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["tune"]:  # argparse will not pass a leading --help on as a remainder
+        return _run_tune(arguments[1:])
+    args = build_parser().parse_args(arguments)
     if args.command == "serve":
         return _run_serve(args)
     if args.command == "search":

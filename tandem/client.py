@@ -13,6 +13,11 @@ from collections.abc import Mapping
 from typing import Any
 
 MODES = {"two-stage": "SEARCH_MODE_TWO_STAGE", "retrieve-only": "SEARCH_MODE_RETRIEVE_ONLY"}
+FIRST_STAGES = {
+    "dense": "FIRST_STAGE_DENSE",
+    "lexical": "FIRST_STAGE_LEXICAL",
+    "hybrid": "FIRST_STAGE_HYBRID",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recall-k", type=int, help="candidates from the index (server default)")
     parser.add_argument("--top-n", type=int, help="hits returned (server default)")
     parser.add_argument("--mode", choices=sorted(MODES), help="default: the server's")
+    parser.add_argument(
+        "--first-stage", choices=sorted(FIRST_STAGES), help="candidates from; default: the server's"
+    )
     parser.add_argument("--budget-ms", type=int, help="rerank budget; 0 for none (server default)")
     parser.add_argument(
         "--token", help="bearer token, if the server wants one (default: env TANDEM_TOKEN)"
@@ -35,6 +43,8 @@ def search_request(args: argparse.Namespace) -> Any:
     request = pb.SearchRequest(query=" ".join(args.query), include_text=True)
     if args.mode is not None:
         request.mode = getattr(pb, MODES[args.mode])
+    if args.first_stage is not None:
+        request.first_stage = getattr(pb, FIRST_STAGES[args.first_stage])
     for field, value in (
         ("recall_k", args.recall_k), ("top_n", args.top_n), ("rerank_budget_ms", args.budget_ms),
     ):  # fmt: skip
@@ -51,6 +61,7 @@ def call_metadata(args: argparse.Namespace, environ: Mapping[str, str]) -> list[
 def run(args: argparse.Namespace) -> int:
     import grpc
 
+    from tandem.v1 import tandem_pb2 as pb
     from tandem.v1 import tandem_pb2_grpc
 
     if args.tls_ca:
@@ -69,13 +80,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"tandem search: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
     timings = reply.timings
+    stage = pb.FirstStage.Name(reply.first_stage).removeprefix("FIRST_STAGE_").lower()
     print(
-        f"{len(reply.hits)} hits; {reply.reranked_count}/{reply.candidates} candidates reranked; "
+        f"{len(reply.hits)} hits; {reply.reranked_count}/{reply.candidates} candidates reranked "
+        f"({stage}: {reply.dense_candidates} dense, {reply.lexical_candidates} lexical); "
         f"{timings.total_ms:.1f} ms (embed {timings.embed_ms:.1f}, search {timings.search_ms:.1f}, "
         f"queue {timings.queue_ms:.1f}, rerank {timings.rerank_ms:.1f})"
     )
     for hit in reply.hits:
-        kind = "rerank" if hit.reranked else "cosine"
-        print(f"{hit.score:8.3f} {kind}  #{hit.stage1_rank:<3} {hit.id}")
+        kind = "rerank" if hit.reranked else "stage1"
+        sides = " ".join(
+            f"{side} #{getattr(hit, f'{side}_rank')}"
+            for side in ("dense", "lexical")
+            if hit.HasField(f"{side}_rank")
+        )
+        print(f"{hit.score:8.3f} {kind}  #{hit.stage1_rank:<3} {hit.id}  ({sides})")
         print(f"         {hit.text[:200]}")
     return 0

@@ -21,6 +21,7 @@ from tandem.benchmarks import (
     quantization,
     runtimes,
     serving,
+    stage1,
     vector_search,
 )
 from tandem.export.pipeline import default_runtime
@@ -190,6 +191,33 @@ def test_quality_benchmark_smoke(tmp_path, bi_int8, ce_int8, reranker_path, mini
     assert result["metrics"]["reference"]["umbrela"]["topics"] == 3
     assert 0 <= result["metrics"]["two_stage_int8"]["umbrela"]["ndcg@10"] <= 1
     assert result["stand_in_warning"] is True
+
+
+def test_stage1_benchmark_smoke(tmp_path, bi_int8, ce_int8) -> None:
+    argv = ["--smoke", "--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0]),
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "stage1.json")]  # fmt: skip
+    assert stage1.main(bench_args(stage1, argv)) == 0
+    result = json.loads((tmp_path / "stage1_smoke.json").read_text())
+    assert result["served_hybrid_matches_offline_fusion"] is True
+    assert result["topics"] == {"all": 8, "fit": 4, "held_out": 4}
+    assert set(result["alone"]["held_out"]["umbrela"]) == {"dense", "lexical", "hybrid",
+                                                           "hybrid_rrf60"}  # fmt: skip
+    assert set(result["latency_ms"]) == {"dense", "lexical", "hybrid"}
+    assert result["index_bytes"]["lexical"] > 0
+    assert 0 <= result["reranked_held_out"]["umbrela"]["hybrid"]["ndcg@10"] <= 1
+    assert 0 <= result["hybrid_vs_dense_held_out"]["umbrela"]["ndcg@10"]["p_value"] <= 1
+
+
+def test_paired_test_finds_a_consistent_difference_and_not_noise() -> None:
+    from tandem.relevance import paired_test
+
+    better = paired_test([0.1, 0.2, 0.3, 0.4] * 10, [0.2, 0.3, 0.4, 0.5] * 10, seed=1)
+    assert better["mean_difference"] == pytest.approx(0.1)
+    assert better["p_value"] < 0.01
+    assert better["ci_low"] == pytest.approx(0.1)
+    same = paired_test([0.1, 0.5] * 10, [0.5, 0.1] * 10, seed=1)
+    assert same["mean_difference"] == pytest.approx(0.0)
+    assert same["p_value"] > 0.5
 
 
 def test_ranking_metrics_on_a_hand_made_case() -> None:

@@ -135,6 +135,50 @@ def test_search_retrieve_only_and_filter(stub, data):
     assert reply.timings.rerank_ms == 0
 
 
+def test_each_first_stage_says_where_its_hits_came_from(stub, data):
+    query = data.topics[2].query
+
+    def search(stage: int, **weights: float) -> pb.SearchResponse:
+        return stub.Search(
+            pb.SearchRequest(
+                query=query,
+                recall_k=30,
+                top_n=30,
+                first_stage=stage,
+                mode=pb.SEARCH_MODE_RETRIEVE_ONLY,
+                **weights,
+            )
+        )
+
+    dense, lexical = search(pb.FIRST_STAGE_DENSE), search(pb.FIRST_STAGE_LEXICAL)
+    hybrid = search(pb.FIRST_STAGE_HYBRID)
+    for reply, side, other in ((dense, "dense", "lexical"), (lexical, "lexical", "dense")):
+        assert reply.candidates == 30
+        assert getattr(reply, f"{side}_candidates") == 30
+        assert getattr(reply, f"{other}_candidates") == 0
+        assert all(getattr(hit, f"{side}_rank") == hit.stage1_rank for hit in reply.hits)
+        assert not any(hit.HasField(f"{other}_rank") for hit in reply.hits)
+    assert dense.first_stage == pb.FIRST_STAGE_DENSE
+    assert lexical.first_stage == pb.FIRST_STAGE_LEXICAL
+    assert hybrid.first_stage == pb.FIRST_STAGE_HYBRID
+    assert hybrid.candidates == 30
+    assert hybrid.dense_candidates + hybrid.lexical_candidates >= 30
+    for hit in hybrid.hits:  # each side's rank points at the same document on that side
+        assert hit.HasField("dense_rank") or hit.HasField("lexical_rank")
+        if hit.HasField("dense_rank"):
+            assert dense.hits[hit.dense_rank].id == hit.id
+        if hit.HasField("lexical_rank"):
+            assert lexical.hits[hit.lexical_rank].id == hit.id
+    only_dense = search(pb.FIRST_STAGE_HYBRID, lexical_weight=0.0)
+    assert [hit.id for hit in only_dense.hits] == [hit.id for hit in dense.hits]
+    only_lexical = search(pb.FIRST_STAGE_HYBRID, dense_weight=0.0)
+    assert [hit.id for hit in only_lexical.hits] == [hit.id for hit in lexical.hits]
+    default = stub.Search(pb.SearchRequest(query=query, mode=pb.SEARCH_MODE_RETRIEVE_ONLY))
+    assert default.first_stage == pb.FIRST_STAGE_HYBRID  # the server's default
+    assert code_of(stub.Search, pb.SearchRequest(query="q", dense_weight=-1.0)) == INVALID
+    assert code_of(stub.Search, pb.SearchRequest(query="q", first_stage=9)) == INVALID
+
+
 def test_search_rejects_bad_sizes_and_modes(stub):
     for request in (
         pb.SearchRequest(query="q", recall_k=0),
@@ -336,6 +380,9 @@ def test_info_states_models_limits_and_stand_in(stub):
     assert info.index_size >= CORPUS
     assert info.index_dtype == "i8"
     assert info.dimension == 384
+    assert info.lexical_index_size == info.index_size
+    assert info.default_first_stage == pb.FIRST_STAGE_HYBRID
+    assert info.rrf_k == 10
 
 
 def test_message_size_cap(stub):
@@ -382,6 +429,8 @@ def test_metrics_endpoint(server, stub):
         "tandem_batch_padded_tokens_sum",
         "tandem_rerank_queue_pairs",
         "tandem_reranked_fraction_count",
+        'tandem_winner_stage1_rank_fraction_bucket{first_stage="hybrid",le="1.0"}',
+        'tandem_winners_from_pool_tail_total{first_stage="hybrid"}',
         "tandem_in_flight",
     ):
         assert line in text, line

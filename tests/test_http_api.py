@@ -267,6 +267,20 @@ def test_native_search_mirrors_grpc_search(server, base, data) -> None:
     ).json()
     assert retrieve["reranked_count"] == 0
     assert all("probability" not in hit for hit in retrieve["hits"])  # unset, so left out
+    assert retrieve["first_stage"] == "hybrid"  # the server's default, as over gRPC
+    lexical = httpx.post(
+        f"{base}/v1/search",
+        json={"query": query, "mode": "retrieve_only", "top_n": 3, "first_stage": "lexical"},
+    ).json()
+    grpc_lexical = server.stub().Search(
+        pb.SearchRequest(query=query, mode=pb.SEARCH_MODE_RETRIEVE_ONLY, top_n=3,
+                         first_stage=pb.FIRST_STAGE_LEXICAL)
+    )  # fmt: skip
+    assert [h["id"] for h in lexical["hits"]] == [h.id for h in grpc_lexical.hits]
+    assert [h["lexical_rank"] for h in lexical["hits"]] == [0, 1, 2]
+    assert all("dense_rank" not in h for h in lexical["hits"])
+    assert lexical["lexical_candidates"] == grpc_lexical.lexical_candidates
+    assert lexical["dense_candidates"] == 0
 
 
 def test_native_search_min_rerank_is_429_with_retry_after(base, data) -> None:
@@ -319,6 +333,8 @@ def test_info_and_health(base, server) -> None:
         ("/embed", {"inputs": "x", "normalize": False}, "error"),
         ("/v1/search", {"query": "q", "recall_k": "many"}, "error"),
         ("/v1/search", {"query": "q", "mode": "sideways"}, "error"),
+        ("/v1/search", {"query": "q", "first_stage": "sparse"}, "error"),
+        ("/v1/search", {"query": "q", "lexical_weight": -1}, "error"),
         ("/v1/upsert", {"documents": [{"id": "", "text": "t"}]}, "error"),
     ],
 )

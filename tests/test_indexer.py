@@ -14,6 +14,7 @@ from tandem.encoders import BiEncoder, CrossEncoder
 from tandem.server.engine.collection import Collection
 from tandem.server.engine.index import IndexSettings, VectorIndex
 from tandem.server.engine.indexer import CorpusError, Progress, build
+from tandem.server.engine.lexical import LexicalIndex
 from tandem.server.engine.pairs import PairTokenizer
 
 pytestmark = pytest.mark.slow
@@ -75,6 +76,9 @@ def test_build_resumes_after_an_interruption(tmp_path: Path, data, bi_int8, ce_i
         tmp_path / "c" / "vectors.usearch", ndim=384, settings=IndexSettings()
     )
     assert len(index) == 100
+    lexical, sidecar = LexicalIndex.open(tmp_path / "c" / "lexical", writable=False)
+    assert len(lexical) == 100  # built beside the vectors, batch by batch
+    assert sidecar["generation"] > 0
 
 
 def test_bad_line_stops_with_its_number_and_keeps_earlier_batches(
@@ -105,7 +109,9 @@ def test_cli_builds_a_collection(tmp_path: Path, data, bi_int8, ce_int8, capsys)
          "--dtype", "f16", "--connectivity", "8", "--expansion-search", "32"]
     )  # fmt: skip
     assert code == 0
-    assert "30 documents added, 0 already present" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "30 documents added, 0 already present" in out
+    assert "the vector index holds 30, the lexical (BM25) index 30" in out
     _, sidecar = VectorIndex.open(
         tmp_path / "c" / "vectors.usearch", ndim=384, settings=IndexSettings(dtype="f16")
     )

@@ -3,6 +3,7 @@ pruned; a replica-side collection opens a version read-only with its index memor
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def test_versions_are_complete_pointed_to_last_and_pruned(tmp_path, embedder):
     assert sorted(p.name for p in (root / "versions").iterdir()) == ["000002", "000003"]
     folder = version_folder(root, "000003")
     assert {p.name for p in folder.iterdir()} == {
-        "documents.sqlite", "vectors.usearch", "vectors.usearch.json"
+        "documents.sqlite", "vectors.usearch", "vectors.usearch.json", "lexical", "lexical.json"
     }  # fmt: skip
     # Rollback-journal mode: a replica can open it from a read-only folder, no -wal or -shm.
     with sqlite3.connect(folder / "documents.sqlite") as db:
@@ -65,8 +66,11 @@ def test_versions_are_complete_pointed_to_last_and_pruned(tmp_path, embedder):
     try:
         assert replica.read_only
         assert replica.version == "000003"
-        assert len(replica.index) == 3 == len(replica.store)
+        assert len(replica.index) == 3 == len(replica.store) == len(replica.lexical)
+        assert replica.lexical.writer is None  # opened in place, read-only
         assert replica.get(["d2"])["d2"].text == "epsilon zeta"
+        (key,) = replica.lexical.search("zeta", 5).keys
+        assert replica.store.by_keys([int(key)])[int(key)].id == "d2"
         with pytest.raises(StoreReadOnly):
             replica.upsert([NewDocument("d9", "refused")])
     finally:
@@ -84,9 +88,28 @@ def test_the_index_is_repaired_to_the_snapshot_not_copied(tmp_path, embedder):
     publish(writer, root)
     replica = open_version(root, embedder)
     try:
-        assert len(replica.index) == 3
+        assert len(replica.index) == 3 == len(replica.lexical)
         hits = replica.index.search(embedder.embed(["written after the last index save"])[0], 1)
         assert replica.store.by_keys([int(hits.keys[0])])[int(hits.keys[0])].id == "late"
+        (key,) = replica.lexical.search("written", 5).keys
+        assert replica.store.by_keys([int(key)])[int(key)].id == "late"
+    finally:
+        replica.close()
+
+
+def test_a_writer_without_a_lexical_index_publishes_one(tmp_path, embedder):
+    """A collection from before the lexical index, or one whose segments are gone: the
+    version gets one built from the snapshot, which the replica opens in place."""
+    writer, root = tmp_path / "writer", tmp_path / "root"
+    writer_with(writer, embedder, ["one fish", "two fish", "red fish"])
+    shutil.rmtree(writer / "lexical")
+    (writer / "lexical.json").unlink()
+    publish(writer, root)
+    replica = open_version(root, embedder)
+    try:
+        assert replica.lexical.writer is None
+        assert len(replica.lexical) == 3
+        assert len(replica.lexical.search("red", 5).keys) == 1
     finally:
         replica.close()
 

@@ -58,6 +58,9 @@ def test_search_page_shows_stage_one_beside_the_reranked_list(tmp_path, bi_int8,
     assert "Stand-in reranker" in dom  # the page says the rankings are not a real reranker's
     # What moved: every reranked hit says where stage 1 had it.
     assert len(re.findall(r'class="tag (?:up|down|same)"', reranked.group(1))) == 10
+    # Stage 1 names its first stage (the server's default) and where each hit was found.
+    assert "Stage 1: hybrid (dense and BM25, fused by RRF)" in dom
+    assert re.search(r"dense #\d+|BM25 #\d+", stage1.group(1))
     assert 'class="error"' not in dom
     assert screenshot.stat().st_size > 20_000
     print(f"screenshot: {screenshot}")

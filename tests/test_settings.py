@@ -56,6 +56,9 @@ def test_token_file_and_token_is_never_in_repr(tmp_path: Path):
         # A mistyped path is a start-up error, never a silently retrieve-only server.
         (["--reranker", "artifacts/cross-encodr"], {}, "--reranker none to serve retrieve-only"),
         (["--expansion-search", "0"], {}, "expansion_search must be at least 1"),
+        (["--first-stage", "sparse"], {}, "not one of dense, lexical, hybrid"),
+        (["--dense-weight", "0", "--lexical-weight", "0"], {}, "both 0"),
+        (["--rrf-k", "0"], {}, "rrf_k must be at least 1"),
     ],
 )
 def test_bad_settings_say_what_to_fix(argv, environ, message):

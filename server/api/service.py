@@ -24,6 +24,7 @@ from tandem.server.admission import Gate
 from tandem.server.api.status import rich_status
 from tandem.server.engine.engine import Call, Engine, EngineInfo
 from tandem.server.engine.errors import InvalidArgument, Retryable
+from tandem.server.engine.fusion import FirstStage
 from tandem.server.engine.requests import EmbedRequest, RerankRequest, SearchRequest, UpsertBatch
 from tandem.server.engine.search import DocumentRef, Hit, Mode, Result
 from tandem.server.engine.store import NewDocument
@@ -43,6 +44,13 @@ MODES = {
     pb.SEARCH_MODE_TWO_STAGE: Mode.TWO_STAGE,
     pb.SEARCH_MODE_RETRIEVE_ONLY: Mode.RETRIEVE_ONLY,
 }
+FIRST_STAGES = {
+    pb.FIRST_STAGE_UNSPECIFIED: None,
+    pb.FIRST_STAGE_DENSE: FirstStage.DENSE,
+    pb.FIRST_STAGE_LEXICAL: FirstStage.LEXICAL,
+    pb.FIRST_STAGE_HYBRID: FirstStage.HYBRID,
+}
+FIRST_STAGE_ENUM = {stage: number for number, stage in FIRST_STAGES.items() if stage is not None}
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,10 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
             message = _decoded(request)
             if message.mode not in MODES:
                 raise InvalidArgument(f"mode {message.mode} is not a SearchMode this server knows")
+            if message.first_stage not in FIRST_STAGES:
+                raise InvalidArgument(
+                    f"first_stage {message.first_stage} is not a FirstStage this server knows"
+                )
             result = await self.engine.search(
                 SearchRequest(
                     query=message.query,
@@ -159,10 +171,16 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                     truncate=_get(message, "truncate") is not False,
                     max_tokens_per_doc=_get(message, "max_tokens_per_doc"),
                     min_rerank=_get(message, "min_rerank"),
+                    first_stage=FIRST_STAGES[message.first_stage],
+                    dense_weight=_get(message, "dense_weight"),
+                    lexical_weight=_get(message, "lexical_weight"),
                 ),
                 call,
             )
             reply = pb.SearchResponse(
+                first_stage=FIRST_STAGE_ENUM[result.first_stage or FirstStage.DENSE],
+                dense_candidates=result.dense_candidates,
+                lexical_candidates=result.lexical_candidates,
                 hits=[_hit(hit, include_text=message.include_text) for hit in result.hits],
                 reranked_count=result.reranked_count,
                 candidates=result.candidates,
@@ -364,6 +382,10 @@ def _hit(hit: Hit, *, include_text: bool) -> pb.Hit:
         message.probability = hit.probability
     if hit.metadata:
         message.metadata.update(hit.metadata)
+    if hit.dense_rank is not None:
+        message.dense_rank = hit.dense_rank
+    if hit.lexical_rank is not None:
+        message.lexical_rank = hit.lexical_rank
     return message
 
 
@@ -384,6 +406,11 @@ def _info(info: EngineInfo) -> pb.InfoResponse:
         read_only=info.read_only,
         dimension=info.dimension,
         score_activation=info.score_activation,
+        default_first_stage=FIRST_STAGE_ENUM[FirstStage(info.settings.first_stage)],
+        lexical_index_size=info.lexical_index_size,
+        rrf_k=info.settings.rrf_k,
+        default_dense_weight=info.settings.dense_weight,
+        default_lexical_weight=info.settings.lexical_weight,
     )
     if info.models.reranker is not None:
         response.reranker.CopyFrom(_model_info(info.models.reranker))

@@ -1,8 +1,9 @@
-"""A collection on disk: the document store, the vector index kept consistent with it, and writes.
+"""A collection on disk: the document store, the two indexes kept consistent with it, and writes.
 
 A write commits to the store first (that is the acknowledgement), then updates the in-memory
-index. The index file is saved by ``checkpoint``; if the process dies before that, start-up
-repairs the index from the store.
+vector index and commits the lexical (BM25) index. The vector index file and the lexical
+index's sidecar are saved by ``checkpoint``; if the process dies before that, start-up
+repairs both indexes from the store.
 
 The collection owns its index settings: they are chosen when it is created, recorded in the
 store, and used by every later opening. One process at a time may open a folder for writing
@@ -19,7 +20,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -42,10 +43,14 @@ from tandem.server.engine.store import (
     Upserted,
 )
 
+if TYPE_CHECKING:
+    from tandem.server.engine.lexical import LexicalIndex
+
 log = logging.getLogger(__name__)
 
 STORE_NAME = "documents.sqlite"
 INDEX_NAME = "vectors.usearch"
+LEXICAL_NAME = "lexical"
 TOKENIZER_KEY = "reranker_tokenizer"
 EMBEDDER_KEY = "bi_encoder"
 INDEX_SETTINGS_KEY = "index_settings"
@@ -63,6 +68,10 @@ class CollectionPaths:
     @property
     def index(self) -> Path:
         return self.folder / INDEX_NAME
+
+    @property
+    def lexical(self) -> Path:
+        return self.folder / LEXICAL_NAME
 
 
 @dataclass(frozen=True)
@@ -124,11 +133,18 @@ class Collection:
                 self.paths.index, self.store, ndim=embedder.dimension, settings=index_settings,
                 writable=not read_only,
             )  # fmt: skip
+            self.lexical = open_lexical(self.paths.lexical, self.store, writable=not read_only)
+            # A write the lexical index failed to take (a full disk): the store has it, and
+            # the next write or checkpoint catches the index up from the store.
+            self.lexical_behind = False
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
+        lexical = getattr(self, "lexical", None)  # None: __init__ failed before opening it
+        if lexical is not None:
+            lexical.close()
         self.store.close()
         self._unlock()
 
@@ -233,12 +249,40 @@ class Collection:
         written = self.store.upsert(prepared.documents, prepared.vectors, prepared.token_ids)
         self.index.remove(written.replaced)
         self.index.add(np.asarray(written.keys, dtype=np.uint64), prepared.vectors)
+        self._update_lexical(
+            written.replaced, written.keys, [document.text for document in prepared.documents]
+        )
         return written
 
     def delete(self, ids: Sequence[str]) -> list[int]:
         keys = self.store.delete(ids)
         self.index.remove(keys)
+        self._update_lexical(keys, [], [])
         return keys
+
+    def _update_lexical(
+        self, removed: Sequence[int], keys: Sequence[int], texts: list[str]
+    ) -> None:
+        if self.lexical is None or (not removed and not keys):
+            return
+        try:
+            if self.lexical_behind:
+                self._catch_up_lexical(self.lexical)  # the store holds this write too
+                return
+            self.lexical.remove(removed)
+            self.lexical.add(keys, texts)
+            self.lexical.commit()
+        except OSError as error:  # LexicalWriteFailed: a full or read-only disk
+            # The write is durable in the store, which the index is caught up from later;
+            # failing the acknowledged write now would make a client send it twice.
+            self.lexical_behind = True
+            log.error("the lexical index could not take a write (caught up later): %s", error)
+
+    def _catch_up_lexical(self, lexical: LexicalIndex) -> None:
+        lexical.renew_writer()
+        removed, added = lexical.catch_up(self.store)
+        self.lexical_behind = False
+        log.warning("lexical index caught up", extra={"removed": removed, "added": added})
 
     def get(self, ids: Sequence[str]) -> dict[str, StoredDocument]:
         return self.store.by_ids(ids)
@@ -247,7 +291,13 @@ class Collection:
         """Saves the index at the store's generation, so the next start-up need not repair."""
         if self.read_only:
             return  # nothing was written, and nothing could be
-        self.index.save(self.paths.index, generation=self.store.generation)
+        generation = self.store.generation
+        self.index.save(self.paths.index, generation=generation)
+        if self.lexical is None:
+            return
+        if self.lexical_behind:
+            self._catch_up_lexical(self.lexical)
+        self.lexical.save(self.paths.lexical, generation=generation)
 
     def compact(self) -> None:
         """Rebuilds the index from the store, dropping the graph's deleted slots, in one go
@@ -274,6 +324,22 @@ class Collection:
         except OSError as error:  # a full disk: the store holds everything; start-up repairs
             log.error("the compacted index is serving but could not be saved: %s", error)
         return removed + added
+
+
+def open_lexical(folder: Path, store: DocumentStore, *, writable: bool) -> LexicalIndex | None:
+    """The collection's lexical index, consistent with the store; None where tantivy cannot
+    be imported (a platform without its wheel, or a GPU machine that was not carried it):
+    then the dense first stage alone is served, and the store still holds every text."""
+    try:
+        from tandem.server.engine.lexical import load_consistent
+    except ImportError as error:
+        log.warning(
+            "tantivy cannot be imported (%s): no lexical index; only the dense first stage "
+            "is served (pip install tantivy, then restart: the index is built from the store)",
+            error,
+        )
+        return None
+    return load_consistent(folder, store, writable=writable)
 
 
 def _lock_for_writing(folder: Path) -> IO[str]:

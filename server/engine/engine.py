@@ -19,7 +19,7 @@ import asyncio
 import copy
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +41,7 @@ from tandem.server.engine.requests import (
     check_rerank,
     check_search,
     document_cap,
+    first_stage,
     min_rerank,
     unique_ids,
 )
@@ -128,6 +129,7 @@ class EngineInfo:
     models: Models
     settings: Settings
     index_size: int
+    lexical_index_size: int
     index_dtype: str
     generation: int
     collection_version: str | None
@@ -169,8 +171,11 @@ class Engine:
         settings: Settings,
         models: Models,
         supervisor: Supervisor | None = None,
+        on_search: Callable[[Result], None] | None = None,
     ) -> None:
+        """``on_search``: called with every search's result (the server's metrics)."""
         self.searcher = searcher
+        self.on_search = on_search
         self.settings = settings
         self.models = models
         self.supervisor = supervisor or Supervisor()
@@ -252,6 +257,9 @@ class Engine:
 
     async def search(self, request: SearchRequest, call: Call) -> Result:
         recall_k, top_n = check_search(request, self.settings)
+        stage, fusion = first_stage(
+            request, self.settings, lexical=self.collection.lexical is not None
+        )
         mode = request.mode
         if mode is None:
             # A server started without a reranker still answers plain searches.
@@ -262,7 +270,7 @@ class Engine:
             self._require_up(MOVER, "the reranker's batch scheduler")
         else:
             call.latency_target_s = RETRIEVE_ONLY_TARGET_S
-        return await self.searcher.search(
+        result = await self.searcher.search(
             request.query,
             recall_k=recall_k,
             top_n=top_n,
@@ -274,7 +282,12 @@ class Engine:
             arrived=call.arrived,
             max_tokens_per_doc=document_cap(request.max_tokens_per_doc, self.settings),
             min_rerank=min_rerank(request.min_rerank, self.settings),
+            first_stage=stage,
+            fusion=fusion,
         )
+        if self.on_search is not None:
+            self.on_search(result)
+        return result
 
     async def rerank(self, request: RerankRequest, call: Call) -> Result:
         top_n = check_rerank(request, self.settings)
@@ -327,10 +340,16 @@ class Engine:
         )
 
     async def info(self) -> EngineInfo:
-        collection, index_size, generation = await self.lanes.run(
-            "store",
-            lambda: (self.collection, len(self.collection.index), self.collection.store.generation),
-        )
+        def sizes() -> tuple[Collection, int, int, int]:
+            collection = self.collection
+            return (
+                collection,
+                len(collection.index),
+                len(collection.lexical) if collection.lexical is not None else 0,
+                collection.store.generation,
+            )
+
+        collection, index_size, lexical_size, generation = await self.lanes.run("store", sizes)
         pairs = self.searcher.pairs
         embedder = self.searcher.embedder
         return EngineInfo(
@@ -338,6 +357,7 @@ class Engine:
             models=self.models,
             settings=self.settings,
             index_size=index_size,
+            lexical_index_size=lexical_size,
             index_dtype=collection.index.settings.dtype,
             generation=generation,
             collection_version=collection.version,

@@ -8,11 +8,13 @@ set nothing, so the engine applies the server's defaults itself. Every check rai
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tandem.server.engine.errors import InvalidArgument
+from tandem.server.engine.fusion import FirstStage, Fusion
 from tandem.server.engine.search import DocumentRef, Mode
 from tandem.server.engine.store import NewDocument
 from tandem.server.settings import Settings
@@ -36,6 +38,9 @@ class SearchRequest:
     truncate: bool = True
     max_tokens_per_doc: int | None = None  # None: the server's default
     min_rerank: int | None = None  # None: the server's default
+    first_stage: FirstStage | None = None  # None: the server's default
+    dense_weight: float | None = None  # hybrid's RRF weights; None: the server's default
+    lexical_weight: float | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,32 @@ def check_search(request: SearchRequest, settings: Settings) -> tuple[int, int]:
         "top_n", request.top_n, default=settings.default_top_n, limit=settings.max_top_n
     )
     return recall_k, top_n
+
+
+def first_stage(
+    request: SearchRequest, settings: Settings, *, lexical: bool = True
+) -> tuple[FirstStage, Fusion]:
+    """The first stage to run, and hybrid's fusion, with the server's defaults filled in.
+    ``lexical``: whether the collection has a lexical index; without one, the default falls
+    back to dense (a call that names lexical or hybrid is refused by the search)."""
+    chosen = request.first_stage or FirstStage(settings.first_stage)
+    if request.first_stage is None and not lexical:
+        chosen = FirstStage.DENSE
+    weights = {
+        "dense_weight": settings.dense_weight if request.dense_weight is None
+        else request.dense_weight,
+        "lexical_weight": settings.lexical_weight if request.lexical_weight is None
+        else request.lexical_weight,
+    }  # fmt: skip
+    for name, weight in weights.items():
+        if not math.isfinite(weight) or weight < 0:
+            raise InvalidArgument(f"{name} must be a finite number >= 0 (got {weight})")
+    if chosen is FirstStage.HYBRID and sum(weights.values()) <= 0:
+        raise InvalidArgument(
+            "dense_weight and lexical_weight are both 0: give one a weight, or choose the "
+            "dense or lexical first stage"
+        )
+    return chosen, Fusion(k=settings.rrf_k, **weights)
 
 
 def check_rerank(request: RerankRequest, settings: Settings) -> int | None:

@@ -1,6 +1,10 @@
-"""Two-stage search: embed the query, take candidates from the index, rerank under a budget.
+"""Two-stage search: take candidates from the indexes, rerank them under a budget.
 
-    query -> bi-encoder (LRU-cached) -> index top recall_k -> cross-encoder -> top_n
+    query -> bi-encoder (LRU-cached) -> vector index  top recall_k ┐
+          -> analyzer                -> BM25 index    top recall_k ┴ RRF -> cross-encoder -> top_n
+
+The first stage is dense (the vector index), lexical (BM25) or hybrid (each side's best
+recall_k, fused by reciprocal rank fusion, cut to recall_k); see ``fusion``.
 
 Modes: two-stage (default), retrieve-only, and rerank of documents the client names (sent as
 text, or stored ids). Reranked hits come first by rerank score; candidates the budget left
@@ -29,6 +33,13 @@ from tandem.encoders import BiEncoder, CrossEncoder
 from tandem.server.engine.batcher import RerankBatcher, Runner
 from tandem.server.engine.collection import Collection
 from tandem.server.engine.errors import FailedPrecondition, InvalidArgument, NotFound
+from tandem.server.engine.fusion import (
+    FirstStage,
+    Fusion,
+    Ranked,
+    reciprocal_rank_fusion,
+    single,
+)
 from tandem.server.engine.lanes import Lanes
 from tandem.server.engine.pairs import Ids, JoinedPair, PairIds, PairTokenizer, pad_pairs
 from tandem.server.engine.store import matches
@@ -71,15 +82,23 @@ class NoReranker(FailedPrecondition):
     """A rerank asked of a retrieve-only server."""
 
 
+class NoLexicalIndex(FailedPrecondition):
+    """A lexical or hybrid first stage asked of a collection without a lexical index."""
+
+
 @dataclass(frozen=True)
 class Hit:
     id: str
     text: str | None
     metadata: dict[str, Any]
-    stage1_score: float | None  # cosine similarity; None where the client sent the document
+    # Cosine (dense), BM25 (lexical) or the RRF score (hybrid); None where the client sent
+    # the document.
+    stage1_score: float | None
     stage1_rank: int  # 0-based position among the candidates before reranking
     rerank_score: float | None  # None where the budget ran out first
     truncated: bool = False
+    dense_rank: int | None = None  # 0-based, in the dense side's ranking; None: not found there
+    lexical_rank: int | None = None
 
     @property
     def reranked(self) -> bool:
@@ -87,7 +106,7 @@ class Hit:
 
     @property
     def score(self) -> float:
-        """The rerank score where reranked, else the stage-1 cosine (0.0 for a document the
+        """The rerank score where reranked, else the stage-1 score (0.0 for a document the
         client sent, which has none)."""
         if self.rerank_score is not None:
             return self.rerank_score
@@ -110,6 +129,9 @@ class Result:
     # With a metadata filter: the documents known to match it (every one in the collection
     # when the filter was selective enough to count them), else None.
     filter_matched: int | None = None
+    first_stage: FirstStage | None = None  # None: no index was searched (a Rerank)
+    dense_candidates: int = 0  # candidates the dense side found (both sides: counted in each)
+    lexical_candidates: int = 0
 
     @property
     def truncated(self) -> bool:
@@ -123,6 +145,8 @@ class Candidate:
     metadata: dict[str, Any]
     token_ids: NDArray[np.int32]
     stage1_score: float | None
+    dense_rank: int | None = None
+    lexical_rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -198,6 +222,8 @@ class Searcher:
         arrived: float | None = None,
         max_tokens_per_doc: int | None = None,
         min_rerank: int = 0,
+        first_stage: FirstStage = FirstStage.DENSE,
+        fusion: Fusion | None = None,
     ) -> Result:
         """``arrived``: when the call arrived (``time.perf_counter()``); the budget counts
         from it. None: from now. ``max_tokens_per_doc`` cuts each candidate to that many
@@ -206,99 +232,157 @@ class Searcher:
         if mode is Mode.TWO_STAGE:
             self._require_reranker()
         timings: dict[str, float] = {}
+        arrived = time.perf_counter() if arrived is None else arrived
+        vector, query_truncated = None, False
+        if first_stage is not FirstStage.LEXICAL:
+            started = time.perf_counter()
+            vector, query_truncated = await self.lanes.run("query", self.embed_query, query)
+            timings["embed"] = ms_since(started)
+            if query_truncated and not truncate:
+                raise InvalidArgument(
+                    f"the query is longer than the bi-encoder's "
+                    f"{self.embedder.manifest.max_length} tokens; shorten it, or allow truncate"
+                )
         started = time.perf_counter()
-        arrived = started if arrived is None else arrived
-        vector, query_truncated = await self.lanes.run("query", self.embed_query, query)
-        timings["embed"] = ms_since(started)
-        if query_truncated and not truncate:
-            raise InvalidArgument(
-                f"the query is longer than the bi-encoder's "
-                f"{self.embedder.manifest.max_length} tokens; shorten it, or allow truncate"
-            )
-        started = time.perf_counter()
-        matched = None
-        if metadata_filter:
-            candidates, matched = await self.lanes.run(
-                "store", self._filtered, vector, recall_k, metadata_filter
-            )
-            found = len(candidates)
-        elif mode is Mode.RETRIEVE_ONLY:
-            # Only the returned hits need their documents read: the fast path stays fast.
-            candidates, found = await self.lanes.run(
-                "store", self._top_candidates, vector, recall_k, top_n
-            )
-        else:
-            candidates = await self.lanes.run("store", self._candidates, vector, recall_k)
-            found = len(candidates)
+        # Only the returned hits need their documents read when nothing is reranked.
+        keep = top_n if mode is Mode.RETRIEVE_ONLY else recall_k
+        candidates, ranked, matched = await self.lanes.run(
+            "store", self._stage1, query, vector, first_stage, recall_k, metadata_filter,
+            fusion or Fusion(), keep,
+        )  # fmt: skip
         timings["search"] = ms_since(started)
         if mode is Mode.RETRIEVE_ONLY:
             hits_out = [
                 _hit(candidate, rank, None, include_text=include_text, truncated=False)
                 for rank, candidate in enumerate(candidates[:top_n])
             ]
-            return Result(hits_out, 0, found, query_truncated, timings, filter_matched=matched)
-        result = await self._rerank(
-            query, candidates, top_n=top_n, budget_s=budget_s, include_text=include_text,
-            timings=timings, query_truncated=query_truncated, truncate=True, arrived=arrived,
-            document_cap=max_tokens_per_doc, min_rerank=min_rerank,
-        )  # fmt: skip
-        return result if matched is None else replace(result, filter_matched=matched)
+            result = Result(hits_out, 0, len(ranked), query_truncated, timings)
+        else:
+            result = await self._rerank(
+                query, candidates, top_n=top_n, budget_s=budget_s, include_text=include_text,
+                timings=timings, query_truncated=query_truncated, truncate=True,
+                arrived=arrived, document_cap=max_tokens_per_doc, min_rerank=min_rerank,
+            )  # fmt: skip
+        return replace(
+            result,
+            first_stage=first_stage,
+            dense_candidates=ranked.dense_count,
+            lexical_candidates=ranked.lexical_count,
+            filter_matched=matched,
+        )
 
-    def _top_candidates(
-        self, vector: NDArray[np.float32], recall_k: int, top_n: int
-    ) -> tuple[list[Candidate], int]:
-        """The first ``top_n`` of the ``recall_k`` nearest, and how many there were."""
+    def _stage1(
+        self,
+        query: str,
+        vector: NDArray[np.float32] | None,
+        first_stage: FirstStage,
+        recall_k: int,
+        wanted: Mapping[str, Any] | None,
+        fusion: Fusion,
+        keep: int,
+    ) -> tuple[list[Candidate], Ranked, int | None]:
+        """Stage 1 on the store lane: the ranking, the first ``keep`` of it as candidates
+        (their documents read), and how many documents match the filter, where known."""
+        dense = lexical = None
+        matched = None
+        if vector is not None:
+            keys, scores, matched = self._dense(vector, recall_k, wanted)
+            dense = single(keys, scores, FirstStage.DENSE)
+        if first_stage is not FirstStage.DENSE:
+            keys, scores = self._lexical(query, recall_k, wanted)
+            lexical = single(keys, scores, FirstStage.LEXICAL)
+        if dense is not None and lexical is not None:
+            ranked = reciprocal_rank_fusion(dense.keys, lexical.keys, fusion, limit=recall_k)
+        else:
+            ranked = dense or lexical or single([], [], first_stage)
+        return self._documents(ranked.head(keep)), ranked, matched
+
+    def _dense(
+        self, vector: NDArray[np.float32], recall_k: int, wanted: Mapping[str, Any] | None
+    ) -> tuple[list[int], list[float], int | None]:
+        if wanted:
+            return self._filtered(vector, recall_k, wanted)
         hits = self.collection.index.search(vector, recall_k)
-        keys = [int(key) for key in hits.keys[:top_n]]
-        return self._documents(keys, hits.similarities[:top_n].tolist()), len(hits.keys)
+        return [int(key) for key in hits.keys], hits.similarities.tolist(), None
 
-    def _candidates(self, vector: NDArray[np.float32], recall_k: int) -> list[Candidate]:
-        hits = self.collection.index.search(vector, recall_k)
-        return self._documents([int(key) for key in hits.keys], hits.similarities.tolist())
+    def _lexical(
+        self, query: str, recall_k: int, wanted: Mapping[str, Any] | None
+    ) -> tuple[list[int], list[float]]:
+        """The ``recall_k`` best documents by BM25 that match ``wanted``. Only documents
+        holding a query term are ranked at all, so widening until enough pass, or until
+        every such document was seen, stays bounded."""
+        index = self.collection.lexical
+        if index is None:
+            raise NoLexicalIndex(
+                "this server has no lexical index (tantivy could not be imported; its log "
+                "says why): use first_stage dense"
+            )
+        fetch = recall_k if not wanted else min(recall_k * FILTER_OVERFETCH, len(index))
+        while True:
+            hits = index.search(query, fetch)
+            keys, scores = [int(key) for key in hits.keys], hits.similarities.tolist()
+            if wanted:
+                keys, scores = self._passing(keys, scores, wanted)
+            if len(keys) >= recall_k or len(hits.keys) < fetch or fetch >= len(index):
+                return keys[:recall_k], scores[:recall_k]
+            fetch = min(len(index), fetch * 4)
 
-    def _documents(self, keys: Sequence[int], similarities: Sequence[float]) -> list[Candidate]:
+    def _passing(
+        self, keys: Sequence[int], scores: Sequence[float], wanted: Mapping[str, Any]
+    ) -> tuple[list[int], list[float]]:
         documents = self.collection.store.by_keys(keys)
+        kept = [
+            (key, score)
+            for key, score in zip(keys, scores, strict=True)
+            if key in documents and matches(documents[key].metadata, wanted)
+        ]
+        return [key for key, _ in kept], [score for _, score in kept]
+
+    def _documents(self, ranked: Ranked) -> list[Candidate]:
+        documents = self.collection.store.by_keys(ranked.keys)
         return [
             Candidate(documents[key].id, documents[key].text, documents[key].metadata,
-                      documents[key].token_ids, float(similarity))
-            for key, similarity in zip(keys, similarities, strict=True)
+                      documents[key].token_ids, float(score), dense_rank, lexical_rank)
+            for key, score, dense_rank, lexical_rank in zip(
+                ranked.keys, ranked.scores, ranked.dense_ranks, ranked.lexical_ranks, strict=True
+            )
             if key in documents
         ]  # fmt: skip
 
     def _filtered(
         self, vector: NDArray[np.float32], recall_k: int, wanted: Mapping[str, Any]
-    ) -> tuple[list[Candidate], int]:
+    ) -> tuple[list[int], list[float], int]:
         """The ``recall_k`` nearest documents that match ``wanted``, and how many are known
         to match. Exact: fewer than ``recall_k`` come back only when fewer match at all."""
         index = self.collection.index
         total = len(index)
         fetch = min(recall_k * FILTER_OVERFETCH, total)
-        candidates, matched = self._matching(vector, fetch, recall_k, wanted)
-        if len(candidates) == recall_k or fetch >= total:
-            return candidates, matched
-        keys = self.collection.store.keys_matching(wanted)
-        if len(keys) <= EXACT_FILTER_MAX:
-            return self._exact(vector, keys, recall_k), len(keys)
-        while len(candidates) < recall_k and fetch < total:
+        keys, scores, matched = self._matching(vector, fetch, recall_k, wanted)
+        if len(keys) == recall_k or fetch >= total:
+            return keys, scores, matched
+        candidates = self.collection.store.keys_matching(wanted)
+        if len(candidates) <= EXACT_FILTER_MAX:
+            return (*self._exact(vector, candidates, recall_k), len(candidates))
+        while len(keys) < recall_k and fetch < total:
             # Enough matches are spread through the graph: widen by what the match rate
             # predicts (with room to spare) rather than a step at a time.
-            fetch = min(total, max(fetch * 2, recall_k * total // len(keys) * 2))
-            candidates, _ = self._matching(vector, fetch, recall_k, wanted)
-        return candidates, len(keys)
+            fetch = min(total, max(fetch * 2, recall_k * total // len(candidates) * 2))
+            keys, scores, _ = self._matching(vector, fetch, recall_k, wanted)
+        return keys, scores, len(candidates)
 
     def _matching(
         self, vector: NDArray[np.float32], fetch: int, recall_k: int, wanted: Mapping[str, Any]
-    ) -> tuple[list[Candidate], int]:
-        found = self._candidates(vector, fetch)
-        passing = [candidate for candidate in found if matches(candidate.metadata, wanted)]
-        return passing[:recall_k], len(passing)
+    ) -> tuple[list[int], list[float], int]:
+        hits = self.collection.index.search(vector, fetch)
+        keys, scores = self._passing(hits.keys.tolist(), hits.similarities.tolist(), wanted)
+        return keys[:recall_k], scores[:recall_k], len(keys)
 
     def _exact(
         self, vector: NDArray[np.float32], keys: Sequence[int], recall_k: int
-    ) -> list[Candidate]:
+    ) -> tuple[list[int], list[float]]:
         """Cosine against every stored vector of ``keys``; the best ``recall_k``."""
         if not keys:
-            return []
+            return [], []
         batches = list(self.collection.store.vectors(list(keys)))
         all_keys = np.concatenate([batch_keys for batch_keys, _ in batches])
         vectors = np.concatenate([batch_vectors for _, batch_vectors in batches])
@@ -306,9 +390,7 @@ class Searcher:
         norms = np.linalg.norm(vectors, axis=1) * max(float(np.linalg.norm(query)), 1e-12)
         similarities = vectors @ query / np.maximum(norms, 1e-12)
         best = np.argsort(-similarities, kind="stable")[:recall_k]
-        return self._documents(
-            [int(key) for key in all_keys[best]], [float(value) for value in similarities[best]]
-        )
+        return [int(key) for key in all_keys[best]], [float(value) for value in similarities[best]]
 
     async def rerank(
         self,
@@ -489,6 +571,8 @@ def _hit(
         stage1_rank=rank,
         rerank_score=score,
         truncated=truncated,
+        dense_rank=candidate.dense_rank,
+        lexical_rank=candidate.lexical_rank,
     )
 
 

@@ -312,19 +312,33 @@ class DocumentStore:
         self, keys: Sequence[int] | None = None, *, batch: int = 4096
     ) -> Iterator[tuple[NDArray[np.uint64], NDArray[np.float32]]]:
         """Yields (keys, vectors) in batches: all documents, or only ``keys``."""
+        for rows in self._rows("vector", keys, batch):
+            yield _unpack_vectors(rows)
+
+    def texts(
+        self, keys: Sequence[int] | None = None, *, batch: int = 4096
+    ) -> Iterator[tuple[list[int], list[str]]]:
+        """Yields (keys, texts) in batches: all documents, or only ``keys``."""
+        for rows in self._rows("text", keys, batch):
+            yield [int(row[0]) for row in rows], [str(row[1]) for row in rows]
+
+    def _rows(
+        self, column: str, keys: Sequence[int] | None, batch: int
+    ) -> Iterator[list[tuple[Any, Any]]]:
+        """(key, ``column``) rows in key order, in batches: all documents, or only ``keys``."""
         if keys is None:
-            cursor = self.db.execute("SELECT key, vector FROM documents ORDER BY key")
+            cursor = self.db.execute(f"SELECT key, {column} FROM documents ORDER BY key")
             while rows := cursor.fetchmany(batch):
-                yield _unpack_vectors(rows)
+                yield rows
             return
         for start in range(0, len(keys), 500):
             chunk = [int(key) for key in keys[start : start + 500]]
             marks = ",".join("?" * len(chunk))
             rows = self.db.execute(
-                f"SELECT key, vector FROM documents WHERE key IN ({marks}) ORDER BY key", chunk
+                f"SELECT key, {column} FROM documents WHERE key IN ({marks}) ORDER BY key", chunk
             ).fetchall()
             if rows:
-                yield _unpack_vectors(rows)
+                yield rows
 
 
 def _unpack_vectors(

@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from tandem.artifact import Manifest
 from tandem.server.engine.engine import Call, Engine, EngineInfo
+from tandem.server.engine.fusion import FirstStage
 from tandem.server.engine.requests import SearchRequest, UpsertBatch
 from tandem.server.engine.search import Hit, Mode
 from tandem.server.engine.store import NewDocument
@@ -37,6 +38,8 @@ def hit_body(hit: Hit) -> s.HitBody:
         truncated=hit.truncated,
         text=hit.text,
         metadata=hit.metadata,
+        dense_rank=hit.dense_rank,
+        lexical_rank=hit.lexical_rank,
     )
 
 
@@ -58,10 +61,16 @@ def router(engine: Engine, calls: Calls, *, serving: Callable[[], bool]) -> APIR
                     truncate=request.truncate,
                     max_tokens_per_doc=request.max_tokens_per_doc,
                     min_rerank=request.min_rerank,
+                    first_stage=FirstStage(request.first_stage) if request.first_stage else None,
+                    dense_weight=request.dense_weight,
+                    lexical_weight=request.lexical_weight,
                 ),
                 call,
             )
             return s.SearchReply(
+                first_stage=(result.first_stage or FirstStage.DENSE).value,
+                dense_candidates=result.dense_candidates,
+                lexical_candidates=result.lexical_candidates,
                 hits=[hit_body(hit) for hit in result.hits],
                 reranked_count=result.reranked_count,
                 candidates=result.candidates,
@@ -161,6 +170,11 @@ def info_body(info: EngineInfo) -> dict[str, Any]:
         "collection_version": info.collection_version or "",
         "read_only": info.read_only,
         "dimension": info.dimension,
+        "default_first_stage": info.settings.first_stage,
+        "lexical_index_size": info.lexical_index_size,
+        "rrf_k": info.settings.rrf_k,
+        "default_dense_weight": info.settings.dense_weight,
+        "default_lexical_weight": info.settings.lexical_weight,
     }
 
 

@@ -159,14 +159,21 @@ class SearchBody(BaseModel):
         default=None,
         description="refuse (429) rather than rerank fewer candidates than this in the budget",
     )
+    first_stage: Literal["dense", "lexical", "hybrid"] | None = Field(
+        default=None, description="where candidates come from; default: the server's"
+    )
+    dense_weight: float | None = Field(default=None, description="hybrid's RRF weight, >= 0")
+    lexical_weight: float | None = Field(default=None, description="hybrid's RRF weight, >= 0")
 
 
 class HitBody(BaseModel):
     id: str
-    score: float = Field(description="the rerank logit when reranked, else the stage-1 cosine")
+    score: float = Field(description="the rerank logit when reranked, else the stage-1 score")
     probability: float | None = Field(description="the rerank logit through the sigmoid")
-    stage1_score: float | None
+    stage1_score: float | None = Field(description="cosine, BM25, or the fused RRF score")
     stage1_rank: int
+    dense_rank: int | None = Field(default=None, description="rank on the dense side, from 0")
+    lexical_rank: int | None = Field(default=None, description="rank on the BM25 side, from 0")
     reranked: bool
     truncated: bool
     text: str | None = None
@@ -188,6 +195,9 @@ class SearchReply(BaseModel):
     candidates: int
     truncated: bool
     filter_matched: int | None = None
+    first_stage: Literal["dense", "lexical", "hybrid"]
+    dense_candidates: int
+    lexical_candidates: int
     timings: TimingsBody
 
 

@@ -5,6 +5,8 @@ A published root holds immutable versions and a pointer to the newest::
     root/versions/000007/documents.sqlite     a consistent snapshot of the writer's store
     root/versions/000007/vectors.usearch      its index, at the snapshot's generation
     root/versions/000007/vectors.usearch.json the index's sidecar (generation, count, sha256)
+    root/versions/000007/lexical/             the BM25 index (tantivy segments)
+    root/versions/000007/lexical.json         its sidecar (generation, count)
     root/CURRENT                              "000007": written last
 
 Publishing writes a version under a temporary name, fsyncs every file, renames it into
@@ -14,8 +16,10 @@ in the sidecar is checked again on open. Old versions are pruned after ``keep`` 
 a replica still reading one keeps its open files (POSIX unlink semantics).
 
 The snapshot uses SQLite's online backup, so the writer may go on writing (and serving)
-while it runs; the writer's index file may lag its store, so the version's index is
-repaired against the snapshot, not copied blindly.
+while it runs; the writer's index files may lag its store, so each of the version's indexes
+is repaired against the snapshot, not copied blindly. The lexical index is copied from the
+writer's segments and caught up by key; should a merge remove a segment mid-copy, it is
+rebuilt from the snapshot's text instead.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ POINTER = "CURRENT"
 VERSIONS = "versions"
 STORE_NAME = "documents.sqlite"
 INDEX_NAME = "vectors.usearch"
+LEXICAL_NAME = "lexical"
 
 
 class PublishError(Exception):
@@ -78,12 +83,11 @@ def publish(source: Path, root: Path, *, keep: int = 3) -> str:
                 source / INDEX_NAME, snapshot, ndim=ndim, settings=settings, writable=False
             )
             index.save(staging / INDEX_NAME, generation=snapshot.generation)
+            _snapshot_lexical(source / LEXICAL_NAME, staging / LEXICAL_NAME, snapshot)
             generation, count = snapshot.generation, len(snapshot)
         finally:
             snapshot.close()
-        for path in staging.iterdir():
-            fsync_file(path)
-        fsync_dir(staging)
+        _fsync_tree(staging)
         os.replace(staging, versions / version)
         fsync_dir(versions)
     except BaseException:
@@ -94,6 +98,33 @@ def publish(source: Path, root: Path, *, keep: int = 3) -> str:
     for old in existing[: max(len(existing) + 1 - keep, 0)]:
         shutil.rmtree(versions / old, ignore_errors=True)
     return version
+
+
+def _snapshot_lexical(source: Path, target: Path, snapshot: DocumentStore) -> None:
+    """The version's lexical index, at the snapshot's generation (none where tantivy cannot
+    be imported: replicas then serve the dense first stage alone)."""
+    try:
+        from tandem.server.engine.lexical import copy_segments, load_consistent
+    except ImportError as error:
+        log.warning("tantivy cannot be imported (%s): the version has no lexical index", error)
+        return
+    try:
+        copy_segments(source, target)
+        sidecar = source.with_name(source.name + ".json")
+        shutil.copy2(sidecar, target.with_name(target.name + ".json"))
+    except OSError as error:  # no lexical index yet, or a merge removed a file mid-copy
+        log.info("lexical index not copied (%s): building it from the snapshot", error)
+        shutil.rmtree(target, ignore_errors=True)
+    load_consistent(target, snapshot, writable=True).close()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_dir():
+            _fsync_tree(path)
+        else:
+            fsync_file(path)
+    fsync_dir(folder)
 
 
 def _index_shape(sidecar: Path) -> tuple[int, IndexSettings]:

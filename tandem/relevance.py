@@ -1,0 +1,74 @@
+"""Relevance arithmetic: nDCG, MRR and recall against graded judgements, TREC qrels files,
+and a paired test of two systems over the same queries."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+Ranking = Sequence[str]
+Qrels = Mapping[str, Mapping[str, int]]
+
+
+def ndcg_at(ranking: Ranking, grades: Mapping[str, int], k: int = 10) -> float:
+    gains = [grades.get(doc, 0) for doc in ranking[:k]]
+    dcg = sum(gain / math.log2(position + 2) for position, gain in enumerate(gains))
+    ideal = sorted(grades.values(), reverse=True)[:k]
+    best = sum(gain / math.log2(position + 2) for position, gain in enumerate(ideal))
+    return dcg / best if best else 0.0
+
+
+def mrr_at(ranking: Ranking, grades: Mapping[str, int], *, relevant: int, k: int = 10) -> float:
+    for position, doc in enumerate(ranking[:k]):
+        if grades.get(doc, 0) >= relevant:
+            return 1.0 / (position + 1)
+    return 0.0
+
+
+def recall_at(ranking: Ranking, grades: Mapping[str, int], *, relevant: int, k: int) -> float:
+    wanted = {doc for doc, grade in grades.items() if grade >= relevant}
+    return len(wanted & set(ranking[:k])) / len(wanted) if wanted else 0.0
+
+
+def judged(qrels: Qrels, query_ids: Sequence[str], *, relevant: int) -> list[str]:
+    """The queries with at least one judgement at or above ``relevant``."""
+    return [q for q in query_ids if any(g >= relevant for g in qrels.get(q, {}).values())]
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """A TREC qrels file: ``query_id iteration doc_id grade`` per line."""
+    qrels: dict[str, dict[str, int]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 4:
+            raise ValueError(f"{path}:{number}: expected 'query_id 0 doc_id grade'")
+        qrels.setdefault(parts[0], {})[parts[2]] = int(parts[3])
+    return qrels
+
+
+def paired_test(
+    first: Sequence[float], second: Sequence[float], *, rounds: int = 10_000, seed: int = 0
+) -> dict[str, float]:
+    """``second`` minus ``first`` over the same queries: the mean difference, a 95% bootstrap
+    interval, and the two-sided p-value of a paired randomization (sign-flip) test."""
+    differences = np.asarray(second, dtype=np.float64) - np.asarray(first, dtype=np.float64)
+    if differences.size == 0:
+        return {"mean_difference": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_value": 1.0, "n": 0}
+    rng = np.random.default_rng(seed)
+    observed = abs(differences.mean())
+    signs = rng.choice((-1.0, 1.0), size=(rounds, differences.size))
+    flipped = np.abs((signs * differences).mean(axis=1))
+    resampled = rng.choice(differences, size=(rounds, differences.size)).mean(axis=1)
+    return {
+        "mean_difference": float(differences.mean()),
+        "ci_low": float(np.quantile(resampled, 0.025)),
+        "ci_high": float(np.quantile(resampled, 0.975)),
+        # The observed split counts among the permutations, so p is never reported as 0.
+        "p_value": float((np.sum(flipped >= observed - 1e-12) + 1) / (rounds + 1)),
+        "n": int(differences.size),
+    }
