@@ -92,6 +92,7 @@ def test_kill_9_during_upsert_loses_nothing_acknowledged(tmp_path, bi_int8, ce_i
     stub = server.stub()
     acknowledged: list[str] = []
     deleted: list[str] = []  # acknowledged deletes: every tenth document of a call
+    unsure: list[str] = []  # a delete the kill interrupted: applied or not, either is right
     stop = threading.Event()
 
     def stream() -> None:
@@ -113,6 +114,7 @@ def test_kill_9_during_upsert_loses_nothing_acknowledged(tmp_path, bi_int8, ce_i
             try:
                 stub.Delete(pb.DeleteRequest(ids=gone), timeout=60)
             except grpc.RpcError:
+                unsure.extend(gone)
                 return
             deleted.extend(gone)
 
@@ -135,7 +137,7 @@ def test_kill_9_during_upsert_loses_nothing_acknowledged(tmp_path, bi_int8, ce_i
         for start in range(0, len(ids), 1000):
             reply = stub.Get(pb.GetRequest(ids=ids[start : start + 1000]), timeout=60)
             found.update({d.id: d for d in reply.documents})
-        kept = set(acknowledged) - set(deleted)
+        kept = set(acknowledged) - set(deleted) - set(unsure)
         assert kept <= set(found)  # every acknowledged document survived
         assert not set(deleted) & set(found)  # and every acknowledged delete
         for identifier, stored in found.items():  # nothing half-written

@@ -54,6 +54,11 @@ NOT_ON_REQUEST_PATH: dict[str, str] = {
     "tandem.rag24.DataUnavailable": "test data for export and benchmarks only",
     "tandem.server.engine.collection.CollectionError": "checked at start-up",
     "tandem.server.engine.index.IndexCorrupt": "caught at start-up; the index is rebuilt",
+    "tandem.server.engine.lexical.LexicalCorrupt": "caught at start-up; the index is rebuilt",
+    "tandem.server.engine.lexical.LexicalWriteFailed": (
+        "caught by the collection: the store holds the write, the index catches up from it"
+    ),
+    "tandem.tune.TuneError": "`tandem tune` input only",
     "tandem.server.engine.indexer.CorpusError": "`tandem index build` input files only",
     "tandem.server.settings.SettingsError": "configuration is read once in main()",
     "tandem.server.engine.store.StoreUnavailable": "the store is opened at start-up",
