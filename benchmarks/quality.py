@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tandem.benchmarks.encoders import machine
-from tandem.relevance import mrr_at, ndcg_at, recall_at
+from tandem.relevance import judged, means, per_query
 
 if TYPE_CHECKING:
     from tandem.server.engine.collection import Collection
@@ -47,18 +47,13 @@ def evaluate(
     recall_k: int,
 ) -> dict[str, float]:
     """Means over topics that have a relevant judgement; rankings are (final, candidates)."""
-    topics = [t for t in rankings if any(g >= relevant for g in qrels.get(t, {}).values())]
+    topics = judged(qrels, list(rankings), relevant=relevant)
     if not topics:
         return {"topics": 0}
-    ndcg = [ndcg_at(rankings[t][0], qrels[t]) for t in topics]
-    mrr = [mrr_at(rankings[t][0], qrels[t], relevant=relevant) for t in topics]
-    recall = [recall_at(rankings[t][1], qrels[t], relevant=relevant, k=recall_k) for t in topics]
-    return {
-        "topics": len(topics),
-        "ndcg@10": float(np.mean(ndcg)),
-        "mrr@10": float(np.mean(mrr)),
-        f"recall@{recall_k}": float(np.mean(recall)),
-    }
+    final = {t: rankings[t][0] for t in topics}
+    pool = {t: rankings[t][1] for t in topics}
+    measured = per_query(final, pool, qrels, topics, relevant=relevant, depth=recall_k)
+    return {"topics": len(topics), **means(measured)}
 
 
 def index_corpus(collection: Collection, corpus: Sequence[tuple[str, str]]) -> None:

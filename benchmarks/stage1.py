@@ -32,8 +32,8 @@ import numpy as np
 
 from tandem.benchmarks.encoders import machine
 from tandem.benchmarks.quality import index_corpus
-from tandem.relevance import Qrels, judged, mrr_at, ndcg_at, paired_test, recall_at
-from tandem.server.engine.fusion import FirstStage, Fusion, reciprocal_rank_fusion
+from tandem.relevance import Qrels, judged, means, paired_test, per_query
+from tandem.server.engine.fusion import FirstStage, Fusion, fuse_ids
 
 Rankings = dict[str, list[str]]  # topic -> document ids, best first
 RRF_KS = (10, 20, 40, 60, 100, 200)
@@ -41,37 +41,7 @@ LEXICAL_WEIGHTS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 def fuse(dense: Rankings, lexical: Rankings, fusion: Fusion, depth: int) -> Rankings:
-    fused = {}
-    for topic in dense:
-        names = list(dict.fromkeys(dense[topic] + lexical[topic]))
-        number = {name: n for n, name in enumerate(names)}
-        ranked = reciprocal_rank_fusion(
-            [number[d] for d in dense[topic][:depth]],
-            [number[d] for d in lexical[topic][:depth]],
-            fusion,
-            limit=depth,
-        )
-        fused[topic] = [names[key] for key in ranked.keys]
-    return fused
-
-
-def per_topic(
-    final: Rankings, candidates: Rankings, qrels: Qrels, topics: Sequence[str], *, relevant: int,
-    depth: int,
-) -> dict[str, list[float]]:  # fmt: skip
-    """Each measure per judged topic, in ``topics`` order."""
-    scored = judged(qrels, topics, relevant=relevant)
-    return {
-        "ndcg@10": [ndcg_at(final[t], qrels[t]) for t in scored],
-        "mrr@10": [mrr_at(final[t], qrels[t], relevant=relevant) for t in scored],
-        f"recall@{depth}": [
-            recall_at(candidates[t], qrels[t], relevant=relevant, k=depth) for t in scored
-        ],
-    }
-
-
-def means(measures: Mapping[str, list[float]]) -> dict[str, float]:
-    return {name: float(np.mean(values)) if values else 0.0 for name, values in measures.items()}
+    return {topic: fuse_ids(dense[topic], lexical[topic], fusion, depth=depth) for topic in dense}
 
 
 def choose_fusion(
@@ -84,7 +54,7 @@ def choose_fusion(
         for weight in LEXICAL_WEIGHTS:
             fusion = Fusion(dense_weight=1.0, lexical_weight=weight, k=k)
             fused = fuse(dense, lexical, fusion, depth)
-            scores = means(per_topic(fused, fused, qrels, topics, relevant=relevant, depth=depth))
+            scores = means(per_query(fused, fused, qrels, topics, relevant=relevant, depth=depth))
             objective = (scores["ndcg@10"] + scores[f"recall@{depth}"]) / 2
             grid.append({"fusion": asdict(fusion), **scores, "objective": objective})
     best = max(grid, key=lambda point: point["objective"])
@@ -161,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
     def scored(
         final: Rankings, pool: Rankings, qrels: Qrels, ids: Sequence[str]
     ) -> dict[str, list[float]]:
-        return per_topic(final, pool, qrels, ids, relevant=relevant, depth=depth)
+        return per_query(final, pool, qrels, ids, relevant=relevant, depth=depth)
 
     alone = {
         split: {

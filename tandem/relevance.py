@@ -38,6 +38,31 @@ def judged(qrels: Qrels, query_ids: Sequence[str], *, relevant: int) -> list[str
     return [q for q in query_ids if any(g >= relevant for g in qrels.get(q, {}).values())]
 
 
+def per_query(
+    final: Mapping[str, Ranking],
+    candidates: Mapping[str, Ranking],
+    qrels: Qrels,
+    query_ids: Sequence[str],
+    *,
+    relevant: int,
+    depth: int,
+) -> dict[str, list[float]]:
+    """nDCG@10 and MRR@10 of each judged query's ``final`` ranking, and Recall@depth of its
+    ``candidates``, in ``query_ids`` order (queries with nothing judged ``relevant`` left out)."""
+    scored = judged(qrels, query_ids, relevant=relevant)
+    return {
+        "ndcg@10": [ndcg_at(final[q], qrels[q]) for q in scored],
+        "mrr@10": [mrr_at(final[q], qrels[q], relevant=relevant) for q in scored],
+        f"recall@{depth}": [
+            recall_at(candidates[q], qrels[q], relevant=relevant, k=depth) for q in scored
+        ],
+    }
+
+
+def means(measures: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    return {name: float(np.mean(values)) if values else 0.0 for name, values in measures.items()}
+
+
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     """A TREC qrels file: ``query_id iteration doc_id grade`` per line."""
     qrels: dict[str, dict[str, int]] = {}

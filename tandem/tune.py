@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tandem.relevance import Qrels, judged, ndcg_at, read_qrels, recall_at
-from tandem.server.engine.fusion import FirstStage, Fusion, reciprocal_rank_fusion
+from tandem.server.engine.fusion import FirstStage, Fusion, fuse_ids
 from tandem.server.settings import Settings
 
 DEPTHS = (10, 20, 30, 50, 75, 100, 150, 200, 300, 500)
@@ -95,15 +95,7 @@ def candidates(run: QueryRun, stage: FirstStage, depth: int, fusion: Fusion) -> 
         return run.dense[:depth]
     if stage is FirstStage.LEXICAL:
         return run.lexical[:depth]
-    numbers = {item: n for n, item in enumerate(dict.fromkeys(run.dense + run.lexical))}
-    names = list(numbers)
-    fused = reciprocal_rank_fusion(
-        [numbers[item] for item in run.dense[:depth]],
-        [numbers[item] for item in run.lexical[:depth]],
-        fusion,
-        limit=depth,
-    )
-    return [names[key] for key in fused.keys]
+    return fuse_ids(run.dense, run.lexical, fusion, depth=depth)
 
 
 def reference(run: QueryRun, top_n: int) -> list[str]:

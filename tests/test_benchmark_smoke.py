@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tandem import relevance
 from tandem.benchmarks import (
     batcher,
     encoders,
@@ -224,9 +225,9 @@ def test_ranking_metrics_on_a_hand_made_case() -> None:
     grades = {"a": 3, "b": 0, "c": 2, "d": 1}
     ranking = ["b", "c", "a"]
     ideal = 3 + 2 / math.log2(3) + 1 / math.log2(4)
-    assert quality.ndcg_at(ranking, grades) == pytest.approx((2 / math.log2(3) + 3 / 2) / ideal)
-    assert quality.mrr_at(ranking, grades, relevant=2) == 0.5
-    assert quality.recall_at(ranking, grades, relevant=2, k=2) == 0.5
+    assert relevance.ndcg_at(ranking, grades) == pytest.approx((2 / math.log2(3) + 3 / 2) / ideal)
+    assert relevance.mrr_at(ranking, grades, relevant=2) == 0.5
+    assert relevance.recall_at(ranking, grades, relevant=2, k=2) == 0.5
 
 
 class _Cycle:

@@ -96,3 +96,19 @@ def reciprocal_rank_fusion(
         [dense_rank.get(key) for key in keys],
         [lexical_rank.get(key) for key in keys],
     )
+
+
+def fuse_ids(
+    dense: Sequence[str], lexical: Sequence[str], fusion: Fusion, *, depth: int
+) -> list[str]:
+    """Document ids as the server's hybrid orders them at ``recall_k=depth``, from each
+    side's ranking (best first, at least ``depth`` long): for tools that rank by id."""
+    numbers = {item: n for n, item in enumerate(dict.fromkeys([*dense, *lexical]))}
+    names = list(numbers)
+    fused = reciprocal_rank_fusion(
+        [numbers[item] for item in dense[:depth]],
+        [numbers[item] for item in lexical[:depth]],
+        fusion,
+        limit=depth,
+    )
+    return [names[key] for key in fused.keys]
