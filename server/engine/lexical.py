@@ -80,11 +80,7 @@ class LexicalIndex:
         index.register_tokenizer(ANALYZER, self.analyzer)
         self.index = index
         self.schema = index.schema
-        self.writer = (
-            index.writer(heap_size=WRITER_HEAP_BYTES, num_threads=WRITER_THREADS)
-            if writable
-            else None
-        )
+        self.writer = self._open_writer() if writable else None
         self.index.reload()
         self.searcher = index.searcher()
 
@@ -152,7 +148,10 @@ class LexicalIndex:
         what the old one held uncommitted is gone, so the caller catches up from the store."""
         self.writer = None  # dropping it releases the folder's writer lock
         with _writing("open a writer on"):
-            self.writer = self.index.writer(heap_size=WRITER_HEAP_BYTES, num_threads=WRITER_THREADS)
+            self.writer = self._open_writer()
+
+    def _open_writer(self) -> tantivy.IndexWriter:
+        return self.index.writer(heap_size=WRITER_HEAP_BYTES, num_threads=WRITER_THREADS)
 
     def _writer(self) -> tantivy.IndexWriter:
         if self.writer is None:
@@ -220,12 +219,6 @@ def _writing(action: str) -> Iterator[None]:
         raise LexicalWriteFailed(f"the lexical index could not {action}: {error}") from error
 
 
-def fill(index: LexicalIndex, store: DocumentStore) -> None:
-    for keys, texts in store.texts():
-        index.add(keys, texts)
-    index.commit()
-
-
 def load_consistent(folder: Path, store: DocumentStore, *, writable: bool = True) -> LexicalIndex:
     """Returns a lexical index that agrees with the store, repairing or rebuilding it.
 
@@ -256,27 +249,21 @@ def load_consistent(folder: Path, store: DocumentStore, *, writable: bool = True
 
 def _rebuilt(folder: Path, store: DocumentStore, *, writable: bool) -> LexicalIndex:
     index = LexicalIndex.create(folder) if writable else LexicalIndex.in_memory()
-    fill(index, store)
+    for keys, texts in store.texts():
+        index.add(keys, texts)
     if writable:
-        index.save(folder, generation=store.generation)
+        index.save(folder, generation=store.generation)  # commits
+    else:
+        index.commit()
     return index
 
 
 def copy_segments(source: Path, target: Path) -> None:
     """Copies an index folder without its lock files (a publish snapshot starts from it)."""
     target.mkdir(parents=True, exist_ok=True)
-    for path in _index_files(source):
-        shutil.copy2(path, target / path.name)
-
-
-def _index_files(folder: Path) -> Iterator[Path]:
-    for path in folder.iterdir():
+    for path in source.iterdir():
         if path.is_file() and not path.name.startswith(".tantivy-"):
-            yield path
-
-
-def size_on_disk(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
+            shutil.copy2(path, target / path.name)
 
 
 def _unreadable(error: BaseException) -> bool:

@@ -42,7 +42,7 @@ from tandem.server.engine.fusion import (
 )
 from tandem.server.engine.lanes import Lanes
 from tandem.server.engine.pairs import Ids, JoinedPair, PairIds, PairTokenizer, pad_pairs
-from tandem.server.engine.store import matches
+from tandem.server.engine.store import StoredDocument, matches
 
 DEFAULT_RECALL_K = 100
 DEFAULT_TOP_N = 5
@@ -285,28 +285,37 @@ class Searcher:
         (their documents read), and how many documents match the filter, where known."""
         dense = lexical = None
         matched = None
+        read: dict[int, StoredDocument] = {}  # documents a filter already read, by key
         if vector is not None:
-            keys, scores, matched = self._dense(vector, recall_k, wanted)
+            keys, scores, matched = self._dense(vector, recall_k, wanted, read)
             dense = single(keys, scores, FirstStage.DENSE)
         if first_stage is not FirstStage.DENSE:
-            keys, scores = self._lexical(query, recall_k, wanted)
+            keys, scores = self._lexical(query, recall_k, wanted, read)
             lexical = single(keys, scores, FirstStage.LEXICAL)
         if dense is not None and lexical is not None:
             ranked = reciprocal_rank_fusion(dense.keys, lexical.keys, fusion, limit=recall_k)
         else:
             ranked = dense or lexical or single([], [], first_stage)
-        return self._documents(ranked.head(keep)), ranked, matched
+        return self._documents(ranked.head(keep), read), ranked, matched
 
     def _dense(
-        self, vector: NDArray[np.float32], recall_k: int, wanted: Mapping[str, Any] | None
+        self,
+        vector: NDArray[np.float32],
+        recall_k: int,
+        wanted: Mapping[str, Any] | None,
+        read: dict[int, StoredDocument],
     ) -> tuple[list[int], list[float], int | None]:
         if wanted:
-            return self._filtered(vector, recall_k, wanted)
+            return self._filtered(vector, recall_k, wanted, read)
         hits = self.collection.index.search(vector, recall_k)
         return [int(key) for key in hits.keys], hits.similarities.tolist(), None
 
     def _lexical(
-        self, query: str, recall_k: int, wanted: Mapping[str, Any] | None
+        self,
+        query: str,
+        recall_k: int,
+        wanted: Mapping[str, Any] | None,
+        read: dict[int, StoredDocument],
     ) -> tuple[list[int], list[float]]:
         """The ``recall_k`` best documents by BM25 that match ``wanted``. Only documents
         holding a query term are ranked at all, so widening until enough pass, or until
@@ -322,15 +331,19 @@ class Searcher:
             hits = index.search(query, fetch)
             keys, scores = [int(key) for key in hits.keys], hits.similarities.tolist()
             if wanted:
-                keys, scores = self._passing(keys, scores, wanted)
+                keys, scores = self._passing(keys, scores, wanted, read)
             if len(keys) >= recall_k or len(hits.keys) < fetch or fetch >= len(index):
                 return keys[:recall_k], scores[:recall_k]
             fetch = min(len(index), fetch * 4)
 
     def _passing(
-        self, keys: Sequence[int], scores: Sequence[float], wanted: Mapping[str, Any]
+        self,
+        keys: Sequence[int],
+        scores: Sequence[float],
+        wanted: Mapping[str, Any],
+        read: dict[int, StoredDocument],
     ) -> tuple[list[int], list[float]]:
-        documents = self.collection.store.by_keys(keys)
+        documents = self._read(keys, read)
         kept = [
             (key, score)
             for key, score in zip(keys, scores, strict=True)
@@ -338,8 +351,18 @@ class Searcher:
         ]
         return [key for key, _ in kept], [score for _, score in kept]
 
-    def _documents(self, ranked: Ranked) -> list[Candidate]:
-        documents = self.collection.store.by_keys(ranked.keys)
+    def _read(
+        self, keys: Sequence[int], read: dict[int, StoredDocument]
+    ) -> dict[int, StoredDocument]:
+        """The stored documents of ``keys``, reading from the store only those not in
+        ``read`` (a widened search, or the candidates of a filtered one, were read already)."""
+        fresh = [key for key in keys if key not in read]
+        if fresh:
+            read.update(self.collection.store.by_keys(fresh))
+        return read
+
+    def _documents(self, ranked: Ranked, read: dict[int, StoredDocument]) -> list[Candidate]:
+        documents = self._read(ranked.keys, read)
         return [
             Candidate(documents[key].id, documents[key].text, documents[key].metadata,
                       documents[key].token_ids, float(score), dense_rank, lexical_rank)
@@ -350,14 +373,18 @@ class Searcher:
         ]  # fmt: skip
 
     def _filtered(
-        self, vector: NDArray[np.float32], recall_k: int, wanted: Mapping[str, Any]
+        self,
+        vector: NDArray[np.float32],
+        recall_k: int,
+        wanted: Mapping[str, Any],
+        read: dict[int, StoredDocument],
     ) -> tuple[list[int], list[float], int]:
         """The ``recall_k`` nearest documents that match ``wanted``, and how many are known
         to match. Exact: fewer than ``recall_k`` come back only when fewer match at all."""
         index = self.collection.index
         total = len(index)
         fetch = min(recall_k * FILTER_OVERFETCH, total)
-        keys, scores, matched = self._matching(vector, fetch, recall_k, wanted)
+        keys, scores, matched = self._matching(vector, fetch, recall_k, wanted, read)
         if len(keys) == recall_k or fetch >= total:
             return keys, scores, matched
         candidates = self.collection.store.keys_matching(wanted)
@@ -367,14 +394,19 @@ class Searcher:
             # Enough matches are spread through the graph: widen by what the match rate
             # predicts (with room to spare) rather than a step at a time.
             fetch = min(total, max(fetch * 2, recall_k * total // len(candidates) * 2))
-            keys, scores, _ = self._matching(vector, fetch, recall_k, wanted)
+            keys, scores, _ = self._matching(vector, fetch, recall_k, wanted, read)
         return keys, scores, len(candidates)
 
     def _matching(
-        self, vector: NDArray[np.float32], fetch: int, recall_k: int, wanted: Mapping[str, Any]
+        self,
+        vector: NDArray[np.float32],
+        fetch: int,
+        recall_k: int,
+        wanted: Mapping[str, Any],
+        read: dict[int, StoredDocument],
     ) -> tuple[list[int], list[float], int]:
         hits = self.collection.index.search(vector, fetch)
-        keys, scores = self._passing(hits.keys.tolist(), hits.similarities.tolist(), wanted)
+        keys, scores = self._passing(hits.keys.tolist(), hits.similarities.tolist(), wanted, read)
         return keys[:recall_k], scores[:recall_k], len(keys)
 
     def _exact(
