@@ -9,6 +9,8 @@ RERANKER ?= cross-encoder/ms-marco-MiniLM-L-6-v2
 STAND_IN ?= ../shared/models/stand-in-reranker
 export TANDEM_DATA_DIR ?= $(CURDIR)/.cache/rag24
 DEMO ?= $(ARTIFACTS)/demo
+# The models root the server follows: `tandem models publish` swaps a new reranker in.
+RERANKERS ?= $(ARTIFACTS)/rerankers
 SERVE_FLAGS ?=
 
 .PHONY: install data models demo run node nginx chromium test check bench gpu-carry clean
@@ -57,11 +59,16 @@ demo: $(DEMO)/.built
 # Serves gRPC on 127.0.0.1:50051, HTTP on :8080 (the search page at /, the API docs at /docs)
 # and metrics on :9464 until Ctrl-C, and prints those addresses; add flags with SERVE_FLAGS=...
 # Without an exported reranker (checked once the models are built) the server runs
-# retrieve-only, and says so in its log.
+# retrieve-only, and says so in its log. The exported reranker is published once as the
+# first version of $(RERANKERS) (again after a new export), which the server follows
+# (README, "Train on your data").
 run: demo
+	@manifest=$(ARTIFACTS)/cross-encoder/manifest.json; \
+	if test -f $$manifest && ! { test -f $(RERANKERS)/RERANKER && test $(RERANKERS)/RERANKER -nt $$manifest; }; then \
+		$(BIN)/tandem models publish $(ARTIFACTS)/cross-encoder --root $(RERANKERS); fi
 	$(BIN)/tandem serve --collection $(DEMO) --bi-encoder $(ARTIFACTS)/bi-encoder \
-		--reranker "$$(test -f $(ARTIFACTS)/cross-encoder/manifest.json \
-			&& echo $(ARTIFACTS)/cross-encoder || echo none)" $(SERVE_FLAGS)
+		--reranker "$$(test -f $(RERANKERS)/RERANKER && echo $(RERANKERS) || echo none)" \
+		$(SERVE_FLAGS)
 
 # The cross-language test's Node.js client (@grpc/grpc-js, @grpc/proto-loader from npm).
 node: tests/node/node_modules/.installed

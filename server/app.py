@@ -16,7 +16,8 @@ import gc
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -38,10 +39,23 @@ from tandem.server.engine.engine import Engine, Models
 from tandem.server.engine.lanes import Lanes
 from tandem.server.engine.pairs import PairTokenizer
 from tandem.server.engine.priority import lower_this_thread, with_threads_lowered
-from tandem.server.engine.search import Searcher, make_runner
+from tandem.server.engine.search import (
+    RerankerSlot,
+    Searcher,
+    make_runner,
+    ms_since,
+    reranker_id,
+)
 from tandem.server.engine.supervisor import Supervisor
 from tandem.server.metrics import Metrics, MetricsEndpoint
 from tandem.server.replication.follow import Follower
+from tandem.server.replication.models import (
+    ModelFollower,
+    Refused,
+    is_models_root,
+)
+from tandem.server.replication.models import current_version as current_reranker
+from tandem.server.replication.models import version_folder as reranker_folder
 from tandem.server.replication.publish import current_version, is_published_root, version_folder
 from tandem.server.settings import Settings, is_loopback
 from tandem.v1 import tandem_pb2
@@ -53,6 +67,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME: str = tandem_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name
 WARM_UP_QUERY = "what is two-stage retrieval"
 FOLLOWER = "follower"
+RERANKER_FOLLOWER = "reranker-follower"
 # A GPU batch holds up to (learned tokens / this) pairs: short pairs should fill it too.
 GPU_SHORTEST_PAIR_TOKENS = 64
 
@@ -191,34 +206,16 @@ def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) ->
     )
     _check_verified(embedder.manifest, settings.bi_encoder, settings)
     reranker = None
-    pairs = None
-    batcher = None
+    slot = None
+    reranker_version = ""
     if settings.reranker is not None:
         path = settings.reranker
-        # Warmed inside too: OpenVINO starts its worker threads on the first run, not when
-        # the model is compiled. Before the bi-encoder's first run, so that the workers
-        # the two models share start lowered; the query path keeps its calling thread.
-        reranker = with_threads_lowered(
-            lambda: warmed(
-                CrossEncoder(
-                    path,
-                    threads=settings.threads,
-                    spinning=settings.ort_spinning,
-                    device=settings.device,
-                    backend=cast(BackendChoice, settings.backend),
-                    torch_dtype=cast(TorchDtype, settings.torch_dtype),
-                )
-            ),
-            settings.reranker_nice,
-        )
-        _check_verified(reranker.manifest, path, settings)
-        pairs = PairTokenizer.for_reranker(reranker)
-        batcher = RerankBatcher(
-            make_runner(reranker),
-            limits=batch_limits(settings, reranker.runtime),
-            on_batch=metrics.observe_batch,
-            worker_setup=functools.partial(lower_this_thread, settings.reranker_nice),
-        )
+        if is_models_root(path):
+            reranker_version = current_reranker(path)
+            path = reranker_folder(path, reranker_version)
+        reranker = load_reranker(settings, path)
+        slot = reranker_slot(settings, metrics, reranker)
+    pairs = None if slot is None else slot.pairs
 
     warm_up(embedder.runtime)
 
@@ -240,16 +237,19 @@ def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) ->
         )
     else:
         collection = open_collection(settings.collection, None, read_only=settings.read_only)
-    stand_in = reranker is not None and is_stand_in(
-        reranker.manifest.source, settings.reranker_stand_in
+    models = Models(
+        embedder.manifest,
+        reranker.manifest if reranker else None,
+        reranker is not None and is_stand_in(reranker.manifest.source, settings.reranker_stand_in),
+        reranker_since=now_utc() if reranker else "",
+        reranker_version=reranker_version,
     )
-    models = Models(embedder.manifest, reranker.manifest if reranker else None, stand_in)
     searcher = Searcher(
         collection,
         embedder=embedder,
         reranker=reranker,
         pairs=pairs,
-        batcher=batcher,
+        batcher=None if slot is None else slot.batcher,
         cache_size=settings.query_cache,
         lanes=Lanes.threaded(),
     )
@@ -268,7 +268,83 @@ def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) ->
             every=settings.follow_seconds,
         )
         supervisor.spawn(FOLLOWER, follower.run)
+    if reranker_version:
+        assert settings.reranker is not None
+        models_root = settings.reranker
+
+        async def swap_in(folder: Path, version: str) -> None:
+            await publish_reranker_to(engine, settings, metrics, folder, version)
+
+        model_follower = ModelFollower(
+            models_root, swap_in, serving=reranker_version, every=settings.follow_seconds
+        )
+        engine.reload_models = model_follower.wake.set
+        supervisor.spawn(RERANKER_FOLLOWER, model_follower.run)
     return engine
+
+
+def load_reranker(settings: Settings, path: Path) -> CrossEncoder:
+    """Opens, warms and checks a reranker artifact (refusing altered or unverified ones)."""
+    # Warmed inside too: OpenVINO starts its worker threads on the first run, not when
+    # the model is compiled. Before the bi-encoder's first run, so that the workers
+    # the two models share start lowered; the query path keeps its calling thread.
+    reranker = with_threads_lowered(
+        lambda: warmed(
+            CrossEncoder(
+                path,
+                threads=settings.threads,
+                spinning=settings.ort_spinning,
+                device=settings.device,
+                backend=cast(BackendChoice, settings.backend),
+                torch_dtype=cast(TorchDtype, settings.torch_dtype),
+            )
+        ),
+        settings.reranker_nice,
+    )
+    _check_verified(reranker.manifest, path, settings)
+    return reranker
+
+
+def reranker_slot(settings: Settings, metrics: Metrics, reranker: CrossEncoder) -> RerankerSlot:
+    """The reranker with its pair tokenizer and its own batcher (not started)."""
+    batcher = RerankBatcher(
+        make_runner(reranker),
+        limits=batch_limits(settings, reranker.runtime),
+        on_batch=metrics.observe_batch,
+        worker_setup=functools.partial(lower_this_thread, settings.reranker_nice),
+    )
+    return RerankerSlot(
+        reranker, PairTokenizer.for_reranker(reranker), batcher, reranker_id(reranker)
+    )
+
+
+async def publish_reranker_to(
+    engine: Engine, settings: Settings, metrics: Metrics, folder: Path, version: str
+) -> None:
+    """Loads the reranker in ``folder`` beside the serving one (off the event loop, so calls
+    go on) and swaps it in; raises, leaving the old one serving, where it is refused."""
+    started = time.perf_counter()
+    try:
+        reranker = await asyncio.to_thread(load_reranker, settings, folder)
+    except Unverified as error:
+        raise Refused(str(error)) from error
+    slot = reranker_slot(settings, metrics, reranker)
+    models = replace(
+        engine.models,
+        reranker=reranker.manifest,
+        reranker_is_stand_in=is_stand_in(reranker.manifest.source, settings.reranker_stand_in),
+        reranker_since=now_utc(),
+        reranker_version=version,
+    )
+    old = await engine.swap_reranker(slot, models)
+    log.info(
+        "reranker swapped",
+        extra={"from": old, "to": slot.id, "version": version, "ms": ms_since(started)},
+    )
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _announce_models(models: Models) -> None:
@@ -416,9 +492,11 @@ def _assemble(
 ) -> Running:
     """Puts the gRPC servicer in front of ``engine`` and binds its port (not yet serving)."""
     _announce_models(engine.models)
-    batcher = engine.searcher.batcher
-    if batcher is not None:
-        metrics.watch_queue(lambda: batcher.queued)
+    if engine.searcher.batcher is not None:
+        # The searcher's batcher of the moment: a published reranker brings its own.
+        metrics.watch_queue(
+            lambda: engine.searcher.batcher.queued if engine.searcher.batcher else 0
+        )
     metrics.watch_documents(lambda: len(engine.collection.index))
 
     def rejected(method: str) -> None:
@@ -483,6 +561,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # SIGHUP: look at the models root now (tandem models publish), not at the next poll.
+    loop.add_signal_handler(signal.SIGHUP, running.engine.reload_models)
     await stop.wait()
     log.info("draining", extra={"grace_s": settings.drain_seconds})
     await running.stop()

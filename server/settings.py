@@ -65,7 +65,10 @@ class Settings:
     )
     reranker: Path | None = field(
         default=Path("artifacts/cross-encoder"),
-        metadata=_doc("cross-encoder artifact folder; 'none': retrieve-only"),
+        metadata=_doc(
+            "cross-encoder artifact folder, or a models root (tandem models publish) whose "
+            "new versions are swapped in without a restart; 'none': retrieve-only"
+        ),
     )
     allow_unverified: bool = field(
         default=False,
@@ -81,8 +84,9 @@ class Settings:
     follow_seconds: float = field(
         default=1.0,
         metadata=_doc(
-            "when --collection is a published root (tandem index publish), how often to "
-            "look for a new version and swap it in"
+            "when --collection is a published root (tandem index publish) or --reranker a "
+            "models root (tandem models publish), how often to look for a new version and "
+            "swap it in"
         ),
     )
     read_only: bool = field(
@@ -427,11 +431,14 @@ def validate(settings: Settings) -> None:
             problems.append(f"{name}: {path} is not a file")
     if settings.token is not None and not settings.token.strip():
         problems.append("token is empty: unset it, or set a real secret")
-    if settings.reranker is not None and not (settings.reranker / "manifest.json").is_file():
+    if settings.reranker is not None and not (
+        (settings.reranker / "manifest.json").is_file()
+        or (settings.reranker / "RERANKER").is_file()
+    ):
         problems.append(
-            f"reranker: {settings.reranker} holds no exported artifact (manifest.json); export "
-            "one with `tandem export cross-encoder`, or pass --reranker none to serve "
-            "retrieve-only"
+            f"reranker: {settings.reranker} holds no exported artifact (manifest.json) and is no "
+            "models root (RERANKER); export one with `tandem export cross-encoder`, or pass "
+            "--reranker none to serve retrieve-only"
         )
     if settings.index_dtype not in (None, "i8", "f16", "f32"):
         problems.append(f"index_dtype {settings.index_dtype!r} is not i8, f16 or f32")

@@ -44,6 +44,7 @@ BENCHES = {
     "peers": "Tandem beside Infinity and the seeds' pipeline, on the same rerank requests",
     "quantization": "static INT8 recipes for a reranker: top-5 overlap with FP32, and speed",
     "stage1": "dense, lexical and hybrid first stages on RAG24: quality, latency, index size",
+    "swap": "a new reranker published to a server under Search load: failed calls, the switch",
 }
 
 
@@ -149,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--collection", type=Path, required=True, help="the writer's folder")
     publish.add_argument("--root", type=Path, required=True, help="the published root")
     publish.add_argument("--keep", type=int, default=3, help="versions kept (older pruned)")
+    models = commands.add_parser("models", help="publish a reranker to running servers")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    publish_model = model_commands.add_parser(
+        "publish",
+        help="publish a verified reranker artifact as the next version under a models root; "
+        "servers started with --reranker ROOT swap it in without a restart",
+    )
+    publish_model.add_argument("artifact", type=Path, help="a verified cross-encoder artifact")
+    publish_model.add_argument("--root", type=Path, required=True, help="the models root")
+    publish_model.add_argument("--keep", type=int, default=3, help="versions kept (older pruned)")
     from tandem.server import settings
 
     serve = commands.add_parser(
@@ -170,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     tuning.add_argument("tune_args", nargs=argparse.REMAINDER, help="tandem tune's flags")
+    training = commands.add_parser(
+        "train",
+        help="fine-tune the reranker on your labels, measured on held-out queries "
+        "(tandem train --help lists its flags)",
+        add_help=False,
+    )
+    training.add_argument("train_args", nargs=argparse.REMAINDER, help="tandem train's flags")
     bench = commands.add_parser(
         "bench",
         help="load tests and quality evaluation",
@@ -193,6 +211,22 @@ def _run_publish(args: argparse.Namespace) -> int:
         print(f"tandem index publish: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"{args.root}: published version {version}")
+    return 0
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from tandem.server.replication.models import publish_reranker
+    from tandem.server.replication.publish import PublishError
+
+    try:
+        version = publish_reranker(args.artifact, args.root, keep=args.keep)
+    except PublishError as exc:
+        print(f"tandem models publish: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"{args.root}: published reranker version {version}; servers following it swap it in "
+        "within --follow-seconds (send SIGHUP for now)"
+    )
     return 0
 
 
@@ -342,6 +376,31 @@ def _run_tune(argv: Sequence[str]) -> int:
         return EXIT_USAGE
 
 
+def _run_train(argv: Sequence[str]) -> int:
+    from tandem.artifact import ArtifactError
+    from tandem.export.errors import ExportError
+    from tandem.training import run
+    from tandem.training.labels import LabelError
+
+    parser = argparse.ArgumentParser(
+        prog="tandem train",
+        description=run.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tandem").setLevel(logging.INFO)
+    try:
+        return run.main(args)
+    except (LabelError, ArtifactError) as exc:
+        print(f"tandem train: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ExportError as exc:
+        print(f"tandem train: error: the trained model's export failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 def _run_bench(name: str, argv: Sequence[str]) -> int:
     import importlib
 
@@ -355,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["tune"]:  # argparse will not pass a leading --help on as a remainder
         return _run_tune(arguments[1:])
+    if arguments[:1] == ["train"]:
+        return _run_train(arguments[1:])
     args = build_parser().parse_args(arguments)
     if args.command == "serve":
         return _run_serve(args)
@@ -375,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_export(args)
     if args.command == "index":
         return _run_index(args)
+    if args.command == "models":
+        return _run_models(args)
     return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands first
 
 

@@ -3,6 +3,7 @@ and a paired test of two systems over the same queries."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,6 +12,10 @@ import numpy as np
 
 Ranking = Sequence[str]
 Qrels = Mapping[str, Mapping[str, int]]
+
+
+class InputError(ValueError):
+    """A queries or qrels file the tools cannot use: missing, empty or malformed."""
 
 
 def ndcg_at(ranking: Ranking, grades: Mapping[str, int], k: int = 10) -> float:
@@ -63,15 +68,42 @@ def means(measures: Mapping[str, Sequence[float]]) -> dict[str, float]:
     return {name: float(np.mean(values)) if values else 0.0 for name, values in measures.items()}
 
 
+def read_queries(path: Path) -> list[tuple[str, str]]:
+    """``id<TAB>query`` lines (TREC topics), JSON lines with ``id`` and ``query`` (or
+    ``text``), or one query per line (numbered from 1)."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    queries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            record = json.loads(line)
+            text = record.get("query", record.get("text"))
+            if not isinstance(text, str):
+                raise InputError(f'{path}:{number}: a JSON line needs a "query" string')
+            queries.append((str(record.get("id", number)), text))
+        elif "\t" in line:
+            query_id, text = line.split("\t", 1)
+            queries.append((query_id.strip(), text.strip()))
+        else:
+            queries.append((str(number), line.strip()))
+    if not queries:
+        raise InputError(f"{path} holds no queries")
+    return queries
+
+
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     """A TREC qrels file: ``query_id iteration doc_id grade`` per line."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such qrels file")
     qrels: dict[str, dict[str, int]] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue
-        if len(parts) != 4:
-            raise ValueError(f"{path}:{number}: expected 'query_id 0 doc_id grade'")
+        if len(parts) != 4 or not parts[3].lstrip("-").isdigit():
+            raise InputError(f"{path}:{number}: expected 'query_id 0 doc_id grade'")
         qrels.setdefault(parts[0], {})[parts[2]] = int(parts[3])
     return qrels
 

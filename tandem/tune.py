@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tandem.relevance import Qrels, judged, ndcg_at, read_qrels, recall_at
+from tandem.relevance import Qrels, judged, ndcg_at, read_qrels, read_queries, recall_at
 from tandem.server.engine.fusion import FirstStage, Fusion, fuse_ids
 from tandem.server.settings import Settings
 
@@ -225,31 +225,6 @@ def plot(rows: Sequence[Row], path: Path, *, target: float, top_n: int, title: s
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     pyplot.close(figure)
-
-
-def read_queries(path: Path) -> list[tuple[str, str]]:
-    """``id<TAB>query`` lines (TREC topics), JSON lines with ``id`` and ``query`` (or
-    ``text``), or one query per line (numbered from 1)."""
-    if not path.is_file():
-        raise TuneError(f"{path}: no such file")
-    queries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            record = json.loads(line)
-            text = record.get("query", record.get("text"))
-            if not isinstance(text, str):
-                raise TuneError(f'{path}:{number}: a JSON line needs a "query" string')
-            queries.append((str(record.get("id", number)), text))
-        elif "\t" in line:
-            query_id, text = line.split("\t", 1)
-            queries.append((query_id.strip(), text.strip()))
-        else:
-            queries.append((str(number), line.strip()))
-    if not queries:
-        raise TuneError(f"{path} holds no queries")
-    return queries
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

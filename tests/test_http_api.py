@@ -494,7 +494,8 @@ def test_drain_finishes_http_requests_in_flight(tmp_path, bi_int8, ce_int8, data
 
 FIELDS = ["query", "documents", "texts", "inputs", "input", "model", "top_n", "ids", "mode",
           "recall_k", "return_documents", "raw_scores", "truncate", "metadata_filter",
-          "max_tokens_per_doc", "rerank_budget_ms", "encoding_format", "dimensions"]  # fmt: skip
+          "max_tokens_per_doc", "rerank_budget_ms", "encoding_format", "dimensions",
+          "items"]  # fmt: skip
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
               st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40)),
@@ -507,7 +508,7 @@ bodies = st.one_of(
     json_values,
 )
 ROUTES = ["/v1/rerank", "/v2/rerank", "/rerank", "/embed", "/v1/embeddings", "/v1/search",
-          "/v1/upsert", "/v1/get", "/v1/delete"]  # fmt: skip
+          "/v1/upsert", "/v1/get", "/v1/delete", "/v1/feedback"]  # fmt: skip
 
 
 FUZZ = settings(

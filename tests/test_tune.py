@@ -10,16 +10,15 @@ import pytest
 
 from tandem.cli import main
 from tandem.encoders import BiEncoder
+from tandem.relevance import InputError, read_queries
 from tandem.server.engine.collection import Collection
 from tandem.server.engine.fusion import FirstStage, Fusion
 from tandem.server.engine.pairs import PairTokenizer
 from tandem.server.engine.store import NewDocument
 from tandem.tune import (
     QueryRun,
-    TuneError,
     agreement,
     candidates,
-    read_queries,
     recommend,
     reference,
     render,
@@ -107,7 +106,7 @@ def test_query_files_in_each_format(tmp_path) -> None:
     plain = tmp_path / "queries.txt"
     plain.write_text("kelp forests\nreef\n", encoding="utf-8")
     assert read_queries(plain) == [("1", "kelp forests"), ("2", "reef")]
-    with pytest.raises(TuneError, match="no such file"):
+    with pytest.raises(InputError, match="no such file"):
         read_queries(tmp_path / "missing.txt")
 
 

@@ -25,7 +25,13 @@ from tandem.server.api.status import rich_status
 from tandem.server.engine.engine import Call, Engine, EngineInfo
 from tandem.server.engine.errors import InvalidArgument, Retryable
 from tandem.server.engine.fusion import FirstStage
-from tandem.server.engine.requests import EmbedRequest, RerankRequest, SearchRequest, UpsertBatch
+from tandem.server.engine.requests import (
+    EmbedRequest,
+    FeedbackItem,
+    RerankRequest,
+    SearchRequest,
+    UpsertBatch,
+)
 from tandem.server.engine.search import DocumentRef, Hit, Mode, Result
 from tandem.server.engine.store import NewDocument
 from tandem.server.metrics import Metrics
@@ -186,6 +192,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                 candidates=result.candidates,
                 timings=self._observe(result, call),
                 truncated=result.truncated,
+                reranker_id=result.reranker_id,
             )
             if result.filter_matched is not None:
                 reply.filter_matched = result.filter_matched
@@ -232,6 +239,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                 reranked_count=result.reranked_count,
                 timings=self._observe(result, call),
                 truncated=result.truncated,
+                reranker_id=result.reranker_id,
             )
 
         return await self._serve("Rerank", context, run)
@@ -313,6 +321,24 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
             )
 
         return await self._serve("Get", context, run)
+
+    async def Feedback(  # noqa: N802
+        self, request: pb.FeedbackRequest, context: Context
+    ) -> pb.FeedbackResponse:
+        async def run(call: Call) -> pb.FeedbackResponse:
+            items = [
+                FeedbackItem(
+                    query=item.query,
+                    document_id=item.document_id,
+                    label=_get(item, "label"),
+                    click=item.click,
+                )
+                for item in _decoded(request).items
+            ]
+            recorded, total = await self.engine.feedback(items, call)
+            return pb.FeedbackResponse(recorded=recorded, total=total)
+
+        return await self._serve("Feedback", context, run)
 
     async def Info(  # noqa: N802
         self, request: pb.InfoRequest, context: Context
@@ -411,6 +437,10 @@ def _info(info: EngineInfo) -> pb.InfoResponse:
         rrf_k=info.settings.rrf_k,
         default_dense_weight=info.settings.dense_weight,
         default_lexical_weight=info.settings.lexical_weight,
+        reranker_id=info.reranker_id,
+        reranker_since=info.models.reranker_since,
+        reranker_version=info.models.reranker_version,
+        feedback_count=info.feedback_count,
     )
     if info.models.reranker is not None:
         response.reranker.CopyFrom(_model_info(info.models.reranker))

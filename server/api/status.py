@@ -62,9 +62,16 @@ NOT_ON_REQUEST_PATH: dict[str, str] = {
     "tandem.server.engine.indexer.CorpusError": "`tandem index build` input files only",
     "tandem.server.settings.SettingsError": "configuration is read once in main()",
     "tandem.server.engine.store.StoreUnavailable": "the store is opened at start-up",
-    "tandem.server.replication.publish.PublishError": "`tandem index publish` only",
+    "tandem.server.replication.publish.PublishError": (
+        "`tandem index publish` and `tandem models publish` only"
+    ),
     "tandem.server.app.Unverified": "artifacts are checked at start-up; the server refuses",
     "tandem.server.engine.errors.RequestError": "the abstract root; its branches are in TABLE",
+    "tandem.relevance.InputError": "queries and qrels files of `tandem tune` and `train` only",
+    "tandem.training.labels.LabelError": "`tandem train` input only",
+    "tandem.server.replication.models.Refused": (
+        "a published reranker the follower refuses: logged, the old one keeps serving"
+    ),
     "tandem.server.engine.store.StoreError": "abstract; each subclass is also under a branch",
 }
 

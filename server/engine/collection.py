@@ -206,9 +206,16 @@ class Collection:
         return hashlib.sha256(spec.encode()).hexdigest()
 
     def _retokenize_if_stale(self) -> None:
-        """Stored reranker ids must come from the reranker being served; redo them if not."""
+        """Stored reranker ids must come from the reranker being served; redo them if not.
+        A tokenizer whose file differs but whose ids agree (a reranker fine-tuned from the
+        one the collection was built with, saved by another library version) is accepted:
+        a sample of stored documents is tokenized again and compared, id for id."""
         fingerprint = self._tokenizer_fingerprint()
         if self.store.get_meta(TOKENIZER_KEY) == fingerprint or self.pairs is None:
+            return
+        if self._stored_ids_agree(self.pairs):
+            if not self.read_only:
+                self.store.set_meta(TOKENIZER_KEY, fingerprint)
             return
         if self.read_only:
             if len(self.store):
@@ -229,6 +236,20 @@ class Collection:
                     self.pairs.tokenize([doc.text for doc in ordered]),
                 )
         self.store.set_meta(TOKENIZER_KEY, fingerprint)
+
+    def _stored_ids_agree(self, pairs: PairTokenizer, *, sample: int = 32) -> bool:
+        """Whether ``pairs`` gives a sample of stored documents (spread over the keys) the
+        ids they are stored with; True for an empty store."""
+        keys = self.store.keys().tolist()
+        if not keys:
+            return True
+        picked = keys[:: max(len(keys) // sample, 1)][:sample]
+        documents = list(self.store.by_keys(picked).values())
+        fresh = pairs.tokenize([doc.text for doc in documents])
+        return all(
+            doc.token_ids.tolist() == ids.tolist()
+            for doc, ids in zip(documents, fresh, strict=True)
+        )
 
     def upsert(self, documents: Sequence[NewDocument], *, batch_size: int = 32) -> Upserted:
         """Embeds, tokenizes and commits ``documents``; durable once this returns."""

@@ -16,28 +16,38 @@ learns from once the call is over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import numpy as np
 from numpy.typing import NDArray
 
 from tandem import __version__
 from tandem.artifact import Manifest
+from tandem.server.engine.batcher import RerankBatcher
 from tandem.server.engine.collection import Collection
-from tandem.server.engine.errors import InvalidArgument, RequestError, Unavailable
+from tandem.server.engine.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    RequestError,
+    Unavailable,
+)
 from tandem.server.engine.lanes import Lanes
 from tandem.server.engine.requests import (
     EmbedRequest,
+    FeedbackItem,
     RerankRequest,
     SearchRequest,
     UpsertBatch,
     budget_seconds,
     check_batch,
     check_embed,
+    check_feedback,
     check_rerank,
     check_search,
     document_cap,
@@ -45,8 +55,15 @@ from tandem.server.engine.requests import (
     min_rerank,
     unique_ids,
 )
-from tandem.server.engine.search import SCORE_ACTIVATION, Mode, Result, Searcher, ms_since
-from tandem.server.engine.store import StoredDocument
+from tandem.server.engine.search import (
+    SCORE_ACTIVATION,
+    Mode,
+    RerankerSlot,
+    Result,
+    Searcher,
+    ms_since,
+)
+from tandem.server.engine.store import Feedback, StoredDocument
 from tandem.server.engine.supervisor import Supervisor
 from tandem.server.settings import Settings
 
@@ -88,6 +105,12 @@ class Models:
     bi_encoder: Manifest
     reranker: Manifest | None
     reranker_is_stand_in: bool
+    reranker_since: str = ""  # RFC 3339, UTC: when this reranker started serving
+    reranker_version: str = ""  # the models root's version it came from, if it follows one
+
+
+class SwapRefused(FailedPrecondition):
+    """A reranker cannot replace the serving one as it is (another tokenizer, none loaded)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +161,8 @@ class EngineInfo:
     query_max_tokens: int
     pair_max_tokens: int  # 0 without a reranker
     score_activation: str  # what maps a rerank logit into [0, 1]; "" without a reranker
+    reranker_id: str = ""  # which reranker serves (search.reranker_id); "" without one
+    feedback_count: int = 0  # labels recorded by Feedback
 
     @property
     def limits(self) -> dict[str, int]:
@@ -180,6 +205,9 @@ class Engine:
         self.models = models
         self.supervisor = supervisor or Supervisor()
         self.dirty = asyncio.Event()  # the index has changes its file does not
+        # Asks the reranker follower to look at its models root now (SIGHUP); a no-op
+        # where the server serves one artifact folder.
+        self.reload_models: Callable[[], None] = lambda: None
         self.compacting: asyncio.Task[None] | None = None
 
     @property
@@ -202,19 +230,56 @@ class Engine:
         """Starts the background tasks under the supervisor (needs a running loop)."""
         batcher = self.searcher.batcher
         if batcher is not None:
-
-            def fail_waiting(error: BaseException) -> None:
-                failed = batcher.fail_waiting(
-                    Unavailable(
-                        "the reranker's batch scheduler failed while this call waited; it "
-                        "is restarting: retry shortly"
-                    )
-                )
-                log.error("failed the calls waiting on the reranker", extra={"calls": failed})
-
-            self.supervisor.spawn(MOVER, batcher.run, on_crash=fail_waiting)
+            self._run_mover(batcher)
         if not self.collection.read_only:
             self.supervisor.spawn(CHECKPOINTER, self._checkpointer)
+
+    def _run_mover(self, batcher: RerankBatcher) -> asyncio.Task[None] | None:
+        """Runs ``batcher``'s mover as the supervised MOVER; returns the one it replaces."""
+
+        def fail_waiting(error: BaseException) -> None:
+            failed = batcher.fail_waiting(
+                Unavailable(
+                    "the reranker's batch scheduler failed while this call waited; it "
+                    "is restarting: retry shortly"
+                )
+            )
+            log.error("failed the calls waiting on the reranker", extra={"calls": failed})
+
+        return self.supervisor.replace(MOVER, batcher.run, on_crash=fail_waiting)
+
+    async def swap_reranker(self, slot: RerankerSlot, models: Models) -> str:
+        """Serves ``slot`` (loaded, verified and warmed by the caller) from the next call on,
+        without a failed call: calls that took the old slot finish on it, then its mover
+        stops. Refused (the old one keeps serving) where the collection's documents were
+        tokenized by another tokenizer, or no reranker serves now. Returns the old id."""
+        old = self.searcher.slot
+        if old is None:
+            raise SwapRefused(
+                "this server started without a reranker (retrieve-only): restart it with one"
+            )
+        collection = self.collection
+        if not slot.pairs.same_ids_as(old.pairs):
+            raise SwapRefused(
+                f"{slot.id} tokenizes documents differently from the serving reranker, whose "
+                "token ids the collection stores: re-index the collection with it (tandem "
+                "index build --reranker), or train from the serving reranker's tokenizer"
+            )
+        # Same architecture and length as a rule (one base): the old batch costs are the
+        # best first guess, and the new runs correct them.
+        slot.batcher.cost = old.batcher.cost
+        replaced = self._run_mover(slot.batcher)
+        self.searcher.slot = slot
+        if collection.pairs is not None:
+            collection.pairs = slot.pairs
+        self.models = models
+        await old.drained()
+        if replaced is not None:
+            replaced.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await replaced
+        old.batcher.executor.shutdown(wait=False)
+        return old.id
 
     async def stop(self) -> None:
         """Stops the background tasks, saves the index and releases everything."""
@@ -340,16 +405,19 @@ class Engine:
         )
 
     async def info(self) -> EngineInfo:
-        def sizes() -> tuple[Collection, int, int, int]:
+        def sizes() -> tuple[Collection, int, int, int, int]:
             collection = self.collection
             return (
                 collection,
                 len(collection.index),
                 len(collection.lexical) if collection.lexical is not None else 0,
                 collection.store.generation,
+                collection.store.feedback_count(),
             )
 
-        collection, index_size, lexical_size, generation = await self.lanes.run("store", sizes)
+        collection, index_size, lexical_size, generation, feedback = await self.lanes.run(
+            "store", sizes
+        )
         pairs = self.searcher.pairs
         embedder = self.searcher.embedder
         return EngineInfo(
@@ -366,6 +434,8 @@ class Engine:
             query_max_tokens=embedder.manifest.max_length,
             pair_max_tokens=pairs.template.max_length if pairs is not None else 0,
             score_activation=SCORE_ACTIVATION if self.models.reranker is not None else "",
+            reranker_id=self.searcher.slot.id if self.searcher.slot is not None else "",
+            feedback_count=feedback,
         )
 
     # Writes
@@ -433,6 +503,15 @@ class Engine:
         if deleted:
             self._written()
         return Deleted(deleted, not_found, {"search": ms_since(started)})
+
+    async def feedback(self, items: Sequence[FeedbackItem], call: Call) -> tuple[int, int]:
+        """Records the labels durably, all or none; returns (recorded, the total held)."""
+        checked = check_feedback(items, self.settings)
+        self.collection.store.require_writable()
+        at = datetime.now(UTC).isoformat(timespec="milliseconds")
+        rows = [Feedback(query, item, grade, kind, at) for query, item, grade, kind in checked]
+        total = await self.lanes.run("store", lambda: self.collection.store.add_feedback(rows))
+        return len(rows), total
 
     def _written(self) -> None:
         self.dirty.set()

@@ -186,6 +186,18 @@ class PairTokenizer:
         tokenizer = load_tokenizer(folder, max_length=manifest.max_length)
         return cls(tokenizer, max_length=manifest.max_length)
 
+    def same_ids_as(self, other: PairTokenizer) -> bool:
+        """Whether both give every text the same ids and every pair the same layout, so that
+        documents tokenized by one can be scored by the other's model. The vocabulary, the
+        template and a probe of the normalizer and pre-tokenizer (case, accents, codes)."""
+        probe = ["Café CLUB naïve 12-b e-mail ÜBER straße", "what is vicarious trauma?"]
+        return (
+            self.template == other.template
+            and self.tokenizer.get_vocab() == other.tokenizer.get_vocab()
+            and self.tokenize(probe)[0].tolist() == other.tokenize(probe)[0].tolist()
+            and self.tokenize(probe)[1].tolist() == other.tokenize(probe)[1].tolist()
+        )
+
     def tokenize(self, texts: Sequence[str]) -> list[Ids]:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]

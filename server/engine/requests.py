@@ -69,6 +69,52 @@ class UpsertBatch:
     truncate: bool = True
 
 
+# TREC's graded scale (0 not relevant .. 3 perfectly relevant), as `tandem train` reads qrels.
+MAX_FEEDBACK_GRADE = 3.0
+CLICK_GRADE = 1.0
+
+
+@dataclass(frozen=True)
+class FeedbackItem:
+    query: str
+    document_id: str
+    label: float | None = None  # a grade, 0 to MAX_FEEDBACK_GRADE
+    click: bool = False  # the user chose the document: recorded as CLICK_GRADE
+
+
+def check_feedback(
+    items: Sequence[FeedbackItem], settings: Settings
+) -> list[tuple[str, str, float, str]]:
+    """(query, id, grade, kind) per item, or InvalidArgument naming the first bad one."""
+    if not items:
+        raise InvalidArgument("items is empty: send at least one (query, document_id, label)")
+    if len(items) > settings.max_upsert_documents:
+        raise InvalidArgument(
+            f"{len(items)} feedback items in one call; at most {settings.max_upsert_documents} "
+            "(max_upsert_documents): send more calls"
+        )
+    checked = []
+    for position, item in enumerate(items):
+        where = f"items[{position}]"
+        if not item.query.strip():
+            raise InvalidArgument(f"{where}.query is empty: send the query the label is for")
+        check_id(item.document_id, settings.max_id_bytes, where=where)
+        if item.label is not None and item.click:
+            raise InvalidArgument(f"{where} sets both label and click: send one")
+        if item.label is None and not item.click:
+            raise InvalidArgument(f"{where} has neither a label nor a click: send one")
+        if item.label is not None and not (
+            math.isfinite(item.label) and 0 <= item.label <= MAX_FEEDBACK_GRADE
+        ):
+            raise InvalidArgument(
+                f"{where}.label is {item.label}: a label is a grade from 0 (not relevant) to "
+                f"{MAX_FEEDBACK_GRADE:g} (perfectly relevant)"
+            )
+        grade = CLICK_GRADE if item.label is None else float(item.label)
+        checked.append((item.query, item.document_id, grade, "click" if item.click else "label"))
+    return checked
+
+
 def check_query(query: str) -> None:
     if not query.strip():
         raise InvalidArgument("query is empty: send the question to search for")

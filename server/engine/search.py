@@ -18,11 +18,13 @@ query with truncate off) and come from ``tandem.server.engine.errors``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -132,6 +134,7 @@ class Result:
     first_stage: FirstStage | None = None  # None: no index was searched (a Rerank)
     dense_candidates: int = 0  # candidates the dense side found (both sides: counted in each)
     lexical_candidates: int = 0
+    reranker_id: str = ""  # the model that scored the hits; "" where none was reranked
 
     @property
     def truncated(self) -> bool:
@@ -179,6 +182,37 @@ class QueryCache:
             self.items.popitem(last=False)
 
 
+@dataclass(eq=False)
+class RerankerSlot:
+    """The reranker, its pair tokenizer and its batcher, taken together once per call: a
+    reranker published to a running server (``Engine.swap_reranker``) puts a new slot in
+    place while the calls holding the old one finish on it, so one reply is never scored by
+    two models. ``id`` names the model in replies and Info."""
+
+    reranker: CrossEncoder | None
+    pairs: PairTokenizer
+    batcher: RerankBatcher
+    id: str = ""
+    users: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[RerankerSlot]:
+        self.users += 1
+        try:
+            yield self
+        finally:
+            self.users -= 1
+            if not self.users:
+                self.idle.set()
+
+    async def drained(self) -> None:
+        """Returns once no call holds this slot (none can take it after a swap)."""
+        while self.users:
+            self.idle.clear()
+            await self.idle.wait()
+
+
 class Searcher:
     def __init__(
         self,
@@ -193,11 +227,25 @@ class Searcher:
     ) -> None:
         self.collection = collection
         self.embedder = embedder
-        self.reranker = reranker
-        self.pairs = pairs
-        self.batcher = batcher
+        self.slot = (
+            RerankerSlot(reranker, pairs, batcher, reranker_id(reranker))
+            if pairs is not None and batcher is not None
+            else None
+        )
         self.cache = QueryCache(cache_size)
         self.lanes = lanes or Lanes()
+
+    @property
+    def reranker(self) -> CrossEncoder | None:
+        return None if self.slot is None else self.slot.reranker
+
+    @property
+    def pairs(self) -> PairTokenizer | None:
+        return None if self.slot is None else self.slot.pairs
+
+    @property
+    def batcher(self) -> RerankBatcher | None:
+        return None if self.slot is None else self.slot.batcher
 
     def embed_query(self, query: str) -> tuple[NDArray[np.float32], bool]:
         """(vector, truncated); runs on the query lane, which also owns the cache."""
@@ -504,23 +552,23 @@ class Searcher:
             query, refs, top_n=top_n, budget_s=budget_s, include_text=include_text
         )
 
-    def _require_reranker(self) -> PairTokenizer:
-        if self.pairs is None or self.batcher is None:
+    def _require_reranker(self) -> RerankerSlot:
+        if self.slot is None:
             raise NoReranker(
                 "no reranker is loaded: this server is retrieve-only "
                 "(use SEARCH_MODE_RETRIEVE_ONLY, or start it with a reranker)"
             )
-        return self.pairs
+        return self.slot
 
+    @staticmethod
     def _join(
-        self,
+        pairs: PairTokenizer,
         query: str,
         candidates: Sequence[Candidate],
         client_texts: Sequence[bool],
         document_cap: int | None,
     ) -> list[JoinedPair]:
         """Tokenizes the query and any client texts, then joins each pair (the pairs lane)."""
-        pairs = self._require_reranker()
         texts = [c.text for c, sent in zip(candidates, client_texts, strict=True) if sent]
         sent_ids = iter(pairs.tokenize(texts)) if texts else iter(())
         documents: list[Ids] = [
@@ -545,12 +593,38 @@ class Searcher:
         document_cap: int | None = None,
         min_rerank: int = 0,
     ) -> Result:
-        pairs = self._require_reranker()
-        assert self.batcher is not None
+        with self._require_reranker().held() as slot:
+            return await self._rerank_on(
+                slot, query, candidates, top_n=top_n, budget_s=budget_s,
+                include_text=include_text, timings=timings, query_truncated=query_truncated,
+                truncate=truncate, arrived=arrived, client_texts=client_texts,
+                document_cap=document_cap, min_rerank=min_rerank,
+            )  # fmt: skip
+
+    async def _rerank_on(
+        self,
+        slot: RerankerSlot,
+        query: str,
+        candidates: list[Candidate],
+        *,
+        top_n: int,
+        budget_s: float | None,
+        include_text: bool,
+        timings: dict[str, float],
+        query_truncated: bool,
+        truncate: bool,
+        arrived: float,
+        client_texts: Sequence[bool] | None,
+        document_cap: int | None,
+        min_rerank: int,
+    ) -> Result:
+        pairs = slot.pairs
         deadline = None if not budget_s else arrived + budget_s
         started = time.perf_counter()
         sent = client_texts if client_texts is not None else [False] * len(candidates)
-        joined = await self.lanes.run("pairs", self._join, query, candidates, sent, document_cap)
+        joined = await self.lanes.run(
+            "pairs", self._join, pairs, query, candidates, sent, document_cap
+        )
         timings["tokenize"] = ms_since(started)
         cut = [i for i, pair in enumerate(joined) if pair.truncated]
         if cut and not truncate:
@@ -562,7 +636,7 @@ class Searcher:
         # The budget runs from the call's arrival, so embedding and search time count against
         # it: a caller's 100 ms means 100 ms of latency, not 100 ms after the index answers.
         remaining = None if deadline is None else max(deadline - time.perf_counter(), 1e-6)
-        outcome = await self.batcher.score(joined, budget=remaining, min_scored=min_rerank)
+        outcome = await slot.batcher.score(joined, budget=remaining, min_scored=min_rerank)
         timings["queue"] = outcome.queue_seconds * 1000
         timings["rerank"] = outcome.run_seconds * 1000
         scored = outcome.scored
@@ -580,7 +654,17 @@ class Searcher:
             )
             for i in order[:top_n]
         ]
-        return Result(hits, int(scored.sum()), len(candidates), query_truncated, timings, bool(cut))
+        return Result(
+            hits, int(scored.sum()), len(candidates), query_truncated, timings, bool(cut),
+            reranker_id=slot.id,
+        )  # fmt: skip
+
+
+def reranker_id(reranker: CrossEncoder | None) -> str:
+    """``<artifact folder>@<12 hex of its weights' sha256>``: which model scored a reply."""
+    if reranker is None:
+        return ""
+    return f"{reranker.folder.name}@{reranker.manifest.weights_sha256[:12]}"
 
 
 def make_runner(reranker: CrossEncoder) -> Runner:

@@ -38,6 +38,14 @@ CREATE TABLE IF NOT EXISTS documents (
     vector BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    query TEXT NOT NULL,
+    id TEXT NOT NULL,
+    grade REAL NOT NULL,
+    kind TEXT NOT NULL,
+    at TEXT NOT NULL
+);
 """
 
 
@@ -67,6 +75,10 @@ class StoreFull(StoreError, Exhausted):
 
 class StoreBusy(StoreError, Retryable):
     pass
+
+
+class UnknownFeedbackIds(InvalidArgument):
+    """Feedback names a document the store does not hold."""
 
 
 # A busy store waits out SQLite's own timeout (5 s) before it says so; a retry a second
@@ -101,6 +113,18 @@ def unwritable(exc: sqlite3.Error) -> StoreError:
             retry_after_s=BUSY_RETRY_S,
         )
     return StoreReadOnly(f"the document store cannot be written: {exc}")
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One label on a (query, stored document) pair: a grade (0 to MAX_FEEDBACK_GRADE) or a
+    click (grade 1), and when it arrived (ISO 8601)."""
+
+    query: str
+    id: str
+    grade: float
+    kind: str  # "label" or "click"
+    at: str
 
 
 @dataclass(frozen=True)
@@ -190,6 +214,40 @@ class DocumentStore:
                 "published root, a folder that cannot be written, or --read-only): reads are "
                 "served, writes are refused; send them to the writer"
             )
+
+    def add_feedback(self, items: Sequence[Feedback]) -> int:
+        """Records labels in one transaction, all or none: an id the store does not hold
+        fails the whole call (``UnknownFeedbackIds``) and nothing is written. Feedback is
+        not a document change, so the generation stays (the indexes are unaffected).
+        Returns how many labels the store holds in all."""
+        with self._transaction():
+            unknown = [item.id for item in items if not self._keys_for([item.id])]
+            if unknown:
+                raise UnknownFeedbackIds(
+                    f"{len(unknown)} feedback document ids are not stored: "
+                    f"{', '.join(map(repr, unknown[:5]))}{' …' if len(unknown) > 5 else ''} "
+                    "(nothing in this call was recorded)"
+                )
+            self.db.executemany(
+                "INSERT INTO feedback(query, id, grade, kind, at) VALUES(?, ?, ?, ?, ?)",
+                [(item.query, item.id, item.grade, item.kind, item.at) for item in items],
+            )
+            return int(self.db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0])
+
+    def feedback_count(self) -> int:
+        try:
+            return int(self.db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0])
+        except sqlite3.OperationalError:  # no feedback table: a collection made before it
+            return 0
+
+    def feedback_labels(self) -> list[tuple[str, str, float]]:
+        """Every recorded (query, document id, grade), oldest first; none where the store
+        predates feedback."""
+        try:
+            rows = self.db.execute("SELECT query, id, grade FROM feedback ORDER BY seq")
+            return [(str(query), str(item), float(grade)) for query, item, grade in rows]
+        except sqlite3.OperationalError:  # no feedback table: a collection made before it
+            return []
 
     def upsert(
         self,

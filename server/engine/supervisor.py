@@ -58,6 +58,19 @@ class Supervisor:
         """Runs ``run()`` as the task ``name``; ``on_crash`` gets each exception it raises."""
         self.tasks[name] = asyncio.create_task(self._keep(name, run, on_crash, restart), name=name)
 
+    def replace(
+        self,
+        name: str,
+        run: Callable[[], Awaitable[None]],
+        *,
+        on_crash: Callable[[BaseException], None] | None = None,
+    ) -> asyncio.Task[None] | None:
+        """Runs ``run()`` as the task ``name`` from now on and returns the task it replaces,
+        still running, for the caller to stop once it has finished its work."""
+        old = self.tasks.get(name)
+        self.spawn(name, run, on_crash=on_crash)
+        return old
+
     async def stop(self) -> None:
         for task in self.tasks.values():
             task.cancel()

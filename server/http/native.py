@@ -13,7 +13,7 @@ from starlette.responses import Response
 from tandem.artifact import Manifest
 from tandem.server.engine.engine import Call, Engine, EngineInfo
 from tandem.server.engine.fusion import FirstStage
-from tandem.server.engine.requests import SearchRequest, UpsertBatch
+from tandem.server.engine.requests import FeedbackItem, SearchRequest, UpsertBatch
 from tandem.server.engine.search import Hit, Mode
 from tandem.server.engine.store import NewDocument
 from tandem.server.http import schemas as s
@@ -77,6 +77,7 @@ def router(engine: Engine, calls: Calls, *, serving: Callable[[], bool]) -> APIR
                 truncated=result.truncated,
                 filter_matched=result.filter_matched,
                 timings=timings(result.timings_ms, call),
+                reranker_id=result.reranker_id,
             )
 
         return await calls.run(Dialect.NATIVE, work, queued=True)
@@ -139,6 +140,23 @@ def router(engine: Engine, calls: Calls, *, serving: Callable[[], bool]) -> APIR
 
         return await calls.run(Dialect.NATIVE, work, queued=False)
 
+    @routes.post(
+        "/v1/feedback",
+        response_model=s.FeedbackReply,
+        tags=["native"],
+        summary="Record relevance labels or clicks, as training data for tandem train",
+    )
+    async def feedback(request: s.FeedbackBody) -> Response:
+        async def work(call: Call) -> s.FeedbackReply:
+            items = [
+                FeedbackItem(item.query, item.document_id, item.label, item.click)
+                for item in request.items
+            ]
+            recorded, total = await engine.feedback(items, call)
+            return s.FeedbackReply(recorded=recorded, total=total)
+
+        return await calls.run(Dialect.NATIVE, work, queued=False)
+
     @routes.get("/info", tags=["native"], summary="Models, limits and the collection")
     async def info() -> Response:
         async def work(call: Call) -> dict[str, Any]:
@@ -175,6 +193,10 @@ def info_body(info: EngineInfo) -> dict[str, Any]:
         "rrf_k": info.settings.rrf_k,
         "default_dense_weight": info.settings.dense_weight,
         "default_lexical_weight": info.settings.lexical_weight,
+        "reranker_id": info.reranker_id,
+        "reranker_since": info.models.reranker_since,
+        "reranker_version": info.models.reranker_version,
+        "feedback_count": info.feedback_count,
     }
 
 
@@ -188,4 +210,6 @@ def _model(manifest: Manifest) -> dict[str, Any]:
         "verified": manifest.verified,
         "parity": manifest.parity.metrics if manifest.parity else {},
         "parity_thresholds": manifest.parity.thresholds if manifest.parity else {},
+        # What `tandem train` measured on its held-out queries, for a reranker it trained.
+        "held_out": manifest.extra.get("training", {}).get("held_out"),
     }

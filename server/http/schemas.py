@@ -199,6 +199,7 @@ class SearchReply(BaseModel):
     dense_candidates: int
     lexical_candidates: int
     timings: TimingsBody
+    reranker_id: str = Field(default="", description="the reranker that scored the hits")
 
 
 class DocumentBody(BaseModel):
@@ -238,3 +239,23 @@ class DeleteReply(BaseModel):
     deleted: int
     not_found: list[str]
     timings: TimingsBody
+
+
+class FeedbackItemBody(BaseModel):
+    model_config = Strict
+    query: str
+    document_id: str = Field(description="a stored document's id")
+    label: float | None = Field(
+        default=None, description="a grade from 0 (not relevant) to 3 (perfectly relevant)"
+    )
+    click: bool = Field(default=False, description="the user chose it (grade 1); or a label")
+
+
+class FeedbackBody(BaseModel):
+    model_config = Strict
+    items: list[FeedbackItemBody]
+
+
+class FeedbackReply(BaseModel):
+    recorded: int
+    total: int = Field(description="labels the collection holds in all")

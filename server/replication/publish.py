@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from tandem.durable import fsync_dir, fsync_file, write_text_atomically
@@ -62,20 +63,13 @@ def version_folder(root: Path, version: str) -> Path:
 
 def publish(source: Path, root: Path, *, keep: int = 3) -> str:
     """Publishes the collection in ``source`` as the next version under ``root``."""
-    if keep < 1:
-        raise PublishError(f"keep must be at least 1 (got {keep})")
     source_store = source / STORE_NAME
     if not source_store.is_file():
         raise PublishError(f"{source} holds no {STORE_NAME}: not a collection")
     ndim, settings = _index_shape(source / (INDEX_NAME + ".json"))
-    versions = root / VERSIONS
-    versions.mkdir(parents=True, exist_ok=True)
-    existing = sorted(p.name for p in versions.iterdir() if p.name.isdigit())
-    version = f"{int(existing[-1]) + 1 if existing else 1:06d}"
-    staging = versions / f".{version}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    written: dict[str, int] = {}
+
+    def write(staging: Path) -> None:
         _snapshot_store(source_store, staging / STORE_NAME)
         snapshot = DocumentStore(staging / STORE_NAME, read_only=True)
         try:
@@ -84,17 +78,39 @@ def publish(source: Path, root: Path, *, keep: int = 3) -> str:
             )
             index.save(staging / INDEX_NAME, generation=snapshot.generation)
             _snapshot_lexical(source / LEXICAL_NAME, staging / LEXICAL_NAME, snapshot)
-            generation, count = snapshot.generation, len(snapshot)
+            written.update(generation=snapshot.generation, documents=len(snapshot))
         finally:
             snapshot.close()
-        _fsync_tree(staging)
+
+    version = publish_version(root / VERSIONS, root / POINTER, write, keep=keep)
+    log.info("published", extra={"version": version, **written})
+    return version
+
+
+def publish_version(
+    versions: Path, pointer: Path, write: Callable[[Path], None], *, keep: int
+) -> str:
+    """The one way a version is published (collections and rerankers alike): ``write`` fills
+    a staging folder, which is fsynced and renamed into ``versions`` as the next number; only
+    then is ``pointer`` replaced, so a follower never reads a half-written version. Versions
+    older than the ``keep`` newest are pruned (a reader keeps its open files)."""
+    if keep < 1:
+        raise PublishError(f"keep must be at least 1 (got {keep})")
+    versions.mkdir(parents=True, exist_ok=True)
+    existing = sorted(p.name for p in versions.iterdir() if p.name.isdigit())
+    version = f"{int(existing[-1]) + 1 if existing else 1:06d}"
+    staging = versions / f".{version}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write(staging)
+        fsync_tree(staging)
         os.replace(staging, versions / version)
         fsync_dir(versions)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    write_text_atomically(root / POINTER, version + "\n")
-    log.info("published", extra={"version": version, "generation": generation, "documents": count})
+    write_text_atomically(pointer, version + "\n")
     for old in existing[: max(len(existing) + 1 - keep, 0)]:
         shutil.rmtree(versions / old, ignore_errors=True)
     return version
@@ -118,10 +134,10 @@ def _snapshot_lexical(source: Path, target: Path, snapshot: DocumentStore) -> No
     load_consistent(target, snapshot, writable=True).close()
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         if path.is_dir():
-            _fsync_tree(path)
+            fsync_tree(path)
         else:
             fsync_file(path)
     fsync_dir(folder)

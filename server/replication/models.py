@@ -1,0 +1,113 @@
+"""Reranker versions under a models root, which running servers follow without a restart.
+
+    root/rerankers/000003/   a verified reranker artifact, copied whole (immutable)
+    root/RERANKER            "000003": written last
+
+``tandem models publish ARTIFACT --root ROOT`` checks the artifact (a cross-encoder whose
+files match their hashes and whose parity passed), copies it under a temporary name, fsyncs
+it, renames it into ``rerankers/`` and only then replaces the pointer, as ``tandem index
+publish`` does for collections. Every server started with ``--reranker ROOT`` (the writer
+and its replicas alike) looks at the pointer every ``--follow-seconds`` and on SIGHUP, loads
+and warms the new version beside the serving one, and swaps it in between calls
+(``Engine.swap_reranker``). A version that fails to load, fails its parity, or tokenizes
+differently is logged and skipped: the old reranker keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from tandem.artifact import ArtifactError, open_checked
+from tandem.server.engine.errors import RequestError
+from tandem.server.replication.publish import PublishError, publish_version
+
+log = logging.getLogger(__name__)
+
+POINTER = "RERANKER"
+VERSIONS = "rerankers"
+
+Loader = Callable[[Path, str], Awaitable[None]]
+
+
+def is_models_root(folder: Path) -> bool:
+    return (folder / POINTER).is_file()
+
+
+def current_version(root: Path) -> str:
+    return (root / POINTER).read_text(encoding="utf-8").strip()
+
+
+def version_folder(root: Path, version: str) -> Path:
+    return root / VERSIONS / version
+
+
+def publish_reranker(artifact: Path, root: Path, *, keep: int = 3) -> str:
+    """Publishes ``artifact`` as the next reranker version under ``root``; returns it."""
+    try:
+        manifest = open_checked(artifact, "cross-encoder")
+    except ArtifactError as error:
+        raise PublishError(str(error)) from error
+    if not manifest.verified:
+        raise PublishError(
+            f"{artifact} is not verified (its parity check "
+            f"{'never ran' if manifest.parity is None else 'failed'}): servers would refuse "
+            "it; re-export it"
+        )
+    if root.resolve() == artifact.resolve() or root.resolve() in artifact.resolve().parents:
+        raise PublishError(f"--root {root} must not hold the artifact it publishes")
+
+    def write(staging: Path) -> None:
+        shutil.copytree(artifact, staging, dirs_exist_ok=True)
+
+    version = publish_version(root / VERSIONS, root / POINTER, write, keep=keep)
+    log.info("reranker published", extra={"version": version, "source": manifest.source})
+    return version
+
+
+class ModelFollower:
+    """Swaps in each new reranker version the pointer names; ``load`` does the swap."""
+
+    def __init__(self, root: Path, load: Loader, *, serving: str, every: float) -> None:
+        self.root = root
+        self.load = load
+        self.serving = serving
+        self.every = every
+        self.failed: str | None = None  # a version that was refused: not retried
+        self.wake = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            # A timeout is the poll; SIGHUP (``wake``) asks for a look now.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.every)
+            self.wake.clear()
+            await self.check()
+
+    async def check(self) -> None:
+        try:
+            version = current_version(self.root)
+        except OSError as error:
+            log.warning("cannot read the reranker pointer", extra={"error": str(error)})
+            return
+        if version in (self.serving, self.failed):
+            return
+        try:
+            await self.load(version_folder(self.root, version), version)
+        except (ArtifactError, RequestError, OSError, Refused) as error:
+            self.failed = version
+            log.error(
+                "new reranker refused (the old one keeps serving): %s",
+                error,
+                extra={"version": version, "error": str(error)},
+            )
+            return
+        self.serving = version
+
+
+class Refused(Exception):
+    """A reranker version the server will not serve (unverified, or not loadable)."""

@@ -1,0 +1,1 @@
+"""Fine-tuning the reranker on a user's own labels: ``tandem train`` (see ``run``)."""

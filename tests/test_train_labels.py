@@ -1,0 +1,133 @@
+"""`tandem train`'s inputs: label files, the held-out split, mined negatives (no models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tandem.training.labels import (
+    Judged,
+    LabelError,
+    from_feedback,
+    from_jsonl,
+    from_trec,
+    split,
+    text_key,
+)
+from tandem.training.pools import Pool, hard_negatives, teacher_scores
+
+
+def test_json_lines_take_ids_texts_and_graded_scores(tmp_path) -> None:
+    path = tmp_path / "labels.jsonl"
+    lines = [
+        {"query": "what is kelp", "positives": ["d1", {"text": "Kelp is a seaweed."}]},
+        {"id": "q2", "query": "reefs", "positives": [{"id": "d2"}], "negatives": ["d3"],
+         "scores": [2.5, 0.25]},
+    ]  # fmt: skip
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n", encoding="utf-8")
+    first, second = from_jsonl(path)
+    key = text_key("Kelp is a seaweed.")
+    assert first.grades == {"d1": 1.0, key: 1.0}
+    assert first.texts == {key: "Kelp is a seaweed."}
+    assert first.ids == ["d1"]  # a text is not a collection id
+    assert second.query_id == "q2"
+    assert second.grades == {"d2": 2.5, "d3": 0.25}
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", "not JSON"),
+        ('{"positives": ["d1"]}', '"query" must be a non-empty string'),
+        ('{"query": "q", "positives": []}', '"positives" must be a non-empty list'),
+        ('{"query": "q", "positives": [7]}', "each item is an id string"),
+        ('{"query": "q", "positives": ["d"], "scores": [1, 2]}', "must list 1 numbers"),
+        ('{"query": "q", "positives": ["d"], "scores": [-1]}', ">= 0"),
+    ],
+)
+def test_bad_json_lines_name_the_line_and_the_fix(tmp_path, line, message) -> None:
+    path = tmp_path / "labels.jsonl"
+    path.write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(LabelError, match=message) as error:
+        from_jsonl(path)
+    assert f"{path}:1" in str(error.value) or message == "not JSON"
+
+
+def test_trec_labels_need_their_qrels_and_a_matching_query(tmp_path) -> None:
+    topics = tmp_path / "topics.tsv"
+    topics.write_text("t1\twhat is kelp\nt2\twhy do reefs bleach\n", encoding="utf-8")
+    with pytest.raises(LabelError, match="no such qrels file"):
+        from_trec(topics, tmp_path / "missing.qrels")
+    qrels = tmp_path / "qrels"
+    qrels.write_text("t2 0 d1 3\nt2 0 d2 0\nt9 0 d1 1\n", encoding="utf-8")
+    (judged,) = from_trec(topics, qrels)  # t1 has no judgement: nothing to learn from
+    assert (judged.query_id, judged.grades) == ("t2", {"d1": 3.0, "d2": 0.0})
+    qrels.write_text("t9 0 d1 1\n", encoding="utf-8")
+    with pytest.raises(LabelError, match="do their query ids match"):
+        from_trec(topics, qrels)
+
+
+def test_feedback_keeps_the_latest_label_per_pair() -> None:
+    (judged,) = from_feedback([("kelp", "d1", 1.0), ("kelp", "d2", 0.0), ("kelp", "d1", 3.0)])
+    assert judged.grades == {"d1": 3.0, "d2": 0.0}
+    with pytest.raises(LabelError, match="no feedback yet"):
+        from_feedback([])
+
+
+def test_split_is_seeded_stable_and_disjoint() -> None:
+    judged = [Judged(f"q{number}", f"query {number}", {"d": 1.0}) for number in range(400)]
+    train, held = split(judged, eval_fraction=0.5, seed=0)
+    assert {item.query_id for item in train}.isdisjoint(item.query_id for item in held)
+    assert len(train) + len(held) == 400
+    assert 150 < len(held) < 250
+    again = split(list(reversed(judged)), eval_fraction=0.5, seed=0)[1]
+    assert {item.query_id for item in again} == {item.query_id for item in held}
+    other = split(judged, eval_fraction=0.5, seed=1)[1]
+    assert {item.query_id for item in other} != {item.query_id for item in held}
+    with pytest.raises(LabelError, match="between 0 and 1"):
+        split(judged, eval_fraction=1.0, seed=0)
+
+
+def test_hard_negatives_skip_every_labelled_document_and_honour_the_margin() -> None:
+    item = Judged("q", "kelp", {"pos": 2.0, "neg": 0.0})
+    pool = Pool(
+        first_stage=["close", "pos", "neg", "far", "farther"],
+        dense=["close", "pos", "neg", "far"],
+        teacher={"close": 0.81, "pos": 0.8, "neg": 0.7, "far": 0.5},
+    )
+    assert hard_negatives(item, pool, count=2, margin=None) == ["close", "far"]
+    # "close" scores above the positive: as likely relevant as not, so the margin drops it.
+    assert hard_negatives(item, pool, count=5, margin=0.1) == ["far", "farther"]
+    scaled = teacher_scores(pool, ["close", "far", "farther"])
+    assert scaled["close"] == 1.0
+    assert scaled["farther"] == 0.0
+
+
+def test_held_out_rows_and_paired_tests_on_a_hand_built_case() -> None:
+    from tandem.training.evaluate import System, first_stage_systems, measure
+
+    held = [
+        Judged("q1", "one", {"a": 3.0, "b": 1.0}),
+        Judged("q2", "two", {"c": 2.0}),
+        Judged("q3", "three", {"z": 0.0}),  # nothing relevant: not scored
+    ]
+    pools = {
+        "q1": Pool(first_stage=["x", "b", "a"], dense=["b", "x", "a"]),
+        "q2": Pool(first_stage=["y", "c"], dense=["c", "y"]),
+        "q3": Pool(first_stage=["z"], dense=["z"]),
+    }
+    systems = first_stage_systems(held, pools, depth=3, name="hybrid")
+    candidates = {q: pools[q].first_stage for q in pools}
+    trained = System("trained", {"q1": ["a", "b", "x"], "q2": ["c", "y"], "q3": ["z"]},
+                     candidates, ms_per_pair=1.5)  # fmt: skip
+    rows, tests, scored = measure([*systems, trained], held, trained="trained", relevant=2,
+                                  depth=3)  # fmt: skip
+    assert scored == 2
+    by_name = {row.system: row for row in rows}
+    assert by_name["trained"].mrr_at_10 == 1.0
+    assert by_name["hybrid (stage 1 alone)"].mrr_at_10 == (1 / 3 + 1 / 2) / 2
+    assert by_name["hybrid (stage 1 alone)"].recall == by_name["trained"].recall == 1.0
+    assert by_name["trained"].ndcg_at_10 > by_name["hybrid (stage 1 alone)"].ndcg_at_10
+    assert set(tests) == {"hybrid (stage 1 alone)", "dense (stage 1 alone)"}
+    assert tests["hybrid (stage 1 alone)"]["ndcg@10"]["mean_difference"] > 0
