@@ -593,71 +593,49 @@ class Searcher:
         document_cap: int | None = None,
         min_rerank: int = 0,
     ) -> Result:
+        # The slot is taken once: a reranker swapped in meanwhile serves the next call, and
+        # this one is scored, start to end, by the model it took.
         with self._require_reranker().held() as slot:
-            return await self._rerank_on(
-                slot, query, candidates, top_n=top_n, budget_s=budget_s,
-                include_text=include_text, timings=timings, query_truncated=query_truncated,
-                truncate=truncate, arrived=arrived, client_texts=client_texts,
-                document_cap=document_cap, min_rerank=min_rerank,
+            pairs = slot.pairs
+            deadline = None if not budget_s else arrived + budget_s
+            started = time.perf_counter()
+            sent = client_texts if client_texts is not None else [False] * len(candidates)
+            joined = await self.lanes.run(
+                "pairs", self._join, pairs, query, candidates, sent, document_cap
+            )
+            timings["tokenize"] = ms_since(started)
+            cut = [i for i, pair in enumerate(joined) if pair.truncated]
+            if cut and not truncate:
+                raise InvalidArgument(
+                    f"{len(cut)} (query, document) pairs are longer than the reranker's "
+                    f"{pairs.template.max_length} tokens (first: document {cut[0]}); shorten them, "
+                    "or allow truncate"
+                )
+            # The budget runs from the call's arrival, so embedding and search time count against
+            # it: a caller's 100 ms means 100 ms of latency, not 100 ms after the index answers.
+            remaining = None if deadline is None else max(deadline - time.perf_counter(), 1e-6)
+            outcome = await slot.batcher.score(joined, budget=remaining, min_scored=min_rerank)
+            timings["queue"] = outcome.queue_seconds * 1000
+            timings["rerank"] = outcome.run_seconds * 1000
+            scored = outcome.scored
+            order = sorted(
+                range(len(candidates)),
+                key=lambda i: (0, -float(outcome.scores[i]), i) if scored[i] else (1, 0.0, i),
+            )
+            hits = [
+                _hit(
+                    candidates[i],
+                    i,
+                    float(outcome.scores[i]) if scored[i] else None,
+                    include_text=include_text,
+                    truncated=joined[i].truncated,
+                )
+                for i in order[:top_n]
+            ]
+            return Result(
+                hits, int(scored.sum()), len(candidates), query_truncated, timings, bool(cut),
+                reranker_id=slot.id,
             )  # fmt: skip
-
-    async def _rerank_on(
-        self,
-        slot: RerankerSlot,
-        query: str,
-        candidates: list[Candidate],
-        *,
-        top_n: int,
-        budget_s: float | None,
-        include_text: bool,
-        timings: dict[str, float],
-        query_truncated: bool,
-        truncate: bool,
-        arrived: float,
-        client_texts: Sequence[bool] | None,
-        document_cap: int | None,
-        min_rerank: int,
-    ) -> Result:
-        pairs = slot.pairs
-        deadline = None if not budget_s else arrived + budget_s
-        started = time.perf_counter()
-        sent = client_texts if client_texts is not None else [False] * len(candidates)
-        joined = await self.lanes.run(
-            "pairs", self._join, pairs, query, candidates, sent, document_cap
-        )
-        timings["tokenize"] = ms_since(started)
-        cut = [i for i, pair in enumerate(joined) if pair.truncated]
-        if cut and not truncate:
-            raise InvalidArgument(
-                f"{len(cut)} (query, document) pairs are longer than the reranker's "
-                f"{pairs.template.max_length} tokens (first: document {cut[0]}); shorten them, "
-                "or allow truncate"
-            )
-        # The budget runs from the call's arrival, so embedding and search time count against
-        # it: a caller's 100 ms means 100 ms of latency, not 100 ms after the index answers.
-        remaining = None if deadline is None else max(deadline - time.perf_counter(), 1e-6)
-        outcome = await slot.batcher.score(joined, budget=remaining, min_scored=min_rerank)
-        timings["queue"] = outcome.queue_seconds * 1000
-        timings["rerank"] = outcome.run_seconds * 1000
-        scored = outcome.scored
-        order = sorted(
-            range(len(candidates)),
-            key=lambda i: (0, -float(outcome.scores[i]), i) if scored[i] else (1, 0.0, i),
-        )
-        hits = [
-            _hit(
-                candidates[i],
-                i,
-                float(outcome.scores[i]) if scored[i] else None,
-                include_text=include_text,
-                truncated=joined[i].truncated,
-            )
-            for i in order[:top_n]
-        ]
-        return Result(
-            hits, int(scored.sum()), len(candidates), query_truncated, timings, bool(cut),
-            reranker_id=slot.id,
-        )  # fmt: skip
 
 
 def reranker_id(reranker: CrossEncoder | None) -> str:
