@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 
 from tandem.server.app import Running, create_server
 from tandem.server.settings import Settings
@@ -22,6 +24,11 @@ from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
 
 START_TIMEOUT = 120
+# The HTTP tests check what the doors answer, not how fast: a stand-in rerank of 100
+# candidates took 8 s on an AVX2-only EPYC, past httpx's 5 s default.
+HTTP_TIMEOUT = 120.0
+post = functools.partial(httpx.post, timeout=HTTP_TIMEOUT)
+get = functools.partial(httpx.get, timeout=HTTP_TIMEOUT)
 
 
 class ServerThread:

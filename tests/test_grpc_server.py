@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import grpc
@@ -51,6 +53,20 @@ def test_health_is_not_serving_until_warm_up_ends(collection, bi_int8, ce_int8):
         assert check(channel) == health_pb2.HealthCheckResponse.SERVING
     finally:
         running.stop()
+
+
+def test_a_stopped_server_releases_its_models(collection, bi_int8, ce_int8):
+    """A process that starts servers one after another (this suite does) frees each stopped
+    one: FastAPI's endpoint caches kept every engine, 400 MiB apiece, until CI ran out of
+    memory."""
+    running = ServerThread(settings_for(collection, bi_int8[0], ce_int8[0]))
+    engine = weakref.ref(running.running.engine)
+    reranker = weakref.ref(running.running.engine.searcher.reranker)
+    running.stop()
+    del running
+    gc.collect()
+    assert engine() is None
+    assert reranker() is None
 
 
 def test_in_flight_cap_answers_resource_exhausted(collection, bi_int8, ce_int8, data):

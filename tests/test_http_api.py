@@ -22,7 +22,7 @@ from langchain_cohere import CohereRerank
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
-from serving import ServerThread, document, settings_for, upsert
+from serving import HTTP_TIMEOUT, ServerThread, document, get, post, settings_for, upsert
 
 from tandem.v1 import tandem_pb2 as pb
 
@@ -133,7 +133,7 @@ def test_langchain_cohere_rerank_in_a_retriever_pipeline(server, base, data) -> 
         def _get_relevant_documents(
             self, query: str, *, run_manager: CallbackManagerForRetrieverRun
         ) -> list[Document]:
-            reply = httpx.post(
+            reply = post(
                 f"{self.url}/v1/search",
                 json={"query": query, "mode": "retrieve_only", "top_n": self.k,
                       "include_text": True},
@@ -183,7 +183,7 @@ def test_openai_errors_are_openai_shaped(base) -> None:
     ):
         client.embeddings.create(model="m", input=[1, 2, 3])
     assert "send the text" in caught.value.message
-    reply = httpx.post(f"{base}/v1/embeddings", json={"model": "m", "input": "x", "color": 1})
+    reply = post(f"{base}/v1/embeddings", json={"model": "m", "input": "x", "color": 1})
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert error["type"] == "invalid_request_error"
@@ -193,7 +193,7 @@ def test_openai_errors_are_openai_shaped(base) -> None:
 def test_tei_rerank_and_embed_match_grpc(server, base, case, data) -> None:
     query, texts = case
     expected = grpc_rerank(server, query, texts)
-    reply = httpx.post(
+    reply = post(
         f"{base}/rerank",
         json={"query": query, "texts": texts, "truncate": True, "return_text": True},
     )
@@ -203,7 +203,7 @@ def test_tei_rerank_and_embed_match_grpc(server, base, case, data) -> None:
     for got, want in zip(ranks, expected, strict=True):
         assert got["score"] == pytest.approx(want.probability, rel=1e-6)
         assert got["text"] == texts[got["index"]]
-    raw = httpx.post(
+    raw = post(
         f"{base}/rerank",
         json={"query": query, "texts": texts, "truncate": True, "raw_scores": True},
     ).json()
@@ -212,17 +212,17 @@ def test_tei_rerank_and_embed_match_grpc(server, base, case, data) -> None:
 
     sample = [segment.text for segment in data.segments[:3]]
     want = server.stub().Embed(pb.EmbedRequest(texts=sample))
-    vectors = httpx.post(f"{base}/embed", json={"inputs": sample, "truncate": True}).json()
+    vectors = post(f"{base}/embed", json={"inputs": sample, "truncate": True}).json()
     for got, wanted in zip(vectors, want.embeddings, strict=True):
         np.testing.assert_allclose(got, wanted.values, atol=1e-6)
-    one = httpx.post(f"{base}/embed", json={"inputs": "a single input"}).json()
+    one = post(f"{base}/embed", json={"inputs": "a single input"}).json()
     assert len(one) == 1
     assert len(one[0]) == want.dimension
 
 
 def test_tei_refuses_an_overlong_pair_unless_told_to_truncate(base) -> None:
     # TEI's default is truncate=false: a pair past the model's length is an error, not cut.
-    reply = httpx.post(f"{base}/rerank", json={"query": "q", "texts": ["word " * 2000]})
+    reply = post(f"{base}/rerank", json={"query": "q", "texts": ["word " * 2000]})
     assert reply.status_code == 400
     assert reply.json()["error_type"] == "validation"
     assert "truncate" in reply.json()["error"]
@@ -231,7 +231,7 @@ def test_tei_refuses_an_overlong_pair_unless_told_to_truncate(base) -> None:
 def test_jina_rerank_matches_grpc_and_returns_documents_by_default(server, base, case) -> None:
     query, texts = case
     expected = grpc_rerank(server, query, texts, top_n=4)
-    reply = httpx.post(
+    reply = post(
         f"{base}/v1/rerank",
         json={"model": "jina-reranker-v2-base-multilingual", "query": query,
               "documents": [{"text": t} for t in texts], "top_n": 4},
@@ -250,7 +250,7 @@ def test_native_search_mirrors_grpc_search(server, base, data) -> None:
     expected = server.stub().Search(
         pb.SearchRequest(query=query, top_n=5, rerank_budget_ms=0, include_text=True)
     )
-    reply = httpx.post(
+    reply = post(
         f"{base}/v1/search",
         json={"query": query, "top_n": 5, "rerank_budget_ms": 0, "include_text": True},
     ).json()
@@ -262,13 +262,13 @@ def test_native_search_mirrors_grpc_search(server, base, data) -> None:
         assert got["text"] == want.text
         assert got["stage1_rank"] == want.stage1_rank
     assert reply["timings"]["total_ms"] > 0
-    retrieve = httpx.post(
+    retrieve = post(
         f"{base}/v1/search", json={"query": query, "mode": "retrieve_only", "top_n": 3}
     ).json()
     assert retrieve["reranked_count"] == 0
     assert all("probability" not in hit for hit in retrieve["hits"])  # unset, so left out
     assert retrieve["first_stage"] == "hybrid"  # the server's default, as over gRPC
-    lexical = httpx.post(
+    lexical = post(
         f"{base}/v1/search",
         json={"query": query, "mode": "retrieve_only", "top_n": 3, "first_stage": "lexical"},
     ).json()
@@ -285,7 +285,7 @@ def test_native_search_mirrors_grpc_search(server, base, data) -> None:
 
 def test_native_search_min_rerank_is_429_with_retry_after(base, data) -> None:
     body = {"query": data.topics[4].query, "rerank_budget_ms": 5, "min_rerank": 50}
-    reply = httpx.post(f"{base}/v1/search", json=body)
+    reply = post(f"{base}/v1/search", json=body)
     assert reply.status_code == 429, reply.text
     assert int(reply.headers["retry-after"]) >= 1
     assert "min_rerank=50" in reply.json()["error"]["message"]
@@ -296,27 +296,27 @@ def test_native_upsert_get_delete_round_trip(base) -> None:
         {"id": "http-1", "text": "Tandem serves rerankers over HTTP.", "metadata": {"lang": "en"}},
         {"id": "http-2", "text": "A second document about gRPC."},
     ]
-    written = httpx.post(f"{base}/v1/upsert", json={"documents": documents}).json()
+    written = post(f"{base}/v1/upsert", json={"documents": documents}).json()
     assert (written["received"], written["inserted"]) == (2, 2)
-    fetched = httpx.post(f"{base}/v1/get", json={"ids": ["http-1", "missing"]}).json()
+    fetched = post(f"{base}/v1/get", json={"ids": ["http-1", "missing"]}).json()
     assert fetched["documents"] == [documents[0]]
     assert fetched["not_found"] == ["missing"]
-    found = httpx.post(
+    found = post(
         f"{base}/v1/search",
         json={"query": "rerankers over HTTP", "metadata_filter": {"lang": "en"},
               "mode": "retrieve_only"},
     ).json()  # fmt: skip
     assert [hit["id"] for hit in found["hits"]] == ["http-1"]
-    deleted = httpx.post(f"{base}/v1/delete", json={"ids": ["http-1", "http-2"]}).json()
+    deleted = post(f"{base}/v1/delete", json={"ids": ["http-1", "http-2"]}).json()
     assert deleted["deleted"] == 2
 
 
 def test_info_and_health(base, server) -> None:
-    info = httpx.get(f"{base}/info").json()
+    info = get(f"{base}/info").json()
     assert info["score_activation"] == "sigmoid"
     assert info["reranker"]["verified"] is True
     assert info["dimension"] == server.stub().Info(pb.InfoRequest()).dimension
-    health = httpx.get(f"{base}/health")
+    health = get(f"{base}/health")
     assert (health.status_code, health.json()) == (200, {"status": "SERVING"})
 
 
@@ -339,7 +339,7 @@ def test_info_and_health(base, server) -> None:
     ],
 )
 def test_bad_requests_get_400_in_the_shape_of_the_route(base, path, payload, field) -> None:
-    reply = httpx.post(f"{base}{path}", json=payload)
+    reply = post(f"{base}{path}", json=payload)
     assert reply.status_code == 400, reply.text
     body = reply.json()
     message = body[field]["message"] if isinstance(body[field], dict) else body[field]
@@ -357,16 +357,14 @@ def test_bad_requests_get_400_in_the_shape_of_the_route(base, path, payload, fie
 )
 def test_nan_and_infinity_literals_are_refused_not_stored(base, path, content) -> None:
     # Python's JSON parser accepts these literals; JSON (and SQLite's JSON functions) do not.
-    reply = httpx.post(
-        f"{base}{path}", content=content, headers={"content-type": "application/json"}
-    )
+    reply = post(f"{base}{path}", content=content, headers={"content-type": "application/json"})
     assert reply.status_code == 400, reply.text
-    assert httpx.post(f"{base}/v1/get", json={"ids": ["nan"]}).json()["not_found"] == ["nan"]
+    assert post(f"{base}/v1/get", json={"ids": ["nan"]}).json()["not_found"] == ["nan"]
 
 
 def test_malformed_json_is_400_not_500(base) -> None:
     for path in ("/v2/rerank", "/rerank", "/v1/embeddings", "/v1/search"):
-        reply = httpx.post(
+        reply = post(
             f"{base}{path}", content=b'{"query": ', headers={"content-type": "application/json"}
         )
         assert reply.status_code == 400, (path, reply.text)
@@ -375,10 +373,10 @@ def test_malformed_json_is_400_not_500(base) -> None:
 
 def test_a_body_over_the_message_limit_is_413(base) -> None:
     big = {"query": "q", "texts": ["x" * 1000] * 300}  # ~300 KB, over the 256 KiB limit
-    reply = httpx.post(f"{base}/rerank", json=big)
+    reply = post(f"{base}/rerank", json=big)
     assert reply.status_code == 413
     assert "max_message_bytes" in reply.json()["error"]
-    chunked = httpx.post(
+    chunked = post(
         f"{base}/rerank", content=iter([json.dumps(big).encode()]),
         headers={"content-type": "application/json"},
     )  # fmt: skip
@@ -386,21 +384,21 @@ def test_a_body_over_the_message_limit_is_413(base) -> None:
 
 
 def test_unknown_route_and_state_conflicts(base, tmp_path, bi_int8, data) -> None:
-    assert httpx.get(f"{base}/v9/nothing").status_code == 404
+    assert get(f"{base}/v9/nothing").status_code == 404
     retrieve_only = ServerThread(settings_for(tmp_path, bi_int8[0], None))
     try:
         url = f"http://127.0.0.1:{retrieve_only.running.http_port}"
-        reply = httpx.post(f"{url}/v2/rerank", json={"query": "q", "documents": ["d"]})
+        reply = post(f"{url}/v2/rerank", json={"query": "q", "documents": ["d"]})
         assert reply.status_code == 409
         assert "retrieve-only" in reply.json()["message"]
-        assert httpx.get(f"{url}/info").json()["score_activation"] == ""
+        assert get(f"{url}/info").json()["score_activation"] == ""
     finally:
         retrieve_only.stop()
 
 
 def test_metrics_count_http_requests_by_route_and_status(server, base) -> None:
-    httpx.get(f"{base}/health")
-    httpx.post(f"{base}/v1/search", json={"query": ""})
+    get(f"{base}/health")
+    post(f"{base}/v1/search", json={"query": ""})
     registry = server.running.metrics.registry
 
     def count(route: str, status: str) -> float:
@@ -429,7 +427,9 @@ def test_token_tls_and_overload_refusals(tmp_path, bi_int8, ce_int8, data) -> No
     running = ServerThread(settings)
     url = f"https://localhost:{running.running.http_port}"
     try:
-        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as client:
+        with httpx.Client(
+            verify=ssl.create_default_context(cafile=str(cert)), timeout=HTTP_TIMEOUT
+        ) as client:
             assert client.get(f"{url}/health").status_code == 200  # open, as gRPC health is
             refused = client.post(f"{url}/v2/rerank", json={"query": "q", "documents": ["d"]})
             assert refused.status_code == 401
@@ -475,8 +475,7 @@ def test_drain_finishes_http_requests_in_flight(tmp_path, bi_int8, ce_int8, data
     replies: list[httpx.Response] = []
     caller = threading.Thread(
         target=lambda: replies.append(
-            httpx.post(f"{url}/rerank", json={"query": "q", "texts": texts, "truncate": True},
-                       timeout=120)
+            post(f"{url}/rerank", json={"query": "q", "texts": texts, "truncate": True})
         )
     )  # fmt: skip
     caller.start()
@@ -489,7 +488,7 @@ def test_drain_finishes_http_requests_in_flight(tmp_path, bi_int8, ce_int8, data
     assert replies[0].status_code == 200
     assert len(replies[0].json()) == len(texts)
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{url}/health")
+        get(f"{url}/health")
 
 
 FIELDS = ["query", "documents", "texts", "inputs", "input", "model", "top_n", "ids", "mode",
@@ -521,6 +520,6 @@ FUZZ = settings(
 @given(route=st.sampled_from(ROUTES), payload=bodies)
 @FUZZ
 def test_any_json_body_gets_an_answer_or_a_4xx_never_a_500(base, route, payload) -> None:
-    reply = httpx.post(f"{base}{route}", json=payload, timeout=120)
+    reply = post(f"{base}{route}", json=payload)
     assert reply.status_code in (200, 400, 404, 409, 413), (route, payload, reply.text)
     assert reply.headers["content-type"].startswith("application/json")

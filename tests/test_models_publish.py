@@ -11,9 +11,8 @@ import threading
 import time
 
 import grpc
-import httpx
 import pytest
-from serving import ServerThread, document, settings_for, upsert
+from serving import ServerThread, document, get, post, settings_for, upsert
 
 from tandem.artifact import read_manifest, write_manifest
 from tandem.cli import main
@@ -53,7 +52,7 @@ def test_feedback_through_grpc_and_http_is_stored_all_or_none(server, data):
     assert (reply.recorded, reply.total) == (2, 2)
     base = f"http://127.0.0.1:{running.running.http_port}"
     body = {"items": [{"query": "vicarious trauma", "document_id": second, "label": 0}]}
-    answer = httpx.post(f"{base}/v1/feedback", json=body, timeout=30)
+    answer = post(f"{base}/v1/feedback", json=body, timeout=30)
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"recorded": 1, "total": 3}
 
@@ -71,7 +70,7 @@ def test_feedback_through_grpc_and_http_is_stored_all_or_none(server, data):
             stub.Feedback(pb.FeedbackRequest(items=[good, pb.FeedbackItem(**item)]))
         assert caught.value.code() == INVALID, item
         assert message in caught.value.details()
-        refused = httpx.post(
+        refused = post(
             f"{base}/v1/feedback",
             json={"items": [{"query": "kept?", "document_id": first, "label": 1}, item]},
             timeout=30,
@@ -94,7 +93,7 @@ def test_info_names_the_serving_reranker(server):
     assert info.reranker_version == "000001"
     assert info.reranker_id.startswith("000001@")
     assert info.reranker_since.endswith("+00:00")
-    page = httpx.get(f"http://127.0.0.1:{running.running.http_port}/info", timeout=30).json()
+    page = get(f"http://127.0.0.1:{running.running.http_port}/info", timeout=30).json()
     assert page["reranker_id"] == info.reranker_id
 
 

@@ -17,7 +17,26 @@ from collections.abc import Generator
 from pathlib import Path
 
 import uvicorn
+from fastapi.dependencies import models as fastapi_dependencies
 from starlette.types import ASGIApp
+
+CLASSIFICATION_CACHES = (
+    "_is_gen_callable_cached",
+    "_is_async_gen_callable_cached",
+    "_is_coroutine_callable_cached",
+)
+
+
+def forget_endpoints() -> None:
+    """FastAPI (0.165) keeps every endpoint it has classified in module-level LRU caches of
+    4,096 entries, and our endpoints close over the engine: a process that stops a server
+    and starts another (the test suite does, hundreds of times) would keep each stopped
+    server's models in memory, about 400 MiB apiece. Clearing costs the next request one
+    inspection of its endpoint."""
+    for name in CLASSIFICATION_CACHES:
+        cached = getattr(fastapi_dependencies, name, None)
+        if cached is not None:
+            cached.cache_clear()
 
 
 class _Embedded(uvicorn.Server):
@@ -74,10 +93,13 @@ class HttpListener:
     async def stop(self, grace_s: float | None = None) -> None:
         """Stops accepting, lets requests in flight finish (up to ``grace_s``, else the drain
         time), closes."""
-        if self.task is None:
-            self.socket.close()
-            return
-        if grace_s is not None:
-            self.server.config.timeout_graceful_shutdown = max(math.ceil(grace_s), 1)
-        self.server.should_exit = True
-        await asyncio.gather(self.task, return_exceptions=True)
+        try:
+            if self.task is None:
+                self.socket.close()
+                return
+            if grace_s is not None:
+                self.server.config.timeout_graceful_shutdown = max(math.ceil(grace_s), 1)
+            self.server.should_exit = True
+            await asyncio.gather(self.task, return_exceptions=True)
+        finally:
+            forget_endpoints()

@@ -46,8 +46,8 @@ class Follower:
         except OSError as error:
             log.warning("cannot read the version pointer", extra={"error": str(error)})
             return
-        if version in (self.searcher.collection.version, self.failed):
-            return
+        if not version or version in (self.searcher.collection.version, self.failed):
+            return  # empty: written by hand and read between its truncation and its text
         lanes = self.searcher.lanes
         try:
             fresh = await lanes.run(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tandem.artifact import ArtifactError, open_checked
 from tandem.server.engine.errors import RequestError
-from tandem.server.replication.publish import PublishError, publish_version
+from tandem.server.replication.publish import PublishError, check_keep, publish_version
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def version_folder(root: Path, version: str) -> Path:
 
 def publish_reranker(artifact: Path, root: Path, *, keep: int = 3) -> str:
     """Publishes ``artifact`` as the next reranker version under ``root``; returns it."""
+    check_keep(keep)
     try:
         manifest = open_checked(artifact, "cross-encoder")
     except ArtifactError as error:
@@ -94,8 +95,8 @@ class ModelFollower:
         except OSError as error:
             log.warning("cannot read the reranker pointer", extra={"error": str(error)})
             return
-        if version in (self.serving, self.failed):
-            return
+        if not version or version in (self.serving, self.failed):
+            return  # empty: written by hand and read between its truncation and its text
         try:
             await self.load(version_folder(self.root, version), version)
         except (ArtifactError, RequestError, OSError, Refused) as error:

@@ -63,6 +63,7 @@ def version_folder(root: Path, version: str) -> Path:
 
 def publish(source: Path, root: Path, *, keep: int = 3) -> str:
     """Publishes the collection in ``source`` as the next version under ``root``."""
+    check_keep(keep)
     source_store = source / STORE_NAME
     if not source_store.is_file():
         raise PublishError(f"{source} holds no {STORE_NAME}: not a collection")
@@ -94,8 +95,7 @@ def publish_version(
     a staging folder, which is fsynced and renamed into ``versions`` as the next number; only
     then is ``pointer`` replaced, so a follower never reads a half-written version. Versions
     older than the ``keep`` newest are pruned (a reader keeps its open files)."""
-    if keep < 1:
-        raise PublishError(f"keep must be at least 1 (got {keep})")
+    check_keep(keep)
     versions.mkdir(parents=True, exist_ok=True)
     existing = sorted(p.name for p in versions.iterdir() if p.name.isdigit())
     version = f"{int(existing[-1]) + 1 if existing else 1:06d}"
@@ -114,6 +114,12 @@ def publish_version(
     for old in existing[: max(len(existing) + 1 - keep, 0)]:
         shutil.rmtree(versions / old, ignore_errors=True)
     return version
+
+
+def check_keep(keep: int) -> None:
+    """Refused before any work: pruning to no version would delete the one just published."""
+    if keep < 1:
+        raise PublishError(f"keep must be at least 1 (got {keep})")
 
 
 def _snapshot_lexical(source: Path, target: Path, snapshot: DocumentStore) -> None:

@@ -72,7 +72,11 @@ def _hub_kind(source: str) -> BaseKind:
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as error:
-        raise LabelError(f"--base {source}: cannot be fetched from the hub ({error})") from error
+        # transformers' message runs over several lines; its first says what went wrong.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LabelError(
+            f"--base {source}: no such folder, and it cannot be fetched from the hub ({reason})"
+        ) from error
     return _kind(config.to_dict())
 
 

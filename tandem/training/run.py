@@ -115,7 +115,6 @@ def main(args: argparse.Namespace) -> int:
     judged = read_labels(args)
     train, held = split(judged, args)
     relevant = args.relevant or (2 if max_grade(judged) > 1 else 1)
-    base = resolve_base(args.base)
     stage = FirstStage(args.first_stage)
     fusion = Fusion(args.dense_weight, args.lexical_weight, args.rrf_k)
     depth = max(args.eval_depth, args.negatives + len_labelled(train), 50)
@@ -125,6 +124,9 @@ def main(args: argparse.Namespace) -> int:
     )  # fmt: skip
     pools.check_pools(held, retrieved.pools)
     lists = build(train, retrieved, args)
+    # After the labels and the collection are checked, which take seconds: naming the base
+    # may reach for the hub.
+    base = resolve_base(args.base)
     if args.restart:
         shutil.rmtree(args.out / "checkpoints", ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
