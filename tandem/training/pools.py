@@ -52,37 +52,22 @@ def retrieve(
     """``strict``: every id the labels name must be stored (labels a user wrote); else
     judgements of documents the collection lacks are dropped (TREC qrels judge pools far
     larger than most collections), and only none stored at all is an error."""
-    return asyncio.run(
-        _retrieve(collection, bi_encoder, judged, depth, stage, fusion, threads, strict)
-    )
-
-
-async def _retrieve(
-    folder: Path,
-    bi_encoder: Path,
-    judged: Sequence[Judged],
-    depth: int,
-    stage: FirstStage,
-    fusion: Fusion,
-    threads: int,
-    strict: bool,
-) -> Retrieved:
     from tandem.encoders import BiEncoder
     from tandem.server.engine.collection import Collection
     from tandem.server.engine.search import Mode, Searcher
 
-    if not (folder / "documents.sqlite").is_file():
-        raise LabelError(f"{folder} is not a collection (no documents.sqlite): --collection")
+    if not (collection / "documents.sqlite").is_file():
+        raise LabelError(f"{collection} is not a collection (no documents.sqlite): --collection")
     embedder = BiEncoder(bi_encoder, threads=threads)
-    collection = Collection(folder, embedder=embedder, pairs=None, read_only=True)
+    opened = Collection(collection, embedder=embedder, pairs=None, read_only=True)
     searcher = Searcher(
-        collection, embedder=embedder, reranker=None, pairs=None, batcher=None, cache_size=0
+        opened, embedder=embedder, reranker=None, pairs=None, batcher=None, cache_size=0
     )
     try:
-        if stage is not FirstStage.DENSE and collection.lexical is None:
-            raise LabelError(f"{folder} has no lexical index: use --first-stage dense")
+        if stage is not FirstStage.DENSE and opened.lexical is None:
+            raise LabelError(f"{collection} has no lexical index: use --first-stage dense")
         named = sorted({doc for item in judged for doc in item.ids})
-        stored = collection.get(named)
+        stored = opened.get(named)
         missing = [doc for doc in named if doc not in stored]
         if missing and not strict and len(missing) < len(named):
             drop_unstored(judged, set(missing))
@@ -94,31 +79,36 @@ async def _retrieve(
         elif missing:
             raise LabelError(
                 f"{len(missing)} of the {len(named)} document ids the labels name are not in "
-                f"{folder}: {', '.join(map(repr, missing[:3]))}"
+                f"{collection}: {', '.join(map(repr, missing[:3]))}"
                 f"{' …' if len(missing) > 3 else ''} (index them, or send them as text)"
             )
         texts = {doc: stored[doc].text for doc in named if doc in stored}
         pools: dict[str, Pool] = {}
-        for number, item in enumerate(judged, start=1):
-            rankings = {}
-            for side in dict.fromkeys((stage, FirstStage.DENSE)):
-                result = await searcher.search(
-                    item.query, recall_k=depth, top_n=depth, mode=Mode.RETRIEVE_ONLY,
-                    include_text=True, first_stage=side, fusion=fusion,
-                )  # fmt: skip
-                rankings[side] = result.hits
-                texts.update({hit.id: hit.text or "" for hit in result.hits})
-            dense = rankings[FirstStage.DENSE]
-            pools[item.query_id] = Pool(
-                first_stage=[hit.id for hit in rankings[stage]],
-                dense=[hit.id for hit in dense],
-                teacher={hit.id: float(hit.stage1_score or 0.0) for hit in dense},
-            )
-            print(f"\rfirst stage: {number}/{len(judged)} queries", end="", file=sys.stderr)
+
+        # The searcher's calls are coroutines: one event loop runs them all.
+        async def search_all() -> None:
+            for number, item in enumerate(judged, start=1):
+                rankings = {}
+                for side in dict.fromkeys((stage, FirstStage.DENSE)):
+                    result = await searcher.search(
+                        item.query, recall_k=depth, top_n=depth, mode=Mode.RETRIEVE_ONLY,
+                        include_text=True, first_stage=side, fusion=fusion,
+                    )  # fmt: skip
+                    rankings[side] = result.hits
+                    texts.update({hit.id: hit.text or "" for hit in result.hits})
+                dense = rankings[FirstStage.DENSE]
+                pools[item.query_id] = Pool(
+                    first_stage=[hit.id for hit in rankings[stage]],
+                    dense=[hit.id for hit in dense],
+                    teacher={hit.id: float(hit.stage1_score or 0.0) for hit in dense},
+                )
+                print(f"\rfirst stage: {number}/{len(judged)} queries", end="", file=sys.stderr)
+
+        asyncio.run(search_all())
         print(file=sys.stderr)
         return Retrieved(pools, texts)
     finally:
-        collection.close()
+        opened.close()
 
 
 def drop_unstored(judged: Sequence[Judged], missing: set[str]) -> None:
