@@ -82,10 +82,15 @@ def rerank_request(case: Case) -> pb.RerankRequest:
     )
 
 
-def cases(count: int, documents: int) -> list[Case]:
-    """RAG24 topics, each with ``documents`` passages from the pool retrieved for them."""
+def cases(count: int, documents: int, *, words: int = 0) -> list[Case]:
+    """RAG24 topics, each with ``documents`` passages from the pool retrieved for them, cut
+    to their first ``words`` words where that is set (the model's share then nearly goes, and
+    what is left is each door's fixed cost)."""
     data = rag24.load()
-    segments = [segment.text for segment in data.segments]
+    segments = [
+        " ".join(segment.text.split()[:words]) if words else segment.text
+        for segment in data.segments
+    ]
     return [
         Case(topic.query, segments[(i * documents) % len(segments) :][:documents])
         for i, topic in enumerate(data.topics[:count])
@@ -132,9 +137,32 @@ async def closed_loop(
     return Loop(len(latencies), pairs, time.perf_counter() - started, latencies, refused)
 
 
+async def paired_calls(
+    senders: dict[str, Callable[[Case], Awaitable[int]]], work: list[Case], *, count: int
+) -> dict[str, float]:
+    """One caller, the doors alternating call by call (gRPC then HTTP, then HTTP then gRPC):
+    both calls of a pair meet the same moment of the shared machine, so the median of the
+    pairs' differences is HTTP's cost per call beyond gRPC's, free of the drift between
+    rounds that the closed loops see."""
+    took: dict[str, list[float]] = {"grpc": [], "http": []}
+    for number in range(count):
+        case = work[number % len(work)]
+        for transport in ("grpc", "http") if number % 2 == 0 else ("http", "grpc"):
+            started = time.perf_counter()
+            await senders[transport](case)
+            took[transport].append(time.perf_counter() - started)
+    differences = [h - g for g, h in zip(took["grpc"], took["http"], strict=True)]
+    return {
+        "calls_per_door": count,
+        "grpc_p50_ms": statistics.median(took["grpc"]) * 1000,
+        "http_p50_ms": statistics.median(took["http"]) * 1000,
+        "http_minus_grpc_ms": statistics.median(differences) * 1000,
+    }
+
+
 async def measure(
     grpc_port: int, http_base: str, work: list[Case], args: argparse.Namespace
-) -> list[Round]:
+) -> tuple[list[Round], dict[str, float]]:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
     stub = tandem_pb2_grpc.RetrievalStub(channel)  # type: ignore[no-untyped-call]
     limits = httpx.Limits(max_connections=max(args.callers), max_keepalive_connections=None)
@@ -190,10 +218,11 @@ async def measure(
                         f"{done.refused} refused and retried",
                         flush=True,
                     )
+        paired = await paired_calls(senders, work, count=args.paired_calls)
     finally:
         await client.aclose()
         await channel.close()
-    return rounds
+    return rounds, paired
 
 
 def summarize(rounds: list[Round]) -> dict[str, Any]:
@@ -245,11 +274,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bi-encoder", type=Path, default=Path("artifacts/bi-encoder"))
     parser.add_argument("--reranker", type=Path, default=Path("artifacts/cross-encoder"))
     parser.add_argument("--documents", type=int, default=50, help="documents per Rerank")
+    parser.add_argument(
+        "--words", type=int, default=0, help="cut each passage to this many words (0: whole)"
+    )
     parser.add_argument("--topics", type=int, default=20, help="distinct requests, cycled")
     parser.add_argument("--callers", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--seconds", type=float, default=15.0, help="per round")
     parser.add_argument("--rounds", type=int, default=4, help="per transport (alternating)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--paired-calls", type=int, default=40, help="calls per door, alternating one by one"
+    )
     parser.add_argument(
         "--grpc-deadline-s", type=float, default=None,
         help="give each gRPC call this client deadline (the HTTP calls have none)",
@@ -261,7 +296,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.smoke:
         args.callers, args.seconds, args.rounds, args.topics = [1], 1.0, 2, 2
-    work = cases(args.topics, args.documents)
+        args.paired_calls = 2
+    work = cases(args.topics, args.documents, words=args.words)
     with tempfile.TemporaryDirectory() as folder:
         log = Path(folder) / "server.log"
         command = [
@@ -277,7 +313,7 @@ def main(args: argparse.Namespace) -> int:
                 for line in log.read_text().splitlines()
                 if '"msg": "serving"' in line
             )
-            rounds = asyncio.run(measure(server.port, serving["http"], work, args))
+            rounds, paired = asyncio.run(measure(server.port, serving["http"], work, args))
         finally:
             server.stop()
     summary = summarize(rounds)
@@ -286,11 +322,19 @@ def main(args: argparse.Namespace) -> int:
         "commit": git_commit(),
         "command": " ".join(sys.argv),
         "documents": args.documents,
+        "words": args.words,
         "summary": summary,
+        "paired_calls": paired,
         "rounds": [asdict(r) | {"pairs_per_second": r.pairs_per_second} for r in rounds],
     }
     if not args.smoke:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(table(summary))
+    print(
+        f"1 caller, doors alternating call by call ({paired['calls_per_door']:.0f} each): p50 "
+        f"gRPC {paired['grpc_p50_ms']:.1f} ms, HTTP {paired['http_p50_ms']:.1f} ms; HTTP's "
+        f"extra cost per call (median of the pairs' differences): "
+        f"{paired['http_minus_grpc_ms']:.1f} ms"
+    )
     return 0

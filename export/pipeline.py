@@ -29,6 +29,7 @@ from tandem.artifact import (
     hash_folder,
     write_manifest,
 )
+from tandem.cpu import cpu_flags, has_int8_dot_product, is_x86
 from tandem.encoders import BiEncoder, CrossEncoder, TokenBatch
 from tandem.export.checkpoint import keep_checkpoint
 from tandem.export.errors import OutputConflict, ParityFailure, UsageError
@@ -92,13 +93,18 @@ class ExportRequest:
     runtime: GraphRuntime | None = None  # None: default_runtime(precision)
 
 
-def default_runtime(precision: Precision) -> GraphRuntime:
-    """OpenVINO's static INT8 for x86 CPUs, where it measured faster at parity
-    (benchmarks/RESULTS.md); onnxruntime for GPUs (FP16), Arm, and FP32."""
-    import platform
-
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return "openvino" if precision == "int8" and x86 else "onnxruntime"
+def default_runtime(precision: Precision, flags: frozenset[str] | None = None) -> GraphRuntime:
+    """OpenVINO's static INT8 for x86 CPUs with an INT8 dot-product instruction (VNNI, AMX),
+    where it ran 1.4-1.5x faster than onnxruntime's dynamic INT8 at parity; onnxruntime
+    elsewhere: on AVX2 alone OpenVINO's ran at 0.55-0.57x of it (benchmarks/RESULTS.md, "CPU
+    runtimes"), and for GPUs (FP16), Arm, and FP32."""
+    if precision != "int8" or not is_x86():
+        return "onnxruntime"
+    return (
+        "openvino"
+        if has_int8_dot_product(cpu_flags() if flags is None else flags)
+        else "onnxruntime"
+    )
 
 
 def check_output(out: Path, source: ModelSource, *, force: bool) -> None:

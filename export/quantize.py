@@ -19,6 +19,8 @@ import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+from tandem.cpu import cpu_flags
+
 log = logging.getLogger(__name__)
 
 NumpyFeed = dict[str, NDArray[np.int64]]
@@ -59,11 +61,7 @@ def detect_preset(cpuinfo: str | None = None) -> str:
             cpuinfo = ""
     if platform.machine().lower() in ("aarch64", "arm64") and "avx" not in cpuinfo:
         return "arm64"
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-            break
+    flags = cpu_flags(cpuinfo)
     if "avx512f" in flags and ("avx512_vnni" in flags or "avx512vnni" in flags):
         return "avx512_vnni"
     if "avx512f" in flags:

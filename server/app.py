@@ -26,9 +26,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tandem.artifact import Manifest
+from tandem.cpu import cpu_flags
 from tandem.devices import BackendChoice, TorchDtype
 from tandem.encoders import BiEncoder, CrossEncoder
-from tandem.runtimes import Runtime
+from tandem.runtimes import Runtime, slower_here
 from tandem.runtimes.capacity import learn_batch_tokens, warm_up
 from tandem.server.admission import Gate, LoopLag
 from tandem.server.api.auth import TokenAuth
@@ -164,6 +165,14 @@ def _check_verified(manifest: Manifest, folder: Path, settings: Settings) -> Non
     log.warning("SERVING AN UNVERIFIED ARTIFACT", extra={"folder": str(folder), "why": measured})
 
 
+def _check_fits_cpu(folder: Path, runtime: Runtime) -> None:
+    why = slower_here(runtime.backend, runtime.device, cpu_flags())
+    if why is not None:
+        log.warning(
+            "artifact runs slower here than it could", extra={"folder": str(folder), "why": why}
+        )
+
+
 def warmed(reranker: CrossEncoder) -> CrossEncoder:
     warm_up(reranker.runtime)
     return reranker
@@ -205,6 +214,7 @@ def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) ->
         torch_dtype=cast(TorchDtype, settings.torch_dtype),
     )
     _check_verified(embedder.manifest, settings.bi_encoder, settings)
+    _check_fits_cpu(settings.bi_encoder, embedder.runtime)
     reranker = None
     slot = None
     reranker_version = ""
@@ -302,6 +312,7 @@ def load_reranker(settings: Settings, path: Path) -> CrossEncoder:
         settings.reranker_nice,
     )
     _check_verified(reranker.manifest, path, settings)
+    _check_fits_cpu(path, reranker.runtime)
     return reranker
 
 

@@ -19,6 +19,7 @@ from tandem.export.quantize import PRESETS, detect_preset
 from tandem.export.texts import passages, rerank_cases
 
 pytestmark = pytest.mark.slow
+QUANTIZATION = {"openvino": "static", "onnxruntime": "dynamic"}
 
 
 def test_bi_encoder_manifest_describes_the_artifact(bi_int8, minilm_path: Path) -> None:
@@ -35,12 +36,11 @@ def test_bi_encoder_manifest_describes_the_artifact(bi_int8, minilm_path: Path) 
     assert manifest.pooling is not None
     assert (manifest.pooling.mode, manifest.pooling.normalize) == ("mean", True)
     assert manifest.files == hash_folder(folder)
-    # x86-64 gets OpenVINO's static INT8 by default, Arm onnxruntime's dynamic INT8.
+    # OpenVINO's static INT8 by default on x86-64 with VNNI or AMX, else onnxruntime's.
     assert manifest.runtime == default_runtime("int8")
     assert {*manifest.graph_files, "tokenizer.json", "config.json"} <= set(manifest.files)
     assert {"torch", "onnxruntime", "transformers", "optimum"} <= set(manifest.versions)
-    method = {"openvino": "static", "onnxruntime": "dynamic"}[manifest.runtime]
-    assert manifest.quantization["method"] == method
+    assert manifest.quantization["method"] == QUANTIZATION[manifest.runtime]
     assert manifest.quantization["quantized_nodes"] > 0
     assert manifest.parity is not None
     assert manifest.parity.n_texts >= 200
@@ -90,16 +90,15 @@ def test_cross_encoder_keeps_token_type_ids(ce_int8, reranker_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    ("artifact", "runtime", "method"),
-    [("ce_int8", default_runtime("int8"), None), ("ce_onnx", "onnxruntime", "dynamic")],
+    ("artifact", "is_default"),
+    [("ce_int8", True), ("ce_other", False)],
 )
 def test_cross_encoder_parity_and_ranking_order(
-    request, artifact: str, runtime: str, method: str | None, reranker_path: Path, data
+    request, artifact: str, is_default: bool, reranker_path: Path, data
 ) -> None:
     folder, manifest = request.getfixturevalue(artifact)
-    assert manifest.runtime == runtime
-    if method is not None:
-        assert manifest.quantization["method"] == method
+    assert (manifest.runtime == default_runtime("int8")) is is_default
+    assert manifest.quantization["method"] == QUANTIZATION[manifest.runtime]
     assert manifest.parity is not None
     assert manifest.parity.n_queries >= 20
     assert manifest.parity.n_texts >= 20 * 50

@@ -97,7 +97,7 @@ def test_info_names_the_serving_reranker(server):
     assert page["reranker_id"] == info.reranker_id
 
 
-def test_publish_under_load_switches_once_with_no_failed_call(server, ce_onnx, data):
+def test_publish_under_load_switches_once_with_no_failed_call(server, ce_other, data):
     running, root, _ = server
     stub = running.stub()
     before = stub.Info(pb.InfoRequest()).reranker_id
@@ -131,7 +131,7 @@ def test_publish_under_load_switches_once_with_no_failed_call(server, ce_onnx, d
         caller.start()
     try:
         time.sleep(2)
-        assert publish_reranker(ce_onnx[0], root) == "000002"
+        assert publish_reranker(ce_other[0], root) == "000002"
         deadline = time.monotonic() + 120
         while stub.Info(pb.InfoRequest()).reranker_version != "000002":
             assert time.monotonic() < deadline, "the new reranker never served"
@@ -174,7 +174,7 @@ def test_a_bad_artifact_is_refused_and_the_old_reranker_keeps_serving(
     # One slipped in by hand, altered after export: the server refuses it.
     altered = version_folder(root, "000009")
     shutil.copytree(ce_int8[0], altered)
-    weights = altered / "openvino_model.bin"
+    weights = altered / ce_int8[1].graph_files[-1]
     weights.write_bytes(weights.read_bytes()[:-16] + b"\0" * 16)
     with caplog.at_level(logging.ERROR, logger="tandem.server.replication.models"):
         (root / POINTER).write_text("000009\n", encoding="utf-8")

@@ -15,10 +15,13 @@ from numpy.typing import NDArray
 from test_artifact import make_manifest
 
 from tandem.artifact import ArtifactError, check_files, hash_folder
+from tandem.cpu import cpu_flags
 from tandem.devices import DeviceSpec
-from tandem.runtimes import RuntimeUnavailable, choose_backend, unread_files
+from tandem.export.pipeline import default_runtime
+from tandem.runtimes import RuntimeUnavailable, choose_backend, slower_here, unread_files
 from tandem.runtimes.capacity import choose_cap, learn_batch_tokens
 from tandem.tokens import TokenBatch
+from tandem.training.fit import bf16_supported
 
 CPU = DeviceSpec()
 GPU = DeviceSpec("cuda", 0)
@@ -143,3 +146,35 @@ def test_learning_stops_at_the_first_out_of_memory() -> None:
     cap = learn_batch_tokens(device, ceiling=65_536, clock=lambda: clock[0])  # type: ignore[arg-type]
     assert cap == 4096
     assert device.shapes[-1] == (32, 256)
+
+
+AVX2_ONLY = "flags\t\t: fpu sse2 avx fma avx2 f16c\n"
+VNNI = "flags\t\t: fpu avx2 avx512f avx512bw avx512_vnni avx512_bf16\n"
+AMX = "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8 amx_tile\n"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "int8_runtime", "openvino_is_slower"),
+    [(AVX2_ONLY, "onnxruntime", True), (VNNI, "openvino", False), (AMX, "openvino", False)],
+)
+def test_the_default_int8_runtime_follows_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, cpuinfo: str, int8_runtime: str, openvino_is_slower: bool
+) -> None:
+    monkeypatch.setattr("tandem.cpu.platform.machine", lambda: "x86_64")
+    flags = cpu_flags(cpuinfo)
+    assert default_runtime("int8", flags) == int8_runtime
+    assert default_runtime("fp16", flags) == "onnxruntime"
+    assert (slower_here("openvino", CPU, flags) is not None) is openvino_is_slower
+    assert slower_here("onnxruntime", CPU, flags) is None
+
+
+def test_arm_exports_onnxruntime_whatever_its_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tandem.cpu.platform.machine", lambda: "aarch64")
+    assert default_runtime("int8", cpu_flags("Features\t: fp asimd asimddp\n")) == "onnxruntime"
+
+
+def test_bf16_training_needs_amx_or_avx512_bf16() -> None:
+    assert bf16_supported(AMX)
+    assert bf16_supported(VNNI)
+    assert not bf16_supported(AVX2_ONLY)
+    assert cpu_flags("no flags here") == frozenset()

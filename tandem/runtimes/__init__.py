@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from tandem.artifact import ArtifactError, Manifest
+from tandem.cpu import has_int8_dot_product
 from tandem.devices import Backend, BackendChoice, DeviceSpec, TorchDtype
 from tandem.tokens import TokenBatch
 
@@ -84,6 +85,17 @@ def choose_backend(manifest: Manifest, choice: BackendChoice, device: DeviceSpec
     raise RuntimeUnavailable(
         "onnxruntime here has no CUDA execution provider: install onnxruntime-gpu, or use "
         f"--backend torch ({checkpoint_hint})"
+    )
+
+
+def slower_here(backend: Backend, device: DeviceSpec, flags: frozenset[str]) -> str | None:
+    """Why ``backend`` is the slower INT8 runtime on this CPU, or None where it is not."""
+    if backend != "openvino" or device.is_gpu or has_int8_dot_product(flags):
+        return None
+    return (
+        "OpenVINO's static INT8 ran at 0.55-0.57x of onnxruntime's dynamic INT8 on a CPU "
+        "without VNNI or AMX (benchmarks/RESULTS.md); re-export with --runtime onnxruntime "
+        "(the default on this CPU) to serve faster"
     )
 
 

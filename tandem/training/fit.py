@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from tandem.cpu import cpu_flags, has_bf16_matmul
 from tandem.training.labels import Judged, LabelError
 from tandem.training.pools import Pool, hard_negatives, teacher_scores
 
@@ -111,17 +112,7 @@ def data_hash(lists: Sequence[Listed]) -> str:
 
 def bf16_supported(cpuinfo: str | None = None) -> bool:
     """bf16 autocast pays on CPUs with AMX or avx512_bf16; elsewhere it is emulated, slower."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    return has_bf16_matmul(cpu_flags(cpuinfo))
 
 
 def train(
