@@ -15,7 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -138,7 +138,7 @@ async def closed_loop(
 
 
 async def paired_calls(
-    senders: dict[str, Callable[[Case], Awaitable[int]]], work: list[Case], *, count: int
+    senders: Mapping[str, Callable[[Case], Awaitable[int]]], work: list[Case], *, count: int
 ) -> dict[str, float]:
     """One caller, the doors alternating call by call (gRPC then HTTP, then HTTP then gRPC):
     both calls of a pair meet the same moment of the shared machine, so the median of the
