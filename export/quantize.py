@@ -54,14 +54,10 @@ def detect_preset(cpuinfo: str | None = None) -> str:
     """Picks the preset for this CPU from its flags (``/proc/cpuinfo`` on Linux)."""
     import platform
 
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            cpuinfo = ""
-    if platform.machine().lower() in ("aarch64", "arm64") and "avx" not in cpuinfo:
-        return "arm64"
     flags = cpu_flags(cpuinfo)
+    arm = platform.machine().lower() in ("aarch64", "arm64")
+    if arm and not any(flag.startswith("avx") for flag in flags):
+        return "arm64"
     if "avx512f" in flags and ("avx512_vnni" in flags or "avx512vnni" in flags):
         return "avx512_vnni"
     if "avx512f" in flags:
