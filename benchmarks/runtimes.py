@@ -7,6 +7,8 @@ threads; and parity against the PyTorch FP32 reference over 50 queries x 20 cand
 (mean Spearman, top-10 overlap). For every bi-encoder artifact: RAG24 segments embedded per
 second, as ``tandem index build`` embeds them, and cosine against the reference. Rounds
 alternate between runtimes, so a noisy neighbour hits each alike; the best round counts.
+An OpenVINO artifact runs once per ``--cpu-precisions`` hint (f32, and bf16 where AMX makes it
+fast); its label says what OpenVINO actually ran, since it runs f32 where bf16 is not there.
 """
 
 from __future__ import annotations
@@ -15,21 +17,39 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from tandem import rag24
 from tandem.artifact import read_manifest
 from tandem.benchmarks.serving import git_commit
-from tandem.encoders import BiEncoder, CrossEncoder, pad_encodings
+from tandem.devices import CpuPrecision
+from tandem.encoders import BiEncoder, CrossEncoder, Encoder, pad_encodings
 from tandem.export import reference
 from tandem.export.parity import embedding_metrics, ranking_metrics
 from tandem.export.texts import passages, rerank_cases
+from tandem.runtimes.openvino import OpenVinoRuntime
+
+E = TypeVar("E", bound=Encoder)
 
 
-def label(folder: Path) -> str:
-    manifest = read_manifest(folder)
+def label(model: Encoder) -> str:
+    manifest = model.manifest
     method = manifest.quantization.get("method", "none")
-    return f"{manifest.runtime} {manifest.precision} ({method})"
+    runtime = model.runtime
+    hint = f", {runtime.precision} ops" if isinstance(runtime, OpenVinoRuntime) else ""
+    return f"{manifest.runtime} {manifest.precision} ({method}{hint})"
+
+
+def variants(kind: type[E], folders: list[Path], args: argparse.Namespace) -> dict[str, E]:
+    """Each artifact, opened once per CPU precision hint where its runtime takes one."""
+    opened: dict[str, E] = {}
+    for folder in folders:
+        hints = args.cpu_precisions if read_manifest(folder).runtime == "openvino" else ["f32"]
+        for position, hint in enumerate(hints):
+            name = f"{folder}@{hint}" if position else str(folder)
+            model = kind(folder, threads=args.threads, cpu_precision=cast(CpuPrecision, hint))
+            opened[name] = model
+    return opened
 
 
 def reranker_batches(
@@ -58,7 +78,7 @@ def measure_rerankers(
         source, [(c.query, c.documents) for c in cases], max_length=512, threads=args.threads
     )
     pairs = [(case.query, doc) for case in cases for doc in case.documents][: args.pairs]
-    models = {str(folder): CrossEncoder(folder, threads=args.threads) for folder in folders}
+    models = variants(CrossEncoder, folders, args)
     batches = {
         name: reranker_batches(model, pairs, args.batch_tokens) for name, model in models.items()
     }
@@ -73,7 +93,7 @@ def measure_rerankers(
     for name, model in models.items():
         got = [model.score(case.query, case.documents) for case in cases]
         out[name] = {
-            "runtime": label(Path(name)),
+            "runtime": label(model),
             "pairs_per_s": round(max(rates[name]), 1),
             "pairs_per_s_rounds": [round(rate, 1) for rate in rates[name]],
             "parity": {
@@ -90,7 +110,7 @@ def measure_bi_encoders(
     source = Path(read_manifest(folders[0]).source)
     check = passages(data, count=16 if args.smoke else 256, part="verify")
     want = reference.embed(source, check, max_length=256, threads=args.threads)
-    models = {str(folder): BiEncoder(folder, threads=args.threads) for folder in folders}
+    models = variants(BiEncoder, folders, args)
     rates: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, model in models.items():
@@ -99,7 +119,7 @@ def measure_bi_encoders(
             rates[name].append(len(texts) / (time.perf_counter() - started))
     return {
         name: {
-            "runtime": label(Path(name)),
+            "runtime": label(model),
             "docs_per_s": round(max(rates[name]), 1),
             "docs_per_s_rounds": [round(rate, 1) for rate in rates[name]],
             "parity": {
@@ -158,6 +178,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--cpu-precisions",
+        nargs="+",
+        choices=["f32", "bf16"],
+        default=["f32", "bf16"],
+        help="OpenVINO inference precision hints, each run as its own row",
+    )
     parser.add_argument("--parity-queries", type=int, default=50, help="x 20 candidates")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/runtimes.json"))
     parser.add_argument("--smoke", action="store_true", help="seconds: a few pairs, one round")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from tandem.artifact import (
     write_manifest,
 )
 from tandem.devices import BackendChoice, DeviceSpec
+from tandem.durable import sha256_file
 from tandem.encoders import BiEncoder, CrossEncoder
 from tandem.export import reference
 from tandem.export.errors import InvalidSource, ParityFailure
@@ -26,6 +27,7 @@ from tandem.export.parity import (
     ranking_metrics,
     ranking_passes,
 )
+from tandem.export.probe import PROBE_NAME, Probe, embedding_probe, ranking_probe, write_probe
 from tandem.export.source import ModelSource, resolve
 from tandem.export.texts import passages, rerank_cases
 from tandem.rag24 import Rag24
@@ -53,7 +55,9 @@ def measure(
     threads: int = 2,
     device: str = "cpu",
     backend: BackendChoice = "auto",
-) -> Parity:
+) -> tuple[Parity, Probe]:
+    """The artifact's parity, and the probe (a slice of the same text and reference) that a
+    server on another CPU checks a faster variant against."""
     manifest = read_manifest(folder)
     if manifest.kind == "bi-encoder":
         texts = passages(data, count=sample.texts, part="verify")
@@ -65,6 +69,7 @@ def measure(
         thresholds = {"min_mean_cosine": bars.min_mean_cosine, "min_cosine": bars.min_cosine}
         n_texts, n_queries = len(texts), 0
         reference_name = "sentence_transformers.SentenceTransformer.encode, torch fp32"
+        probe = embedding_probe(texts, want)
     else:
         cases = rerank_cases(
             data, queries=sample.queries, candidates=sample.candidates, part="verify"
@@ -86,7 +91,8 @@ def measure(
         n_texts = sum(len(case.documents) for case in cases)
         n_queries = len(cases)
         reference_name = "sentence_transformers.CrossEncoder.predict (raw logits), torch fp32"
-    return Parity(
+        probe = ranking_probe(cases, want_scores)
+    parity = Parity(
         passed=passed,
         metrics={name: round(value, 6) for name, value in metrics.items()},
         thresholds=thresholds,
@@ -96,6 +102,7 @@ def measure(
         n_queries=n_queries,
         measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
+    return parity, probe
 
 
 def verify_folder(
@@ -120,7 +127,7 @@ def verify_folder(
     except ArtifactError as exc:
         raise InvalidSource(str(exc)) from exc
     source = resolve(model or manifest.source)
-    parity = measure(
+    parity, probe = measure(
         folder, source, data, bars=bars, sample=sample, threads=threads, device=device,
         backend=backend,
     )  # fmt: skip
@@ -132,7 +139,9 @@ def verify_folder(
                 f"{folder} on PyTorch ({device}): parity {parity.metrics} below {parity.thresholds}"
             )
         return manifest.with_parity(parity)
-    updated = manifest.with_parity(parity)
+    write_probe(folder, probe)
+    files = {**manifest.files, PROBE_NAME: sha256_file(folder / PROBE_NAME)}
+    updated = replace(manifest.with_parity(parity), files=files)
     write_manifest(folder, updated)
     if not parity.passed:
         raise ParityFailure(

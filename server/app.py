@@ -16,10 +16,11 @@ import gc
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,9 +28,10 @@ from grpc_reflection.v1alpha import reflection
 
 from tandem.artifact import Manifest
 from tandem.cpu import cpu_flags
-from tandem.devices import BackendChoice, TorchDtype
-from tandem.encoders import BiEncoder, CrossEncoder
-from tandem.runtimes import Runtime, slower_here
+from tandem.devices import BackendChoice, CpuPrecision, TorchDtype
+from tandem.encoders import BiEncoder, CrossEncoder, Encoder
+from tandem.export.probe import PrecisionRefused, fit_cpu_precision
+from tandem.runtimes import Runtime, RuntimeFit, slower_here
 from tandem.runtimes.capacity import learn_batch_tokens, warm_up
 from tandem.server.admission import Gate, LoopLag
 from tandem.server.api.auth import TokenAuth
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
     from tandem.server.http.listener import HttpListener
 
 log = logging.getLogger(__name__)
+E = TypeVar("E", bound=Encoder)
 SERVICE_NAME: str = tandem_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name
 WARM_UP_QUERY = "what is two-stage retrieval"
 FOLLOWER = "follower"
@@ -173,9 +176,9 @@ def _check_fits_cpu(folder: Path, runtime: Runtime) -> None:
         )
 
 
-def warmed(reranker: CrossEncoder) -> CrossEncoder:
-    warm_up(reranker.runtime)
-    return reranker
+def warmed(chosen: tuple[CrossEncoder, RuntimeFit]) -> tuple[CrossEncoder, RuntimeFit]:
+    warm_up(chosen[0].runtime)
+    return chosen
 
 
 def batch_limits(settings: Settings, runtime: Runtime) -> BatchLimits:
@@ -205,17 +208,23 @@ def batch_limits(settings: Settings, runtime: Runtime) -> BatchLimits:
 
 def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) -> Engine:
     """Opens both models (refusing altered or unverified artifacts) and the collection."""
-    embedder = BiEncoder(
+    embedder, embedder_fit = fitted(
         settings.bi_encoder,
-        threads=settings.threads,
-        spinning=settings.ort_spinning,
-        device=settings.bi_encoder_device or settings.device,
-        backend=cast(BackendChoice, settings.backend),
-        torch_dtype=cast(TorchDtype, settings.torch_dtype),
+        settings,
+        lambda precision: BiEncoder(
+            settings.bi_encoder,
+            threads=settings.threads,
+            spinning=settings.ort_spinning,
+            device=settings.bi_encoder_device or settings.device,
+            backend=cast(BackendChoice, settings.backend),
+            torch_dtype=cast(TorchDtype, settings.torch_dtype),
+            cpu_precision=precision,
+        ),
     )
     _check_verified(embedder.manifest, settings.bi_encoder, settings)
     _check_fits_cpu(settings.bi_encoder, embedder.runtime)
     reranker = None
+    reranker_fit = None
     slot = None
     reranker_version = ""
     if settings.reranker is not None:
@@ -223,7 +232,7 @@ def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) ->
         if is_models_root(path):
             reranker_version = current_reranker(path)
             path = reranker_folder(path, reranker_version)
-        reranker = load_reranker(settings, path)
+        reranker, reranker_fit = load_reranker(settings, path)
         slot = reranker_slot(settings, metrics, reranker)
     pairs = None if slot is None else slot.pairs
 
@@ -253,6 +262,8 @@ def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) ->
         reranker is not None and is_stand_in(reranker.manifest.source, settings.reranker_stand_in),
         reranker_since=now_utc() if reranker else "",
         reranker_version=reranker_version,
+        bi_encoder_fit=embedder_fit,
+        reranker_fit=reranker_fit,
     )
     searcher = Searcher(
         collection,
@@ -293,27 +304,54 @@ def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) ->
     return engine
 
 
-def load_reranker(settings: Settings, path: Path) -> CrossEncoder:
+def load_reranker(settings: Settings, path: Path) -> tuple[CrossEncoder, RuntimeFit]:
     """Opens, warms and checks a reranker artifact (refusing altered or unverified ones)."""
+
+    def opened(precision: CpuPrecision) -> CrossEncoder:
+        return CrossEncoder(
+            path,
+            threads=settings.threads,
+            spinning=settings.ort_spinning,
+            device=settings.device,
+            backend=cast(BackendChoice, settings.backend),
+            torch_dtype=cast(TorchDtype, settings.torch_dtype),
+            cpu_precision=precision,
+        )
+
     # Warmed inside too: OpenVINO starts its worker threads on the first run, not when
     # the model is compiled. Before the bi-encoder's first run, so that the workers
     # the two models share start lowered; the query path keeps its calling thread.
-    reranker = with_threads_lowered(
-        lambda: warmed(
-            CrossEncoder(
-                path,
-                threads=settings.threads,
-                spinning=settings.ort_spinning,
-                device=settings.device,
-                backend=cast(BackendChoice, settings.backend),
-                torch_dtype=cast(TorchDtype, settings.torch_dtype),
-            )
-        ),
-        settings.reranker_nice,
+    reranker, fit = with_threads_lowered(
+        lambda: warmed(fitted(path, settings, opened)), settings.reranker_nice
     )
     _check_verified(reranker.manifest, path, settings)
     _check_fits_cpu(path, reranker.runtime)
-    return reranker
+    return reranker, fit
+
+
+def fitted(
+    folder: Path, settings: Settings, open_encoder: Callable[[CpuPrecision], E]
+) -> tuple[E, RuntimeFit]:
+    """The artifact opened in the precision that fits this CPU (tandem.export.probe)."""
+    try:
+        encoder, fit = fit_cpu_precision(
+            open_encoder,
+            folder,
+            settings.cpu_precision,
+            allow_unverified=settings.allow_unverified,
+        )
+    except PrecisionRefused as error:
+        raise Unverified(str(error)) from error
+    log.info(
+        "runtime chosen",
+        extra={
+            "folder": str(folder),
+            "runtime": fit.backend,
+            "precision": fit.precision,
+            "why": fit.reason,
+        },
+    )
+    return encoder, fit
 
 
 def reranker_slot(settings: Settings, metrics: Metrics, reranker: CrossEncoder) -> RerankerSlot:
@@ -336,7 +374,7 @@ async def publish_reranker_to(
     go on) and swaps it in; raises, leaving the old one serving, where it is refused."""
     started = time.perf_counter()
     try:
-        reranker = await asyncio.to_thread(load_reranker, settings, folder)
+        reranker, fit = await asyncio.to_thread(load_reranker, settings, folder)
     except Unverified as error:
         raise Refused(str(error)) from error
     slot = reranker_slot(settings, metrics, reranker)
@@ -346,6 +384,7 @@ async def publish_reranker_to(
         reranker_is_stand_in=is_stand_in(reranker.manifest.source, settings.reranker_stand_in),
         reranker_since=now_utc(),
         reranker_version=version,
+        reranker_fit=fit,
     )
     old = await engine.swap_reranker(slot, models)
     log.info(

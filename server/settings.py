@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from tandem.devices import BACKEND_CHOICES, DEVICE_PATTERN, TORCH_DTYPES
+from tandem.devices import BACKEND_CHOICES, CPU_PRECISIONS, DEVICE_PATTERN, TORCH_DTYPES
 
 ENV_PREFIX = "TANDEM_"
 FIRST_STAGES = ("dense", "lexical", "hybrid")  # fusion.FirstStage's values
@@ -159,6 +159,13 @@ class Settings:
         default="auto",
         metadata=_doc("PyTorch backend precision: auto (float16 on a GPU), bfloat16, float32"),
     )
+    cpu_precision: str = field(
+        default="auto",
+        metadata=_doc(
+            "what OpenVINO runs unquantized ops in: auto (bf16 where this CPU runs it, the "
+            "artifact's parity probe passes and it runs 10 percent faster; else f32), f32 or bf16"
+        ),
+    )
     # Security
     tls_cert: Path | None = field(default=None, metadata=_doc("PEM certificate chain: TLS on"))
     tls_key: Path | None = field(default=None, metadata=_doc("PEM private key for --tls-cert"))
@@ -234,6 +241,25 @@ class Settings:
             "cut each document to this many tokens before reranking, when a call sets no "
             "max_tokens_per_doc: shorter pairs, so more of them within a budget; 0: only the "
             "reranker's own length"
+        ),
+    )
+    max_chunks_per_doc: int = field(
+        default=10,
+        metadata=_doc(
+            "windows of each document the reranker reads, when a call sets no "
+            "max_chunks_per_doc (Cohere v1's name): a document longer than one pair is cut "
+            "into overlapping windows and takes its best window's score; 1: its start only"
+        ),
+    )
+    max_chunks_per_doc_limit: int = field(
+        default=64,
+        metadata=_doc("the most windows a call may ask to be read of each document"),
+    )
+    window_overlap: int = field(
+        default=64,
+        metadata=_doc(
+            "tokens each window shares with the one before (at most half a window), so that "
+            "a passage cut by a window's edge is read whole by the next"
         ),
     )
     # First stage
@@ -452,6 +478,11 @@ def validate(settings: Settings) -> None:
         problems.append(
             f"torch_dtype {settings.torch_dtype!r} is not one of {', '.join(TORCH_DTYPES)}"
         )
+    if settings.cpu_precision not in ("auto", *CPU_PRECISIONS):
+        problems.append(
+            f"cpu_precision {settings.cpu_precision!r} is not one of auto, "
+            f"{', '.join(CPU_PRECISIONS)}"
+        )
     if settings.first_stage not in FIRST_STAGES:
         problems.append(
             f"first_stage {settings.first_stage!r} is not one of {', '.join(FIRST_STAGES)}"
@@ -466,7 +497,7 @@ def validate(settings: Settings) -> None:
         "threads", "max_in_flight", "max_message_bytes", "max_recall_k", "max_top_n",
         "max_rerank_documents", "max_embed_texts", "max_upsert_documents", "max_id_bytes",
         "default_recall_k", "default_top_n", "max_queued_pairs", "compact_min_removed",
-        "rrf_k",
+        "rrf_k", "max_chunks_per_doc", "max_chunks_per_doc_limit",
     )  # fmt: skip
     problems.extend(
         f"{name} must be at least 1 (got {getattr(settings, name)})"
@@ -478,12 +509,17 @@ def validate(settings: Settings) -> None:
         "max_batch_tokens", "max_batch_pairs",
         "checkpoint_seconds",
         "drain_seconds", "max_queue_wait_ms", "latency_slack_ms", "reranker_nice",
-        "compact_removed_fraction", "dense_weight", "lexical_weight",
+        "compact_removed_fraction", "dense_weight", "lexical_weight", "window_overlap",
     ):  # fmt: skip
         if getattr(settings, name) < 0:
             problems.append(f"{name} must be >= 0 (got {getattr(settings, name)})")
     if settings.expansion_search is not None and settings.expansion_search < 1:
         problems.append(f"expansion_search must be at least 1 (got {settings.expansion_search})")
+    if settings.max_chunks_per_doc > settings.max_chunks_per_doc_limit:
+        problems.append(
+            f"max_chunks_per_doc {settings.max_chunks_per_doc} is above "
+            f"max_chunks_per_doc_limit {settings.max_chunks_per_doc_limit}"
+        )
     if settings.default_recall_k > settings.max_recall_k:
         problems.append("default_recall_k is larger than max_recall_k")
     if settings.default_top_n > settings.max_top_n:

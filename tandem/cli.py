@@ -45,6 +45,7 @@ BENCHES = {
     "quantization": "static INT8 recipes for a reranker: top-5 overlap with FP32, and speed",
     "stage1": "dense, lexical and hybrid first stages on RAG24: quality, latency, index size",
     "swap": "a new reranker published to a server under Search load: failed calls, the switch",
+    "long_documents": "whole RAG24 documents reranked by their first window or all (MaxP)",
 }
 
 

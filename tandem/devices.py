@@ -15,6 +15,9 @@ BACKEND_CHOICES: tuple[BackendChoice, ...] = ("auto", "onnxruntime", "openvino",
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 TorchDtype = Literal["auto", "float16", "bfloat16", "float32"]
 TORCH_DTYPES: tuple[TorchDtype, ...] = ("auto", "float16", "bfloat16", "float32")
+# The precision OpenVINO runs a graph's unquantized ops in, on a CPU.
+CpuPrecision = Literal["f32", "bf16"]
+CPU_PRECISIONS: tuple[CpuPrecision, ...] = ("f32", "bf16")
 
 
 @dataclass(frozen=True)

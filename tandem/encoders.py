@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from tandem.artifact import ArtifactError, Kind, Manifest, check_files, open_checked
-from tandem.devices import BackendChoice, DeviceSpec, TorchDtype
+from tandem.devices import BackendChoice, CpuPrecision, DeviceSpec, TorchDtype
 from tandem.runtimes import Runtime, choose_backend, open_runtime, unread_files
 from tandem.tokens import (
     TokenBatch,
@@ -58,6 +58,7 @@ class Encoder:
         backend: BackendChoice = "auto",
         torch_dtype: TorchDtype = "auto",
         check_hashes: bool = True,
+        cpu_precision: CpuPrecision = "f32",
     ) -> None:
         self.folder = folder
         spec = device if isinstance(device, DeviceSpec) else DeviceSpec.parse(device)
@@ -75,6 +76,7 @@ class Encoder:
             threads=threads,
             spinning=spinning,
             torch_dtype=torch_dtype,
+            cpu_precision=cpu_precision,
         )
         self.input_names = self.runtime.input_names
 

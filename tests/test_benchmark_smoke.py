@@ -17,6 +17,7 @@ from tandem.benchmarks import (
     encoders,
     http_overhead,
     load,
+    long_documents,
     peers,
     quality,
     quantization,
@@ -152,6 +153,18 @@ def test_runtimes_benchmark_smoke(tmp_path, bi_int8, ce_int8, capsys) -> None:
     assert 0 < row["parity"]["mean_spearman"] <= 1  # 2 queries: the command, not the bar
     assert result["bi_encoders"][str(bi_int8[0])]["docs_per_s"] > 0
     assert "| reranker runtime | pairs/s |" in capsys.readouterr().out
+
+
+def test_long_documents_benchmark_smoke(tmp_path, bi_int8, ce_int8) -> None:
+    argv = ["--smoke", "--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0]),
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "long.json")]  # fmt: skip
+    assert long_documents.main(bench_args(long_documents, argv)) == 0
+    result = json.loads((tmp_path / "long_documents_smoke.json").read_text())
+    assert 0 < result["documents"] <= 60
+    assert result["topics"] >= 1
+    assert result["documents_past_one_window"] > 0
+    assert set(result["held_out"]) >= {"documents_maxp", "passages_first_window", "stage1_passages"}
+    assert result["in_budget"]["maxp"]["of_documents"] == 4
 
 
 def test_quantization_benchmark_smoke(request, tmp_path, reranker_path, capsys) -> None:

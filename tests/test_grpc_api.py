@@ -293,11 +293,24 @@ def test_rerank_errors(stub):
         == grpc.StatusCode.NOT_FOUND
     )
     long_pair = [pb.RerankDocument(text=LONG_TEXT)]
-    reply = stub.Rerank(pb.RerankRequest(query="q", documents=long_pair, rerank_budget_ms=0))
-    assert reply.truncated
-    assert reply.results[0].truncated
-    refused = pb.RerankRequest(query="q", documents=long_pair, truncate=False)
-    assert "longer than the reranker's 512 tokens" in details_of(stub.Rerank, refused)
+    # ~2,000 tokens: read whole in the default 10 windows; cut (and flagged) at 1 or 2.
+    whole = stub.Rerank(pb.RerankRequest(query="q", documents=long_pair, rerank_budget_ms=0))
+    assert not whole.truncated
+    assert whole.results[0].passage.windows == 5
+    for windows in (1, 2):
+        reply = stub.Rerank(
+            pb.RerankRequest(
+                query="q", documents=long_pair, rerank_budget_ms=0, max_chunks_per_doc=windows
+            )
+        )
+        assert reply.truncated
+        assert reply.results[0].truncated
+        assert reply.results[0].passage.windows == windows
+    refused = pb.RerankRequest(query="q", documents=long_pair, truncate=False, max_chunks_per_doc=2)
+    assert "do not fit the reranker's 2 windows of 512 tokens" in details_of(stub.Rerank, refused)
+    for bad in (0, 65):
+        request = pb.RerankRequest(query="q", documents=long_pair, max_chunks_per_doc=bad)
+        assert "max_chunks_per_doc must be between 1 and 64" in details_of(stub.Rerank, request)
 
 
 def test_embed_matches_the_bi_encoder(stub, bi_int8, data):
@@ -374,6 +387,13 @@ def test_info_states_models_limits_and_stand_in(stub):
     assert info.reranker.precision == "int8"
     assert info.reranker_is_stand_in  # exported from ../shared/models/stand-in-reranker
     assert '"files"' in info.reranker.manifest_json
+    # How each runs here, and why: OpenVINO names its precision, onnxruntime none.
+    for model in (info.bi_encoder, info.reranker):
+        assert model.runtime in ("onnxruntime", "openvino")
+        assert model.runtime_choice
+        assert model.inference_precision in (
+            ("f32", "bf16") if model.runtime == "openvino" else ("",)
+        )
     assert info.limits.max_rerank_documents == 120
     assert info.limits.query_max_tokens == 256
     assert info.limits.pair_max_tokens == 512

@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain_classic.retrievers import ContextualCompressionRetriever
@@ -283,6 +284,55 @@ def test_native_search_mirrors_grpc_search(server, base, data) -> None:
     assert lexical["dense_candidates"] == 0
 
 
+def test_long_documents_score_alike_through_cohere_grpc_and_native(server, base, data) -> None:
+    query = data.topics[5].query
+    texts = [
+        "\n".join(segment.text for segment in data.segments[start : start + 5])
+        for start in (300, 305)
+    ] + [data.segments[310].text]
+    expected = grpc_rerank(server, query, texts, max_chunks_per_doc=3)
+    assert max(result.passage.windows for result in expected) == 3  # read in windows
+    with cohere.Client(api_key="unused", base_url=base) as client:
+        reply = client.rerank(
+            model="rerank-english-v3.0", query=query, documents=texts, max_chunks_per_doc=3
+        )
+    assert [r.index for r in reply.results] == [r.index for r in expected]
+    for got, want in zip(reply.results, expected, strict=True):
+        assert got.relevance_score == pytest.approx(want.probability, rel=1e-6)
+    raw = post(
+        f"{base}/v1/rerank", json={"query": query, "documents": texts, "max_chunks_per_doc": 3}
+    ).json()
+    for got, want in zip(raw["results"], expected, strict=True):
+        assert got["passage"]["windows"] == want.passage.windows
+        assert (got["passage"]["start"], got["passage"]["end"]) == (
+            want.passage.start,
+            want.passage.end,
+        )
+    # Stored: the native search route and gRPC Search read the same windows.
+    upsert(server.stub(), [document("long-0", texts[0], long=True)])
+    try:
+        search = {"query": query, "rerank_budget_ms": 0, "metadata_filter": {"long": True}}
+        native = post(f"{base}/v1/search", json={**search, "max_chunks_per_doc": 3}).json()
+        grpc_hits = server.stub().Search(
+            pb.SearchRequest(
+                query=query, rerank_budget_ms=0,
+                metadata_filter={"long": struct_pb2.Value(bool_value=True)},
+                max_chunks_per_doc=3,
+            )
+        ).hits  # fmt: skip
+        assert [h["id"] for h in native["hits"]] == [h.id for h in grpc_hits] == ["long-0"]
+        assert native["hits"][0]["score"] == pytest.approx(grpc_hits[0].score, rel=1e-6)
+        assert native["hits"][0]["passage"]["windows"] == grpc_hits[0].passage.windows == 3
+        # Batched with other pairs, dynamic INT8 moves a score slightly (test_search).
+        assert native["hits"][0]["score"] == pytest.approx(expected_score(expected, 0), abs=0.1)
+    finally:
+        server.stub().Delete(pb.DeleteRequest(ids=["long-0"]))
+
+
+def expected_score(results: list[pb.RerankResult], index: int) -> float:
+    return next(result.relevance_score for result in results if result.index == index)
+
+
 def test_native_search_min_rerank_is_429_with_retry_after(base, data) -> None:
     body = {"query": data.topics[4].query, "rerank_budget_ms": 5, "min_rerank": 50}
     reply = post(f"{base}/v1/search", json=body)
@@ -315,6 +365,9 @@ def test_info_and_health(base, server) -> None:
     info = get(f"{base}/info").json()
     assert info["score_activation"] == "sigmoid"
     assert info["reranker"]["verified"] is True
+    grpc_reranker = server.stub().Info(pb.InfoRequest()).reranker
+    assert info["reranker"]["runtime_choice"] == grpc_reranker.runtime_choice != ""
+    assert info["reranker"]["inference_precision"] == grpc_reranker.inference_precision
     assert info["dimension"] == server.stub().Info(pb.InfoRequest()).dimension
     health = get(f"{base}/health")
     assert (health.status_code, health.json()) == (200, {"status": "SERVING"})

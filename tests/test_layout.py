@@ -31,6 +31,19 @@ def test_tandem_help_loads_no_runtime():
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
 
 
+def test_the_server_never_imports_the_export_stack():
+    # The start-up precision choice reads the export's parity probe (tandem.export.probe):
+    # that must not pull torch, transformers or nncf into a CPU server.
+    probe = (
+        "import sys, tandem.server.app\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'nncf'}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
+
+
 def test_installing_claims_one_import_name():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     include = config["tool"]["setuptools"]["packages"]["find"]["include"]

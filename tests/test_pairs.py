@@ -66,3 +66,46 @@ def test_padding_marks_only_real_tokens(reranker_path: Path) -> None:
         len(p) for p in pairs.join(query, pairs.tokenize(["short", "a much longer document text"]))
     ]
     assert np.all(batch.input_ids[batch.attention_mask == 0] == 0)
+
+
+def test_windows_read_a_long_document_whole_with_overlap(reranker_path: Path, data) -> None:
+    reference = load_tokenizer(reranker_path, max_length=64)
+    pairs = PairTokenizer(reference, max_length=64)
+    text = " ".join(segment.text for segment in data.segments[:4])
+    query_ids = pairs.tokenize([data.topics[0].query])[0]
+    document = pairs.tokenize_whole([text])[0]
+    assert len(document) > 300
+    read = pairs.template.windows(query_ids, document, max_windows=100, overlap=8)
+    first = pairs.join(query_ids, [document])[0]
+    width = first.keep_document
+    assert not read.cut
+    assert read.pairs[0].input_ids.tolist() == first.input_ids.tolist()
+    starts = [pair.start for pair in read.pairs]
+    assert starts[:-1] == list(range(0, width * len(starts), width - 8))[: len(starts) - 1]
+    assert read.pairs[-1].end == len(document)  # the last window ends at the document's end
+    assert all(len(pair) <= 64 and pair.keep_document == width for pair in read.pairs)
+    for pair in read.pairs:  # each window is the query with exactly that slice of the document
+        ids = pair.input_ids.tolist()
+        assert ids[-(width + 1) : -1] == document[pair.start : pair.end].tolist()
+    capped = pairs.template.windows(query_ids, document, max_windows=3, overlap=8)
+    assert capped.cut
+    assert [pair.start for pair in capped.pairs] == starts[:3]
+    # An overlap past half a window is held to half: the document still moves forward.
+    wide = pairs.template.windows(query_ids, document, max_windows=100, overlap=10_000)
+    assert wide.pairs[1].start == (width + 1) // 2
+    short = pairs.template.windows(query_ids, document[:10], max_windows=100, overlap=8)
+    assert (len(short.pairs), short.cut) == (1, False)
+    off = pairs.template.windows(query_ids, document, max_windows=1, overlap=8)
+    assert off.cut
+    assert off.pairs[0].input_ids.tolist() == first.input_ids.tolist()
+
+
+def test_window_spans_are_the_characters_of_their_tokens(reranker_path: Path, data) -> None:
+    reference = load_tokenizer(reranker_path, max_length=512)
+    pairs = PairTokenizer(reference, max_length=512)
+    text = "Café naïve, straße — " + data.segments[0].text
+    ids = pairs.tokenize_whole([text])[0]
+    start, end = pairs.span(text, 0, len(ids))
+    assert (start, end) == (0, len(text.rstrip()))
+    offsets = reference.encode(text, add_special_tokens=False).offsets
+    assert pairs.span(text, 5, 9) == (offsets[5][0], offsets[8][1])

@@ -20,6 +20,7 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
 from tandem.artifact import Manifest
+from tandem.runtimes import RuntimeFit
 from tandem.server.admission import Gate
 from tandem.server.api.status import rich_status
 from tandem.server.engine.engine import Call, Engine, EngineInfo
@@ -177,6 +178,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                     truncate=_get(message, "truncate") is not False,
                     max_tokens_per_doc=_get(message, "max_tokens_per_doc"),
                     min_rerank=_get(message, "min_rerank"),
+                    max_chunks_per_doc=_get(message, "max_chunks_per_doc"),
                     first_stage=FIRST_STAGES[message.first_stage],
                     dense_weight=_get(message, "dense_weight"),
                     lexical_weight=_get(message, "lexical_weight"),
@@ -216,6 +218,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                     truncate=_get(message, "truncate") is not False,
                     max_tokens_per_doc=_get(message, "max_tokens_per_doc"),
                     min_rerank=_get(message, "min_rerank"),
+                    max_chunks_per_doc=_get(message, "max_chunks_per_doc"),
                 ),
                 call,
             )
@@ -233,6 +236,8 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                     item.id = hit.id
                 if hit.probability is not None:
                     item.probability = hit.probability
+                if hit.passage is not None:
+                    item.passage.CopyFrom(pb.Passage(**hit.passage.fields()))
                 results.append(item)
             return pb.RerankResponse(
                 results=results,
@@ -412,6 +417,8 @@ def _hit(hit: Hit, *, include_text: bool) -> pb.Hit:
         message.dense_rank = hit.dense_rank
     if hit.lexical_rank is not None:
         message.lexical_rank = hit.lexical_rank
+    if hit.passage is not None:
+        message.passage.CopyFrom(pb.Passage(**hit.passage.fields()))
     return message
 
 
@@ -422,7 +429,7 @@ def _timings(stages_ms: Mapping[str, float], call: Call) -> pb.Timings:
 def _info(info: EngineInfo) -> pb.InfoResponse:
     response = pb.InfoResponse(
         version=info.version,
-        bi_encoder=_model_info(info.models.bi_encoder),
+        bi_encoder=_model_info(info.models.bi_encoder, info.models.bi_encoder_fit),
         reranker_is_stand_in=info.models.reranker_is_stand_in,
         limits=pb.Limits(**info.limits),
         index_size=info.index_size,
@@ -443,11 +450,11 @@ def _info(info: EngineInfo) -> pb.InfoResponse:
         feedback_count=info.feedback_count,
     )
     if info.models.reranker is not None:
-        response.reranker.CopyFrom(_model_info(info.models.reranker))
+        response.reranker.CopyFrom(_model_info(info.models.reranker, info.models.reranker_fit))
     return response
 
 
-def _model_info(manifest: Manifest) -> pb.ModelInfo:
+def _model_info(manifest: Manifest, fit: RuntimeFit | None) -> pb.ModelInfo:
     info = pb.ModelInfo(
         kind=manifest.kind,
         source=manifest.source,
@@ -457,6 +464,9 @@ def _model_info(manifest: Manifest) -> pb.ModelInfo:
         verified=manifest.verified,
         manifest_json=manifest.to_json(),
     )
+    if fit is not None:
+        info.runtime, info.inference_precision = fit.backend, fit.precision
+        info.runtime_choice = fit.reason
     if manifest.parity is not None:
         info.parity.update(manifest.parity.metrics)
         info.parity_thresholds.update(manifest.parity.thresholds)

@@ -341,7 +341,8 @@ class RerankBatcher:
             if predicted < wanted:
                 raise TooShallow(
                     f"within the {budget * 1000:.0f} ms left of its budget about {predicted} "
-                    f"of {len(pairs)} candidates would be reranked, fewer than min_rerank="
+                    f"of {len(pairs)} pairs (a long document's windows count one each) would be "
+                    f"reranked, fewer than min_rerank="
                     f"{min_scored}: retry shortly, or raise rerank_budget_ms",
                     retry_after_s=max(ahead, 0.05),
                 )

@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 
 from tandem import __version__
 from tandem.artifact import Manifest
+from tandem.runtimes import RuntimeFit
 from tandem.server.engine.batcher import RerankBatcher
 from tandem.server.engine.collection import Collection
 from tandem.server.engine.errors import (
@@ -53,6 +54,7 @@ from tandem.server.engine.requests import (
     document_cap,
     first_stage,
     min_rerank,
+    reading,
     unique_ids,
 )
 from tandem.server.engine.search import (
@@ -107,6 +109,8 @@ class Models:
     reranker_is_stand_in: bool
     reranker_since: str = ""  # RFC 3339, UTC: when this reranker started serving
     reranker_version: str = ""  # the models root's version it came from, if it follows one
+    bi_encoder_fit: RuntimeFit | None = None  # how each runs on this machine, and why
+    reranker_fit: RuntimeFit | None = None
 
 
 class SwapRefused(FailedPrecondition):
@@ -185,6 +189,9 @@ class EngineInfo:
             "pair_max_tokens": self.pair_max_tokens,
             "default_max_tokens_per_doc": settings.max_tokens_per_doc,
             "default_min_rerank": settings.min_rerank,
+            "default_max_chunks_per_doc": settings.max_chunks_per_doc,
+            "max_chunks_per_doc": settings.max_chunks_per_doc_limit,
+            "window_overlap_tokens": settings.window_overlap,
         }
 
 
@@ -349,6 +356,7 @@ class Engine:
             min_rerank=min_rerank(request.min_rerank, self.settings),
             first_stage=stage,
             fusion=fusion,
+            reading=reading(request.max_chunks_per_doc, self.settings),
         )
         if self.on_search is not None:
             self.on_search(result)
@@ -368,6 +376,7 @@ class Engine:
             arrived=call.arrived,
             max_tokens_per_doc=document_cap(request.max_tokens_per_doc, self.settings),
             min_rerank=min_rerank(request.min_rerank, self.settings),
+            reading=reading(request.max_chunks_per_doc, self.settings),
         )
 
     def _budget(self, requested_ms: int | None, call: Call) -> float | None:

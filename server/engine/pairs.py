@@ -7,6 +7,7 @@ layout is learned from the tokenizer itself and truncation follows its `longest_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,36 @@ class PairTemplate:
         )
         return JoinedPair(self, query, document, keep_query, keep_document)
 
+    def windows(
+        self,
+        query: Ids,
+        document: Ids,
+        *,
+        document_cap: int | None = None,
+        max_windows: int = 1,
+        overlap: int = 0,
+    ) -> Windows:
+        """The document in overlapping windows, each paired with the same (kept) query.
+
+        The first window is ``join``'s pair. A longer document gets windows as wide as the
+        first, each starting ``overlap`` tokens (at most half a window) before the previous
+        one ends, the last one ending at the document's end, and at most ``max_windows`` of
+        them; what no window reaches is cut, and flagged."""
+        first = self.join(query, document, document_cap=document_cap)
+        length = len(document) if document_cap is None else min(len(document), document_cap)
+        width = first.keep_document
+        if length <= width or max_windows <= 1 or width == 0:
+            return Windows((first,), cut=first.truncated)
+        stride = max(width - overlap, (width + 1) // 2)
+        needed = 1 + math.ceil((length - width) / stride)
+        used = min(needed, max_windows)
+        starts = [min(index * stride, length - width) for index in range(used)]
+        pairs = tuple(
+            JoinedPair(self, query, document, first.keep_query, width, start) for start in starts
+        )
+        cut = first.keep_query < len(query) or used < needed or length < len(document)
+        return Windows(pairs, cut=cut)
+
 
 @dataclass(frozen=True, slots=True)
 class JoinedPair:
@@ -86,6 +117,12 @@ class JoinedPair:
     document: Ids
     keep_query: int
     keep_document: int
+    start: int = 0  # the document's first token in this pair (a later window's is past 0)
+
+    @property
+    def end(self) -> int:
+        """One past the document's last token in this pair."""
+        return self.start + self.keep_document
 
     def __len__(self) -> int:
         return self.template.specials + self.keep_query + self.keep_document
@@ -95,7 +132,7 @@ class JoinedPair:
 
     @property
     def truncated(self) -> bool:
-        return self.keep_query < len(self.query) or self.keep_document < len(self.document)
+        return self.keep_query < len(self.query) or self.end < len(self.document) or self.start > 0
 
     @property
     def input_ids(self) -> NDArray[np.int64]:
@@ -104,7 +141,7 @@ class JoinedPair:
             template.prefix.ids,
             self.query[: self.keep_query],
             template.middle.ids,
-            self.document[: self.keep_document],
+            self.document[self.start : self.end],
             template.suffix.ids,
         )
         return np.concatenate([np.asarray(part, dtype=np.int64) for part in parts])
@@ -120,6 +157,14 @@ class JoinedPair:
             template.suffix.types,
         )
         return np.concatenate([np.asarray(part, dtype=np.int64) for part in parts])
+
+
+@dataclass(frozen=True)
+class Windows:
+    """A document's pairs with the query: one, or several overlapping windows of it."""
+
+    pairs: tuple[JoinedPair, ...]
+    cut: bool  # some of the query or the document is in no window
 
 
 @dataclass(frozen=True)
@@ -174,6 +219,11 @@ class PairTokenizer:
         self.tokenizer.no_padding()
         # One token more than any pair can hold, so a join can tell that a document was cut.
         self.tokenizer.enable_truncation(max_length + 1)
+        # Whole texts, for documents read in several windows, and the character spans of
+        # their tokens, for the window a reply quotes.
+        self.whole = Tokenizer.from_str(tokenizer.to_str())
+        self.whole.no_padding()
+        self.whole.no_truncation()
 
     @classmethod
     def for_reranker(cls, reranker: CrossEncoder) -> PairTokenizer:
@@ -201,6 +251,17 @@ class PairTokenizer:
     def tokenize(self, texts: Sequence[str]) -> list[Ids]:
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]
+
+    def tokenize_whole(self, texts: Sequence[str]) -> list[Ids]:
+        encodings = self.whole.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]
+
+    def span(self, text: str, start: int, end: int) -> tuple[int, int]:
+        """The characters of ``text`` that its tokens ``start`` to ``end`` (exclusive) cover."""
+        offsets = self.whole.encode(text, add_special_tokens=False).offsets
+        if not offsets or end <= start:
+            return 0, 0
+        return offsets[start][0], offsets[min(end, len(offsets)) - 1][1]
 
     def join(
         self, query: Ids, documents: Sequence[Ids], *, document_cap: int | None = None

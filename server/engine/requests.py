@@ -17,6 +17,7 @@ from tandem.server.engine.errors import InvalidArgument
 from tandem.server.engine.fusion import FirstStage, Fusion
 from tandem.server.engine.search import DocumentRef, Mode
 from tandem.server.engine.store import NewDocument
+from tandem.server.engine.windows import Reading
 from tandem.server.settings import Settings
 
 # Time kept back from a client's deadline to send the answer: a reply that lands after the
@@ -38,6 +39,7 @@ class SearchRequest:
     truncate: bool = True
     max_tokens_per_doc: int | None = None  # None: the server's default
     min_rerank: int | None = None  # None: the server's default
+    max_chunks_per_doc: int | None = None  # None: the server's default
     first_stage: FirstStage | None = None  # None: the server's default
     dense_weight: float | None = None  # hybrid's RRF weights; None: the server's default
     lexical_weight: float | None = None
@@ -53,6 +55,7 @@ class RerankRequest:
     truncate: bool = True
     max_tokens_per_doc: int | None = None  # None: the server's default
     min_rerank: int | None = None  # None: the server's default
+    max_chunks_per_doc: int | None = None  # None: the server's default
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,18 @@ def document_cap(requested: int | None, settings: Settings) -> int | None:
             "server's default"
         )
     return int(requested)
+
+
+def reading(requested: int | None, settings: Settings) -> Reading:
+    """How many windows of each document the reranker reads: the request's, else the
+    server's."""
+    windows = bounded(
+        "max_chunks_per_doc",
+        requested,
+        default=settings.max_chunks_per_doc,
+        limit=settings.max_chunks_per_doc_limit,
+    )
+    return Reading(max_windows=windows, overlap=settings.window_overlap)
 
 
 def min_rerank(requested: int | None, settings: Settings) -> int:

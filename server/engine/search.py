@@ -7,9 +7,11 @@ The first stage is dense (the vector index), lexical (BM25) or hybrid (each side
 recall_k, fused by reciprocal rank fusion, cut to recall_k); see ``fusion``.
 
 Modes: two-stage (default), retrieve-only, and rerank of documents the client names (sent as
-text, or stored ids). Reranked hits come first by rerank score; candidates the budget left
-unscored follow in stage-1 order, and ``reranked_count`` says how many were scored. A budget
-of 0 (or None) means no deadline; it counts from ``arrived``, the call's arrival.
+text, or stored ids). A document longer than one reranker pair is read in overlapping windows
+and takes its best window's score (``windows``). Reranked hits come first by rerank score;
+candidates the budget left unscored follow in stage-1 order, and ``reranked_count`` says how
+many were scored. A budget of 0 (or None) means no deadline; it counts from ``arrived``, the
+call's arrival.
 
 The ``Searcher`` takes requests that ``tandem.server.engine.requests`` has validated; the
 errors it raises itself depend on the data (a stored id that does not exist, an overlong
@@ -25,7 +27,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -43,8 +45,9 @@ from tandem.server.engine.fusion import (
     single,
 )
 from tandem.server.engine.lanes import Lanes
-from tandem.server.engine.pairs import Ids, JoinedPair, PairIds, PairTokenizer, pad_pairs
+from tandem.server.engine.pairs import Ids, PairIds, PairTokenizer, Windows, pad_pairs
 from tandem.server.engine.store import StoredDocument, matches
+from tandem.server.engine.windows import DocumentScore, Reading, best_per_document, interleave
 
 DEFAULT_RECALL_K = 100
 DEFAULT_TOP_N = 5
@@ -89,6 +92,27 @@ class NoLexicalIndex(FailedPrecondition):
 
 
 @dataclass(frozen=True)
+class Passage:
+    """The window whose score a reranked document took: characters ``start`` to ``end`` of
+    its text (Python string indices: Unicode code points), which of its ``windows`` it was,
+    and how many of them were scored within the budget."""
+
+    start: int
+    end: int
+    window: int
+    windows: int
+    windows_scored: int
+
+    @property
+    def partly_scored(self) -> bool:
+        return self.windows_scored < self.windows
+
+    def fields(self) -> dict[str, Any]:
+        """Its fields as both transports name them (``partly_scored`` included)."""
+        return {**asdict(self), "partly_scored": self.partly_scored}
+
+
+@dataclass(frozen=True)
 class Hit:
     id: str
     text: str | None
@@ -98,9 +122,10 @@ class Hit:
     stage1_score: float | None
     stage1_rank: int  # 0-based position among the candidates before reranking
     rerank_score: float | None  # None where the budget ran out first
-    truncated: bool = False
+    truncated: bool = False  # some of the document (or the query) was in no scored window
     dense_rank: int | None = None  # 0-based, in the dense side's ranking; None: not found there
     lexical_rank: int | None = None
+    passage: Passage | None = None  # the window that earned the score; None: not reranked
 
     @property
     def reranked(self) -> bool:
@@ -272,6 +297,7 @@ class Searcher:
         min_rerank: int = 0,
         first_stage: FirstStage = FirstStage.DENSE,
         fusion: Fusion | None = None,
+        reading: Reading | None = None,
     ) -> Result:
         """``arrived``: when the call arrived (``time.perf_counter()``); the budget counts
         from it. None: from now. ``max_tokens_per_doc`` cuts each candidate to that many
@@ -310,6 +336,7 @@ class Searcher:
                 query, candidates, top_n=top_n, budget_s=budget_s, include_text=include_text,
                 timings=timings, query_truncated=query_truncated, truncate=True,
                 arrived=arrived, document_cap=max_tokens_per_doc, min_rerank=min_rerank,
+                reading=reading or Reading(),
             )  # fmt: skip
         return replace(
             result,
@@ -484,6 +511,7 @@ class Searcher:
         arrived: float | None = None,
         max_tokens_per_doc: int | None = None,
         min_rerank: int = 0,
+        reading: Reading | None = None,
     ) -> Result:
         """Reranks documents the client names, sent as text or as stored ids, in any mix.
 
@@ -522,7 +550,7 @@ class Searcher:
             budget_s=budget_s, include_text=include_text, timings=timings,
             query_truncated=False, truncate=truncate, arrived=arrived,
             client_texts=[ref.id is None for ref in documents], document_cap=max_tokens_per_doc,
-            min_rerank=min_rerank,
+            min_rerank=min_rerank, reading=reading or Reading(),
         )  # fmt: skip
 
     async def rerank_texts(
@@ -561,21 +589,61 @@ class Searcher:
         return self.slot
 
     @staticmethod
-    def _join(
+    def _windows(
         pairs: PairTokenizer,
         query: str,
         candidates: Sequence[Candidate],
         client_texts: Sequence[bool],
         document_cap: int | None,
-    ) -> list[JoinedPair]:
-        """Tokenizes the query and any client texts, then joins each pair (the pairs lane)."""
-        texts = [c.text for c, sent in zip(candidates, client_texts, strict=True) if sent]
-        sent_ids = iter(pairs.tokenize(texts)) if texts else iter(())
-        documents: list[Ids] = [
-            next(sent_ids) if sent else candidate.token_ids
-            for candidate, sent in zip(candidates, client_texts, strict=True)
+        reading: Reading,
+    ) -> list[Windows]:
+        """Tokenizes the query and any client texts, then cuts each document into windows
+        (the pairs lane). Stored documents keep one token past a pair's length; those longer
+        are tokenized whole here, when more than one window may read them."""
+        whole = reading.max_windows > 1
+        longest = pairs.template.max_length
+        again = [
+            i
+            for i, (candidate, sent) in enumerate(zip(candidates, client_texts, strict=True))
+            if sent or (whole and len(candidate.token_ids) > longest)
         ]
-        return pairs.join(pairs.tokenize([query])[0], documents, document_cap=document_cap)
+        texts = [candidates[i].text for i in again]
+        tokenized = pairs.tokenize_whole(texts) if whole else pairs.tokenize(texts)
+        documents: list[Ids] = [candidate.token_ids for candidate in candidates]
+        for i, ids in zip(again, tokenized, strict=True):
+            documents[i] = ids
+        query_ids = pairs.tokenize([query])[0]
+        return [
+            pairs.template.windows(
+                query_ids,
+                document,
+                document_cap=document_cap,
+                max_windows=reading.max_windows,
+                overlap=reading.overlap,
+            )
+            for document in documents
+        ]
+
+    @staticmethod
+    def _passages(
+        pairs: PairTokenizer,
+        candidates: Sequence[Candidate],
+        read: Sequence[Windows],
+        best: Sequence[DocumentScore],
+        shown: Sequence[int],
+    ) -> dict[int, Passage]:
+        """The winning window of each shown document, in characters of its text (the pairs
+        lane: a document read in part is tokenized again for its tokens' spans)."""
+        passages = {}
+        for i in shown:
+            if best[i].score is None:
+                continue
+            window = read[i].pairs[best[i].window]
+            text = candidates[i].text
+            whole = not read[i].cut and len(read[i].pairs) == 1
+            start, end = (0, len(text)) if whole else pairs.span(text, window.start, window.end)
+            passages[i] = Passage(start, end, best[i].window, best[i].windows, best[i].scored)
+        return passages
 
     async def _rerank(
         self,
@@ -592,48 +660,68 @@ class Searcher:
         client_texts: Sequence[bool] | None = None,
         document_cap: int | None = None,
         min_rerank: int = 0,
+        reading: Reading | None = None,
     ) -> Result:
         # The slot is taken once: a reranker swapped in meanwhile serves the next call, and
         # this one is scored, start to end, by the model it took.
+        reading = reading or Reading()
         with self._require_reranker().held() as slot:
             pairs = slot.pairs
             deadline = None if not budget_s else arrived + budget_s
             started = time.perf_counter()
             sent = client_texts if client_texts is not None else [False] * len(candidates)
-            joined = await self.lanes.run(
-                "pairs", self._join, pairs, query, candidates, sent, document_cap
+            read = await self.lanes.run(
+                "pairs", self._windows, pairs, query, candidates, sent, document_cap, reading
             )
             timings["tokenize"] = ms_since(started)
-            cut = [i for i, pair in enumerate(joined) if pair.truncated]
+            cut = [i for i, windows in enumerate(read) if windows.cut]
             if cut and not truncate:
                 raise InvalidArgument(
-                    f"{len(cut)} (query, document) pairs are longer than the reranker's "
-                    f"{pairs.template.max_length} tokens (first: document {cut[0]}); shorten them, "
-                    "or allow truncate"
+                    f"{len(cut)} documents do not fit the reranker's {reading.max_windows} "
+                    f"windows of {pairs.template.max_length} tokens with the query (first: "
+                    f"document {cut[0]}); shorten them, raise max_chunks_per_doc, or allow "
+                    "truncate"
                 )
+            counts = [len(windows.pairs) for windows in read]
+            order = interleave(counts)
             # The budget runs from the call's arrival, so embedding and search time count against
             # it: a caller's 100 ms means 100 ms of latency, not 100 ms after the index answers.
             remaining = None if deadline is None else max(deadline - time.perf_counter(), 1e-6)
-            outcome = await slot.batcher.score(joined, budget=remaining, min_scored=min_rerank)
+            outcome = await slot.batcher.score(
+                [read[document].pairs[window] for document, window in order],
+                budget=remaining,
+                min_scored=min_rerank,
+            )
             timings["queue"] = outcome.queue_seconds * 1000
             timings["rerank"] = outcome.run_seconds * 1000
-            scored = outcome.scored
-            order = sorted(
+            best = best_per_document(counts, order, outcome.scores, outcome.scored)
+            ranking = sorted(
                 range(len(candidates)),
-                key=lambda i: (0, -float(outcome.scores[i]), i) if scored[i] else (1, 0.0, i),
+                key=lambda i: (0, -(best[i].score or 0.0), i) if best[i].score is not None
+                else (1, 0.0, i),
+            )  # fmt: skip
+            shown = ranking[:top_n]
+            spans = (pairs, candidates, read, best, shown)
+            # Spans of documents read whole need no tokenizer: no hop to the pairs lane.
+            passages = (
+                await self.lanes.run("pairs", self._passages, *spans)
+                if any(read[i].cut or len(read[i].pairs) > 1 for i in shown)
+                else self._passages(*spans)
             )
             hits = [
                 _hit(
                     candidates[i],
                     i,
-                    float(outcome.scores[i]) if scored[i] else None,
+                    best[i].score,
                     include_text=include_text,
-                    truncated=joined[i].truncated,
+                    truncated=read[i].cut,
+                    passage=passages.get(i),
                 )
-                for i in order[:top_n]
+                for i in shown
             ]
+            reranked = sum(1 for document in best if document.score is not None)
             return Result(
-                hits, int(scored.sum()), len(candidates), query_truncated, timings, bool(cut),
+                hits, reranked, len(candidates), query_truncated, timings, bool(cut),
                 reranker_id=slot.id,
             )  # fmt: skip
 
@@ -655,7 +743,13 @@ def make_runner(reranker: CrossEncoder) -> Runner:
 
 
 def _hit(
-    candidate: Candidate, rank: int, score: float | None, *, include_text: bool, truncated: bool
+    candidate: Candidate,
+    rank: int,
+    score: float | None,
+    *,
+    include_text: bool,
+    truncated: bool,
+    passage: Passage | None = None,
 ) -> Hit:
     return Hit(
         id=candidate.id,
@@ -667,6 +761,7 @@ def _hit(
         truncated=truncated,
         dense_rank=candidate.dense_rank,
         lexical_rank=candidate.lexical_rank,
+        passage=passage,
     )
 
 

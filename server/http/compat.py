@@ -24,6 +24,7 @@ from tandem.server.engine.search import DocumentRef, Result
 from tandem.server.http import schemas as s
 from tandem.server.http.calls import Calls
 from tandem.server.http.errors import Dialect
+from tandem.server.http.native import passage_body
 
 NO_BUDGET_MS = 0
 JINA_PREFIX = "jina"
@@ -61,6 +62,7 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
                     rerank_budget_ms=NO_BUDGET_MS,
                     return_documents=return_documents,
                     max_tokens_per_doc=request.max_tokens_per_doc,
+                    max_chunks_per_doc=request.max_chunks_per_doc,
                 ),
                 call,
             )
@@ -76,6 +78,7 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
                             if return_documents
                             else None
                         ),
+                        passage=passage_body(hit.passage),
                     )
                     for hit in result.hits
                 ],
@@ -117,6 +120,8 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
                     documents=[DocumentRef(text=text) for text in request.texts],
                     rerank_budget_ms=NO_BUDGET_MS,
                     truncate=request.truncate,
+                    # TEI reads one window: past it, a pair is cut (truncate) or refused.
+                    max_chunks_per_doc=1,
                 ),
                 call,
             )

@@ -11,10 +11,11 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from tandem.artifact import Manifest
+from tandem.runtimes import RuntimeFit
 from tandem.server.engine.engine import Call, Engine, EngineInfo
 from tandem.server.engine.fusion import FirstStage
 from tandem.server.engine.requests import FeedbackItem, SearchRequest, UpsertBatch
-from tandem.server.engine.search import Hit, Mode
+from tandem.server.engine.search import Hit, Mode, Passage
 from tandem.server.engine.store import NewDocument
 from tandem.server.http import schemas as s
 from tandem.server.http.calls import Calls
@@ -40,7 +41,14 @@ def hit_body(hit: Hit) -> s.HitBody:
         metadata=hit.metadata,
         dense_rank=hit.dense_rank,
         lexical_rank=hit.lexical_rank,
+        passage=passage_body(hit.passage),
     )
+
+
+def passage_body(passage: Passage | None) -> s.PassageBody | None:
+    if passage is None:
+        return None
+    return s.PassageBody(**passage.fields())
 
 
 def router(engine: Engine, calls: Calls, *, serving: Callable[[], bool]) -> APIRouter:
@@ -61,6 +69,7 @@ def router(engine: Engine, calls: Calls, *, serving: Callable[[], bool]) -> APIR
                     truncate=request.truncate,
                     max_tokens_per_doc=request.max_tokens_per_doc,
                     min_rerank=request.min_rerank,
+                    max_chunks_per_doc=request.max_chunks_per_doc,
                     first_stage=FirstStage(request.first_stage) if request.first_stage else None,
                     dense_weight=request.dense_weight,
                     lexical_weight=request.lexical_weight,
@@ -177,8 +186,10 @@ def router(engine: Engine, calls: Calls, *, serving: Callable[[], bool]) -> APIR
 def info_body(info: EngineInfo) -> dict[str, Any]:
     return {
         "version": info.version,
-        "bi_encoder": _model(info.models.bi_encoder),
-        "reranker": _model(info.models.reranker) if info.models.reranker else None,
+        "bi_encoder": _model(info.models.bi_encoder, info.models.bi_encoder_fit),
+        "reranker": (
+            _model(info.models.reranker, info.models.reranker_fit) if info.models.reranker else None
+        ),
         "reranker_is_stand_in": info.models.reranker_is_stand_in,
         "score_activation": info.score_activation,
         "limits": info.limits,
@@ -200,8 +211,11 @@ def info_body(info: EngineInfo) -> dict[str, Any]:
     }
 
 
-def _model(manifest: Manifest) -> dict[str, Any]:
+def _model(manifest: Manifest, fit: RuntimeFit | None) -> dict[str, Any]:
     return {
+        "runtime": fit.backend if fit else "",
+        "inference_precision": fit.precision if fit else "",
+        "runtime_choice": fit.reason if fit else "",
         "kind": manifest.kind,
         "source": manifest.source,
         "precision": manifest.precision,

@@ -45,17 +45,35 @@ class CohereRerankRequest(BaseModel):
     rank_fields: list[str] | None = Field(
         default=None, description="Cohere v1: only `text` is ranked; other fields are refused"
     )
-    max_chunks_per_doc: int | None = Field(default=None, description="Cohere v1: accepted")
+    max_chunks_per_doc: int | None = Field(
+        default=None,
+        description="Cohere v1: read a long document in at most this many overlapping windows, "
+        "scored by the best; default: the server's",
+    )
 
 
 class CohereDocument(BaseModel):
     text: str
 
 
+class PassageBody(BaseModel):
+    """The window whose score the document took, in characters (Unicode code points)."""
+
+    start: int
+    end: int
+    window: int = Field(description="0-based")
+    windows: int = Field(description="windows the document was cut into")
+    windows_scored: int = Field(description="windows scored within the budget")
+    partly_scored: bool
+
+
 class CohereResult(BaseModel):
     index: int
     relevance_score: float = Field(description="the reranker's logit through the sigmoid")
     document: CohereDocument | None = None
+    passage: PassageBody | None = Field(
+        default=None, description="Tandem's: the window that earned the score"
+    )
 
 
 class ApiVersion(BaseModel):
@@ -159,6 +177,11 @@ class SearchBody(BaseModel):
         default=None,
         description="refuse (429) rather than rerank fewer candidates than this in the budget",
     )
+    max_chunks_per_doc: int | None = Field(
+        default=None,
+        description="read a long candidate in at most this many overlapping windows, scored by "
+        "the best; default: the server's",
+    )
     first_stage: Literal["dense", "lexical", "hybrid"] | None = Field(
         default=None, description="where candidates come from; default: the server's"
     )
@@ -178,6 +201,9 @@ class HitBody(BaseModel):
     truncated: bool
     text: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    passage: PassageBody | None = Field(
+        default=None, description="the window that earned the rerank score"
+    )
 
 
 class TimingsBody(BaseModel):

@@ -9,6 +9,7 @@ checkpoint on PyTorch. torch and openvino are imported only by the runtime that 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -17,8 +18,25 @@ from numpy.typing import NDArray
 
 from tandem.artifact import ArtifactError, Manifest
 from tandem.cpu import has_int8_dot_product
-from tandem.devices import Backend, BackendChoice, DeviceSpec, TorchDtype
+from tandem.devices import (
+    Backend,
+    BackendChoice,
+    CpuPrecision,
+    DeviceSpec,
+    TorchDtype,
+)
 from tandem.tokens import TokenBatch
+
+
+@dataclass(frozen=True)
+class RuntimeFit:
+    """How an artifact runs on the machine it found, and why: what Info and the log report."""
+
+    backend: str
+    precision: str  # what the unquantized ops run in: "f32", "bf16"; "" where not OpenVINO's
+    reason: str
+    parity: dict[str, float] = field(default_factory=dict)  # a tried variant's, on the probe
+    seconds: dict[str, float] = field(default_factory=dict)  # each variant's probe time
 
 
 class RuntimeUnavailable(ArtifactError):
@@ -116,6 +134,7 @@ def open_runtime(
     threads: int,
     spinning: bool,
     torch_dtype: TorchDtype = "auto",
+    cpu_precision: CpuPrecision = "f32",
 ) -> Runtime:
     if backend == "onnxruntime":
         from tandem.runtimes.onnx import OnnxRuntime
@@ -124,7 +143,7 @@ def open_runtime(
     if backend == "openvino":
         from tandem.runtimes.openvino import OpenVinoRuntime
 
-        return OpenVinoRuntime(folder, device=device, threads=threads)
+        return OpenVinoRuntime(folder, device=device, threads=threads, precision=cpu_precision)
     from tandem.runtimes.pytorch import TorchRuntime
 
     return TorchRuntime(folder, manifest, device=device, threads=threads, dtype=torch_dtype)

@@ -1,7 +1,9 @@
 """OpenVINO: the statically quantized INT8 graph (NNCF), on CPUs.
 
-Unquantized ops run in FP32: OpenVINO's default on CPUs with avx512_bf16 but no AMX is bf16,
-which ran 2x slower than FP32 there and moves scores away from the verified ones.
+Unquantized ops run in FP32 unless bf16 is asked for: OpenVINO's default on CPUs with
+avx512_bf16 but no AMX is bf16, which ran 2x slower than FP32 there and moves scores away from
+the verified ones. Where AMX tiles make bf16 fast, the server tries it at start-up and keeps it
+only at parity (``tandem.export.probe``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from tandem.artifact import OPENVINO_XML
-from tandem.devices import Backend, DeviceSpec
+from tandem.devices import Backend, CpuPrecision, DeviceSpec
 from tandem.runtimes import RuntimeUnavailable
 from tandem.tokens import TokenBatch
 
@@ -24,9 +26,9 @@ from tandem.tokens import TokenBatch
 WIDTH_STEP = 8
 
 
-def compile_config(threads: int) -> dict[str, Any]:
+def compile_config(threads: int, precision: CpuPrecision = "f32") -> dict[str, Any]:
     return {
-        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_PRECISION_HINT": precision,
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": threads,
         "NUM_STREAMS": 1,
@@ -38,15 +40,19 @@ def compile_config(threads: int) -> dict[str, Any]:
 class OpenVinoRuntime:
     backend: Backend = "openvino"
 
-    def __init__(self, folder: Path, *, device: DeviceSpec, threads: int) -> None:
+    def __init__(
+        self, folder: Path, *, device: DeviceSpec, threads: int, precision: CpuPrecision = "f32"
+    ) -> None:
         if device.is_gpu:
             raise RuntimeUnavailable("the OpenVINO graph runs on the CPU only")
         import openvino as ov
 
         self.device = device
         self.compiled = ov.Core().compile_model(
-            str(folder / OPENVINO_XML), "CPU", compile_config(threads)
+            str(folder / OPENVINO_XML), "CPU", compile_config(threads, precision)
         )
+        # Asked bf16 on a CPU without bf16 matmuls, OpenVINO compiles for f32 instead.
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self.input_names = tuple(port.get_any_name() for port in self.compiled.inputs)
         self._local = threading.local()
 
@@ -74,3 +80,10 @@ def pad_width(array: NDArray[np.int64]) -> NDArray[np.int64]:
     width = array.shape[1]
     extra = -width % WIDTH_STEP
     return np.pad(array, ((0, 0), (0, extra))) if extra else array
+
+
+def bf16_capable() -> bool:
+    """Whether OpenVINO runs bf16 on this CPU (AMX or avx512_bf16), by its own account."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")

@@ -1,0 +1,173 @@
+"""Long documents at rerank time, on real weights: read in windows, scored by the best (MaxP).
+
+The needle is a RAG24 passage judged perfectly relevant to its topic; the hay is passages
+judged for other topics. Placed past the reranker's first 512 tokens, the needle is read only
+when the document is read in windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tandem.encoders import BiEncoder, CrossEncoder
+from tandem.server.engine.batcher import RerankBatcher
+from tandem.server.engine.collection import Collection
+from tandem.server.engine.errors import InvalidArgument
+from tandem.server.engine.index import IndexSettings
+from tandem.server.engine.pairs import PairTokenizer
+from tandem.server.engine.search import DocumentRef, Result, Searcher, make_runner
+from tandem.server.engine.store import NewDocument
+from tandem.server.engine.windows import Reading
+
+pytestmark = [pytest.mark.slow, pytest.mark.reranker]
+
+
+@pytest.fixture(scope="module")
+def searcher_parts(tmp_path_factory, bi_int8, ce_int8):
+    embedder, reranker = BiEncoder(bi_int8[0]), CrossEncoder(ce_int8[0])
+    pairs = PairTokenizer.for_reranker(reranker)
+    folder = tmp_path_factory.mktemp("long")
+    collection = Collection(folder, embedder=embedder, pairs=pairs, settings=IndexSettings())
+    yield collection, embedder, reranker, pairs
+    collection.close()
+
+
+def rerank(parts, query: str, documents: list[str], reading: Reading, **fields) -> Result:
+    collection, embedder, reranker, pairs = parts
+
+    async def run() -> Result:
+        batcher = RerankBatcher(make_runner(reranker))
+        await batcher.start()
+        try:
+            searcher = Searcher(
+                collection, embedder=embedder, reranker=reranker, pairs=pairs, batcher=batcher
+            )
+            refs = [DocumentRef(text=text) for text in documents]
+            return await searcher.rerank(query, refs, reading=reading, **fields)
+        finally:
+            await batcher.stop()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def needle_case(data, searcher_parts) -> tuple[str, str, str, str]:
+    """(query, needle, long document with the needle past token 512, hay of the same length)."""
+    pairs = searcher_parts[3]
+    texts = {segment.id: segment.text for segment in data.segments}
+    for topic in data.topics:
+        best = [sid for sid, grade in data.umbrela.get(topic.id, {}).items() if grade == 3]
+        if best and best[0] in texts:
+            query, needle = topic.query, texts[best[0]]
+            break
+    judged = {sid for grades in data.umbrela.values() for sid in grades}
+    relevant_here = set(data.umbrela.get(topic.id, {}))
+    hay = [s.text for s in data.segments if s.id in judged and s.id not in relevant_here]
+    prefix, extra = "", iter(hay)
+    while len(pairs.tokenize_whole([prefix])[0]) < 700:
+        prefix += next(extra) + "\n\n"
+    long_document = prefix + needle
+    more_hay = prefix + next(extra)
+    return query, needle, long_document, more_hay
+
+
+def test_a_relevant_passage_past_token_512_is_found_only_in_windows(
+    searcher_parts, needle_case
+) -> None:
+    query, needle, long_document, hay = needle_case
+    documents = [hay, long_document]
+    windows = rerank(searcher_parts, query, documents, Reading(max_windows=10), budget_s=None)
+    first = rerank(searcher_parts, query, documents, Reading(max_windows=1), budget_s=None)
+    alone = rerank(searcher_parts, query, [needle], Reading(max_windows=1), budget_s=None)
+    by_id = {hit.id: hit for hit in windows.hits}
+    found = by_id["1"]
+    # Chunked: the needle's window wins the document, and the passage quoted holds it.
+    assert windows.hits[0].id == "1"
+    assert found.passage is not None
+    assert found.passage.windows > 1
+    assert found.passage.windows_scored == found.passage.windows
+    start = long_document.index(needle)
+    assert found.passage.start <= start + 50
+    assert found.passage.end >= start + 50
+    assert long_document[found.passage.start : found.passage.end] in long_document
+    assert not found.truncated
+    assert found.rerank_score is not None
+    assert alone.hits[0].rerank_score is not None
+    # Chunking off: only the hay before the needle is read; the document is flagged cut.
+    missed = {hit.id: hit for hit in first.hits}["1"]
+    assert missed.truncated
+    assert missed.passage is not None
+    assert missed.passage.end < start
+    assert missed.rerank_score is not None
+    assert found.rerank_score - missed.rerank_score > 1.0
+    assert abs(found.rerank_score - alone.hits[0].rerank_score) < abs(
+        missed.rerank_score - alone.hits[0].rerank_score
+    )
+
+
+def test_under_a_deadline_first_windows_come_before_second_ones(
+    searcher_parts, needle_case
+) -> None:
+    query, _, long_document, hay = needle_case
+    documents = [long_document, hay] * 6
+    # About 36 windows of ~512 tokens: more than 1 s scores on 2 cores.
+    result = rerank(
+        searcher_parts, query, documents, Reading(max_windows=10), budget_s=1.0, top_n=None
+    )
+    counts = [hit.passage.windows_scored if hit.passage else 0 for hit in result.hits]
+    assert result.reranked_count == sum(1 for count in counts if count) >= 1
+    # Depth before length: no document has a second window scored while one has none.
+    assert max(counts) <= 1 or min(counts) >= 1, counts
+    assert all(
+        hit.passage.partly_scored == (hit.passage.windows_scored < hit.passage.windows)
+        for hit in result.hits
+        if hit.passage is not None
+    )
+
+
+def test_refusal_past_the_window_cap_when_truncate_is_off(searcher_parts, needle_case) -> None:
+    query, _, long_document, _ = needle_case
+    with pytest.raises(InvalidArgument, match="do not fit the reranker's 1 windows"):
+        rerank(
+            searcher_parts, query, [long_document], Reading(max_windows=1), budget_s=None,
+            truncate=False,
+        )  # fmt: skip
+    whole = rerank(
+        searcher_parts, query, [long_document], Reading(max_windows=10), budget_s=None,
+        truncate=False,
+    )  # fmt: skip
+    assert not whole.hits[0].truncated
+
+
+def test_stored_long_documents_are_read_in_windows_too(searcher_parts, needle_case) -> None:
+    query, needle, long_document, hay = needle_case
+    collection, embedder, reranker, pairs = searcher_parts
+    collection.upsert([NewDocument("long", long_document, {}), NewDocument("hay", hay, {})])
+    refs = ["hay", "long"]
+
+    async def run(reading: Reading) -> Result:
+        batcher = RerankBatcher(make_runner(reranker))
+        await batcher.start()
+        try:
+            searcher = Searcher(
+                collection, embedder=embedder, reranker=reranker, pairs=pairs, batcher=batcher
+            )
+            return await searcher.rerank(
+                query, [DocumentRef(id=ref) for ref in refs], reading=reading, budget_s=None
+            )
+        finally:
+            await batcher.stop()
+
+    stored = asyncio.run(run(Reading(max_windows=10)))
+    sent = rerank(
+        searcher_parts, query, [hay, long_document], Reading(max_windows=10), budget_s=None
+    )
+    assert stored.hits[0].id == "long"
+    got = {hit.id: hit.rerank_score for hit in stored.hits}
+    want = {refs[int(hit.id)]: hit.rerank_score for hit in sent.hits}
+    assert got == pytest.approx(want, abs=0.05)
+    hit = stored.hits[0]
+    assert hit.passage is not None
+    assert needle[:40] in long_document[hit.passage.start : hit.passage.end]
