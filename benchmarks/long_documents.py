@@ -117,7 +117,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     data = rag24.load()
     documents = long_documents(data)
-    grades = document_grades(data.umbrela)
+    # Judged segments of documents outside the corpus can be found by no system: they would
+    # only scale every recall down alike (as tandem bench stage1 keeps them out too).
+    present = {segment.id for segment in data.segments}
+    grades = document_grades(
+        {t: {s: g for s, g in judged.items() if s in present} for t, judged in data.umbrela.items()}
+    )
     segments = [(segment.id, segment.text) for segment in data.segments]
     order = [topic.id for topic in data.topics]
     random.Random(args.seed).shuffle(order)

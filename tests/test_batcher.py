@@ -332,7 +332,7 @@ def test_min_scored_refuses_a_call_the_budget_cannot_serve_before_it_queues() ->
         assert batcher.queued_seconds() == pytest.approx(0.6)
         candidates = [pair(20 + i) for i in range(10)]
         assert batcher.predict_scored(candidates, 1.0) == 4
-        with pytest.raises(TooShallow, match="about 4 of 10 candidates") as refused:
+        with pytest.raises(TooShallow, match="about 4 of 10 pairs") as refused:
             await batcher.score(candidates, budget=1.0, min_scored=5)
         assert refused.value.retry_after_s == pytest.approx(0.6)
         assert batcher.queued == 5  # nothing of the refused call was queued
