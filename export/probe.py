@@ -12,9 +12,9 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -48,6 +48,7 @@ TIMED_TEXTS = 32
 FASTER_BY = 0.10
 
 E = TypeVar("E", bound=Encoder)
+THRESHOLD_NAMES = frozenset(field.name for field in fields(Thresholds))
 
 
 class PrecisionRefused(ArtifactError):
@@ -97,14 +98,14 @@ def read_probe(folder: Path) -> Probe | None:
 def bars_of(manifest: Manifest) -> Thresholds:
     """The bars the artifact's own verification was held to (the defaults if none recorded)."""
     recorded = {} if manifest.parity is None else manifest.parity.thresholds
-    bars = Thresholds()
+    overrides: dict[str, Any] = {}
     for name, value in recorded.items():
         if name.startswith("min_top") and name.endswith("_overlap"):
             topk = int(name.removeprefix("min_top").removesuffix("_overlap"))
-            bars = Thresholds(**{**bars.__dict__, "min_topk_overlap": value, "topk": topk})
-        elif name in bars.__dict__:
-            bars = Thresholds(**{**bars.__dict__, name: value})
-    return bars
+            overrides.update(min_topk_overlap=value, topk=topk)
+        elif name in THRESHOLD_NAMES:
+            overrides[name] = value
+    return replace(Thresholds(), **overrides)
 
 
 def probe_parity(encoder: Encoder, probe: Probe, bars: Thresholds) -> tuple[dict[str, float], bool]:
