@@ -7,13 +7,16 @@ segment's. Topics are split as ``tandem bench stage1`` splits them (``--seed``),
 come from the held-out half, over the topics with a relevant document longer than one
 reranker window (the only ones where reading past the first window can change anything).
 
-Measured, per system:
-- stage 1 over whole documents (today's: one vector of each document's first 256 tokens,
-  BM25 over the whole text), and passage-level stage 1 (the segments indexed apart, each
-  document ranked by its best segment): nDCG@10 and Recall@recall_k;
-- the reranker over the first ``--depth`` documents with no deadline, reading each
-  document's first window only (``max_chunks_per_doc`` 1) or up to ``--windows`` windows
-  (MaxP): nDCG@10, Recall@recall_k (unchanged by reranking), with a paired test;
+Measured, per system (stage 1 is dense: the vector index, where passages differ):
+- stage 1 over whole documents as served: one vector of each document's first window
+  (``--max-passages 1``, how every collection was embedded before passages), or up to
+  ``--passages`` overlapping passages of it, the document found by its best (the default);
+  and RAG24's own segments indexed apart, each document ranked by its best segment (passages
+  cut where MS MARCO's segmenter cut them): nDCG@10 and Recall@recall_k;
+- the reranker over the first ``--depth`` documents of the first two with no deadline,
+  reading each document's first window only (``max_chunks_per_doc`` 1) or up to
+  ``--windows`` windows (MaxP): nDCG@10, Recall@recall_k (unchanged by reranking), with
+  paired tests;
 - within the default 100 ms budget, in process at concurrency 1: latency, documents reranked
   and windows scored of ``--depth`` candidates.
 The stand-in reranker is not a quality model (and trained on about two thirds of RAG24's
@@ -104,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recall-k", type=int, default=100)
     parser.add_argument("--depth", type=int, default=20, help="documents reranked per topic")
     parser.add_argument("--windows", type=int, default=10, help="MaxP: windows per document")
+    parser.add_argument(
+        "--passages", type=int, default=64, help="index time: passages embedded per document"
+    )
     parser.add_argument("--topics", type=int, default=40, help="held-out topics measured")
     parser.add_argument("--budget-topics", type=int, default=20, help="topics timed in budget")
     parser.add_argument("--budget-ms", type=int, default=100)
@@ -162,13 +168,29 @@ async def measure(
     reranker = CrossEncoder(args.reranker, threads=args.threads)
     pairs = PairTokenizer.for_reranker(reranker)
     tag = "smoke" if args.smoke else "rag24"
-    whole = Collection(args.work / f"{tag}-documents", embedder=embedder, pairs=pairs)
-    passages = Collection(args.work / f"{tag}-segments", embedder=embedder, pairs=pairs)
+
+    def collection(name: str, max_passages: int) -> Collection:
+        folder = args.work / f"{tag}-{name}-{max_passages}"
+        settings = {"max_passages": max_passages}
+        return Collection(folder, embedder=embedder, pairs=pairs, settings=settings)
+
+    corpora = {
+        "first_window": (collection("documents", 1), list(documents.items())),
+        "passages": (collection("documents", args.passages), list(documents.items())),
+        "segments": (collection("segments", args.passages), list(segments)),
+    }
     batcher = RerankBatcher(make_runner(reranker))
     await batcher.start()
     try:
-        index_corpus(whole, list(documents.items()))
-        index_corpus(passages, list(segments))
+        indexed = {}
+        for name, (store, corpus) in corpora.items():
+            started = time.perf_counter()
+            index_corpus(store, corpus)
+            indexed[name] = {
+                "vectors": len(store.index),
+                "documents": len(store.store),
+                "seconds": time.perf_counter() - started,  # 0 where the work folder had it
+            }
         # The one window a document's pair holds (a RAG24 query is ~10 tokens).
         window = pairs.template.max_length - pairs.template.specials - 12
         tokens = pairs.tokenize_whole(list(documents.values()))
@@ -180,55 +202,53 @@ async def measure(
             if any(g >= relevant and d in long for d, g in grades.get(topic, {}).items())
             and any(d in documents for d in grades.get(topic, {}))
         ][: args.topics]
-
-        def searcher_of(collection: Collection) -> Searcher:
-            return Searcher(
-                collection, embedder=embedder, reranker=reranker, pairs=pairs, batcher=batcher,
+        searchers = {}
+        for name, (store, _) in corpora.items():
+            searchers[name] = Searcher(
+                store, embedder=embedder, reranker=reranker, pairs=pairs, batcher=batcher,
                 cache_size=0,
             )  # fmt: skip
-
-        over_documents, over_passages = searcher_of(whole), searcher_of(passages)
-        stage1: dict[str, Rankings] = {"documents": {}, "passages": {}}
+        stage1: dict[str, Rankings] = {name: {} for name in corpora}
         for topic in topics:
-            found = await over_documents.search(
-                queries[topic], recall_k=args.recall_k, top_n=args.recall_k,
-                mode=Mode.RETRIEVE_ONLY, include_text=False,
-            )  # fmt: skip
-            stage1["documents"][topic] = [hit.id for hit in found.hits]
-            # Three segments a document on average: enough segments for recall_k documents.
-            found = await over_passages.search(
-                queries[topic], recall_k=args.recall_k * 3, top_n=args.recall_k * 3,
-                mode=Mode.RETRIEVE_ONLY, include_text=False,
-            )  # fmt: skip
-            stage1["passages"][topic] = best_passage_first(
-                [hit.id for hit in found.hits], args.recall_k
-            )
+            for name, searcher in searchers.items():
+                # Segments are ranked apart: enough of them for recall_k documents (three
+                # segments a document on average).
+                count = args.recall_k * (3 if name == "segments" else 1)
+                found = await searcher.search(
+                    queries[topic], recall_k=count, top_n=count, mode=Mode.RETRIEVE_ONLY,
+                    include_text=False,
+                )  # fmt: skip
+                stage1[name][topic] = best_passage_first(
+                    [hit.id for hit in found.hits], args.recall_k
+                )
         readings = {"first_window": Reading(max_windows=1), "maxp": Reading(args.windows)}
         systems: dict[str, Rankings] = {f"stage1_{k}": v for k, v in stage1.items()}
         started = time.perf_counter()
-        for source, ranking in stage1.items():
+        reader = searchers["passages"]
+        for source in ("first_window", "passages"):
             for name, reading in readings.items():
                 reranked: Rankings = {}
                 for topic in topics:
-                    head = ranking[topic][: args.depth]
-                    result = await over_documents.rerank(
+                    head = stage1[source][topic][: args.depth]
+                    result = await reader.rerank(
                         queries[topic], [DocumentRef(id=doc) for doc in head], budget_s=None,
                         include_text=False, reading=reading,
                     )  # fmt: skip
-                    reranked[topic] = [hit.id for hit in result.hits] + ranking[topic][args.depth :]
+                    rest = stage1[source][topic][args.depth :]
+                    reranked[topic] = [hit.id for hit in result.hits] + rest
                 systems[f"{source}_{name}"] = reranked
                 print(
                     f"  reranked {source}/{name} ({time.perf_counter() - started:.0f} s)",
                     file=sys.stderr, flush=True,
                 )  # fmt: skip
         budgeted = {
-            name: await in_budget(over_documents, stage1["documents"], topics, queries, args, r)
+            name: await in_budget(reader, stage1["passages"], topics, queries, args, r)
             for name, r in readings.items()
         }
     finally:
         await batcher.stop()
-        whole.close()
-        passages.close()
+        for store, _ in corpora.values():
+            store.close()
 
     depth = args.recall_k
     scores = {
@@ -246,6 +266,7 @@ async def measure(
         "documents_past_one_window": len(long),
         "window_tokens": window,
         "windows": args.windows,
+        "max_passages": args.passages,
         "overlap": Reading().overlap,
         "depth": args.depth,
         "recall_k": depth,
@@ -254,22 +275,25 @@ async def measure(
         "relevant_long_documents_per_topic": float(np.mean(long_relevant)) if topics else 0.0,
         "held_out": {name: means(values) for name, values in scores.items()},
         "tests": {
-            "maxp_vs_first_window": paired_test(
-                scores["documents_first_window"]["ndcg@10"],
-                scores["documents_maxp"]["ndcg@10"],
+            "stage1_passages_vs_first_window": paired_test(
+                scores["stage1_first_window"]["ndcg@10"], scores["stage1_passages"]["ndcg@10"]
             ),
-            "passages_maxp_vs_documents_first_window": paired_test(
-                scores["documents_first_window"]["ndcg@10"],
-                scores["passages_maxp"]["ndcg@10"],
-            ),
-            "stage1_passages_vs_documents": paired_test(
-                scores["stage1_documents"]["ndcg@10"], scores["stage1_passages"]["ndcg@10"]
-            ),
-            "stage1_passages_vs_documents_recall": paired_test(
-                scores["stage1_documents"][f"recall@{depth}"],
+            "stage1_passages_vs_first_window_recall": paired_test(
+                scores["stage1_first_window"][f"recall@{depth}"],
                 scores["stage1_passages"][f"recall@{depth}"],
             ),
+            "stage1_segments_vs_passages": paired_test(
+                scores["stage1_passages"]["ndcg@10"], scores["stage1_segments"]["ndcg@10"]
+            ),
+            "maxp_vs_first_window_same_candidates": paired_test(
+                scores["passages_first_window"]["ndcg@10"], scores["passages_maxp"]["ndcg@10"]
+            ),
+            "passages_maxp_vs_first_window_first_window": paired_test(
+                scores["first_window_first_window"]["ndcg@10"],
+                scores["passages_maxp"]["ndcg@10"],
+            ),
         },
+        "indexed": indexed,
         "in_budget": budgeted,
     }
 

@@ -61,22 +61,25 @@ def bare_session_pairs_per_second(
     """The cross-encoder session alone, on the pairs a search would score, pre-tokenized."""
     from tandem.encoders import BiEncoder, CrossEncoder
     from tandem.server.engine.collection import STORE_NAME
-    from tandem.server.engine.store import DocumentStore
+    from tandem.server.engine.index import fold_passages
+    from tandem.server.engine.store import DocumentStore, document_keys
 
-    store = DocumentStore(collection / STORE_NAME, read_only=True)
-    try:
-        keys, vectors = zip(*store.vectors(), strict=True)
-        all_keys = np.concatenate(keys)
-        matrix = np.concatenate(vectors)
-        texts = {key: doc.text for key, doc in store.by_keys(all_keys.tolist()).items()}
-    finally:
-        store.close()
     embedder = BiEncoder(bi_encoder, threads=threads)
     model = CrossEncoder(reranker, threads=threads)
+    store = DocumentStore(collection / STORE_NAME, read_only=True)
+    try:
+        keys, vectors = zip(*store.vectors(embedder.dimension), strict=True)
+        all_keys = np.concatenate(keys)
+        matrix = np.concatenate(vectors)
+        documents = np.unique(document_keys(all_keys)).tolist()
+        texts = {key: doc.text for key, doc in store.by_keys(documents).items()}
+    finally:
+        store.close()
     batches = []
     for query in queries:
-        nearest = np.argsort(-(matrix @ embedder.embed([query])[0]))[:recall_k]
-        candidates = [texts[int(all_keys[i])] for i in nearest]
+        similarities = (matrix @ embedder.embed([query])[0]).astype(np.float32)
+        nearest = fold_passages(all_keys, similarities).keys[:recall_k]
+        candidates = [texts[int(key)] for key in nearest]
         # Sorted by pair length: the bare session at its best, with the least padding.
         lengths = [
             len(e.ids) for e in model.tokenizer.encode_batch([(query, c) for c in candidates])

@@ -87,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the split of the topics")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-rerank", action="store_true", help="first stages only")
+    parser.add_argument(
+        "--passages",
+        type=int,
+        default=64,
+        help="passages embedded per segment past the bi-encoder's window (the collection's "
+        "max_passages); 1: one vector each, as collections were built before passages",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/stage1.json"))
     parser.add_argument("--smoke", action="store_true", help="200 segments, 8 topics")
 
@@ -97,10 +104,10 @@ def main(args: argparse.Namespace) -> int:
     data = rag24.load()
     corpus = [(segment.id, segment.text) for segment in data.segments]
     topics = [(topic.id, topic.query) for topic in data.topics]
-    folder = args.work / "rag24"
+    folder = args.work / f"rag24-{args.passages}"
     if args.smoke:
         corpus, topics, args.recall_k = corpus[:200], topics[:8], 20
-        folder = args.work / "smoke"
+        folder = args.work / f"smoke-{args.passages}"
     order = [topic_id for topic_id, _ in topics]
     random.Random(args.seed).shuffle(order)
     fit, held_out = order[: len(order) // 2], order[len(order) // 2 :]
@@ -157,6 +164,8 @@ def main(args: argparse.Namespace) -> int:
         "bi_encoder": str(args.bi_encoder),
         "reranker": str(args.reranker),
         "corpus": len(corpus),
+        "max_passages": args.passages,
+        "vectors": measured["vectors"],
         "topics": {"all": len(order), "fit": len(fit), "held_out": len(held_out)},
         "judged_topics": {
             source: {
@@ -216,7 +225,8 @@ async def run_stages(
 
     embedder = BiEncoder(args.bi_encoder, threads=args.threads)
     pairs = PairTokenizer.from_artifact(args.reranker)
-    collection = Collection(folder, embedder=embedder, pairs=pairs)
+    settings = {"max_passages": args.passages}
+    collection = Collection(folder, embedder=embedder, pairs=pairs, settings=settings)
     try:
         index_corpus(collection, corpus)
         collection.checkpoint()
@@ -238,6 +248,7 @@ async def run_stages(
                 )  # fmt: skip
                 latency[stage.value].append((time.perf_counter() - started) * 1000)
                 rankings[stage.value][topic_id] = [hit.id for hit in result.hits]
+        vectors = len(collection.index)
         sizes = {
             "vectors.usearch": folder_bytes(collection.paths.index),
             "lexical": folder_bytes(collection.paths.lexical),
@@ -248,6 +259,7 @@ async def run_stages(
     finally:
         collection.close()
     return {
+        "vectors": vectors,
         "dense": rankings["dense"],
         "lexical": rankings["lexical"],
         "hybrid": rankings["hybrid"],

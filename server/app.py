@@ -143,7 +143,7 @@ class Running:
         await self.engine.stop()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
-        log.info("stopped", extra={"documents_saved": len(self.engine.collection.index)})
+        log.info("stopped", extra={"documents_saved": self.engine.collection.index.documents})
 
 
 def is_stand_in(manifest_source: str, setting: bool | None) -> bool:

@@ -110,6 +110,22 @@ class Settings:
             "built with, and a different value here stops start-up"
         ),
     )
+    max_passages_per_doc: int | None = field(
+        default=None,
+        metadata=_doc(
+            "a new collection embeds a document longer than the bi-encoder's window as up to "
+            "this many overlapping passages (default 64) and finds it by its best; an "
+            "existing one keeps what it was built with, and a different value here stops "
+            "start-up"
+        ),
+    )
+    passage_overlap: int | None = field(
+        default=None,
+        metadata=_doc(
+            "tokens each passage of a new collection shares with the one before (default "
+            "32, at most half a window); an existing one keeps what it was built with"
+        ),
+    )
     compact_removed_fraction: float = field(
         default=0.25,
         metadata=_doc(
@@ -318,7 +334,12 @@ class Settings:
     @property
     def index_settings(self) -> dict[str, Any]:
         """The index settings given explicitly, by IndexSettings field name."""
-        chosen = {"dtype": self.index_dtype, "expansion_search": self.expansion_search}
+        chosen = {
+            "dtype": self.index_dtype,
+            "expansion_search": self.expansion_search,
+            "max_passages": self.max_passages_per_doc,
+            "passage_overlap": self.passage_overlap,
+        }
         return {name: value for name, value in chosen.items() if value is not None}
 
 
@@ -513,8 +534,12 @@ def validate(settings: Settings) -> None:
     ):  # fmt: skip
         if getattr(settings, name) < 0:
             problems.append(f"{name} must be >= 0 (got {getattr(settings, name)})")
-    if settings.expansion_search is not None and settings.expansion_search < 1:
-        problems.append(f"expansion_search must be at least 1 (got {settings.expansion_search})")
+    for name in ("expansion_search", "max_passages_per_doc"):
+        value = getattr(settings, name)
+        if value is not None and value < 1:
+            problems.append(f"{name} must be at least 1 (got {value})")
+    if settings.passage_overlap is not None and settings.passage_overlap < 0:
+        problems.append(f"passage_overlap must be >= 0 (got {settings.passage_overlap})")
     if settings.max_chunks_per_doc > settings.max_chunks_per_doc_limit:
         problems.append(
             f"max_chunks_per_doc {settings.max_chunks_per_doc} is above "

@@ -143,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="search exactly while the index holds fewer vectors than this (default 10000)",
     )
+    build.add_argument(
+        "--max-passages",
+        type=int,
+        help="embed a document longer than the bi-encoder's window as up to this many "
+        "overlapping passages (default 64); 1: its first window only",
+    )
+    build.add_argument(
+        "--passage-overlap",
+        type=int,
+        help="tokens each passage shares with the one before (default 32)",
+    )
     build.add_argument("--threads", type=int, default=2)
     publish = index_commands.add_parser(
         "publish",
@@ -252,6 +263,8 @@ def _run_index(args: argparse.Namespace) -> int:
             "expansion_add": args.expansion_add,
             "expansion_search": args.expansion_search,
             "exact_below": args.exact_below,
+            "max_passages": args.max_passages,
+            "passage_overlap": args.passage_overlap,
         }
         settings = {name: value for name, value in chosen.items() if value is not None}
         collection = Collection(args.out, embedder=embedder, pairs=pairs, settings=settings)
@@ -269,7 +282,8 @@ def _run_index(args: argparse.Namespace) -> int:
         return 1
     print(
         f"{args.out}: {report.added} documents added, {report.skipped} already present, "
-        f"{report.total} read in {report.seconds:.1f} s; the vector index holds {indexed[0]}, "
+        f"{report.total} read in {report.seconds:.1f} s; the vector index holds {indexed[0]} "
+        f"passages, "
         f"the lexical (BM25) index {indexed[1]}"
     )
     return 0

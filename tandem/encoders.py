@@ -8,10 +8,13 @@ runs the model (onnxruntime, OpenVINO or PyTorch) is chosen in ``tandem.runtimes
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from tokenizers import Tokenizer
 
 from tandem.artifact import ArtifactError, Kind, Manifest, check_files, open_checked
 from tandem.devices import BackendChoice, CpuPrecision, DeviceSpec, TorchDtype
@@ -81,10 +84,68 @@ class Encoder:
         self.input_names = self.runtime.input_names
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """Each text's passage vectors (``passages[i]`` is ``(n_i, dimension)``, ``n_i >= 1``), and
+    which texts went on past the last passage embedded."""
+
+    passages: list[NDArray[np.float32]]
+    truncated: NDArray[np.bool_]
+
+
 class BiEncoder(Encoder):
     """Embeds texts into unit (or raw, per the manifest) sentence vectors."""
 
     kind: Kind = "bi-encoder"
+
+    def __init__(self, folder: Path, **options: Any) -> None:
+        super().__init__(folder, **options)
+        self._passage_tokenizers: dict[int, Tokenizer] = {}  # by overlap
+
+    def encode_passages(
+        self,
+        texts: Sequence[str],
+        *,
+        max_passages: int,
+        overlap: int,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> Embedded:
+        """Each text as up to ``max_passages`` windows of the model's length, each sharing
+        ``overlap`` tokens (at most half a window) with the one before, embedded one by one.
+        The first passage is ``encode``'s input. The windows are the tokenizer's own
+        overflow (Hugging Face's ``return_overflowing_tokens`` with a ``stride``), special
+        tokens in each."""
+        tokenizer = self._passage_tokenizer(overlap)
+        groups = []
+        truncated = np.zeros(len(texts), dtype=np.bool_)
+        for position, encoding in enumerate(tokenizer.encode_batch(list(texts))):
+            windows = [encoding, *encoding.overflowing][: max(max_passages, 1)]
+            truncated[position] = len(encoding.overflowing) >= len(windows)
+            groups.append(windows)
+        flat = [window for windows in groups for window in windows]
+        # Batched by length, so that a short document's one window is not padded to the
+        # width of a long document's windows.
+        order = sorted(range(len(flat)), key=lambda index: len(flat[index].ids))
+        every = np.zeros((len(flat), self.dimension), dtype=np.float32)
+        for start in range(0, len(flat), batch_size):
+            chosen = order[start : start + batch_size]
+            every[chosen] = self.forward(pad_encodings([flat[index] for index in chosen]))
+        bounds = np.cumsum([0, *(len(windows) for windows in groups)])
+        passages = [every[bounds[i] : bounds[i + 1]] for i in range(len(groups))]
+        return Embedded(passages, truncated)
+
+    def _passage_tokenizer(self, overlap: int) -> Tokenizer:
+        cached = self._passage_tokenizers
+        if overlap not in cached:
+            tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+            width = self.manifest.max_length - len(tokenizer.encode("").ids)
+            tokenizer.enable_truncation(
+                self.manifest.max_length,
+                stride=max(0, min(overlap, width // 2)),
+                strategy="longest_first",
+            )
+            cached[overlap] = tokenizer
+        return cached[overlap]
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
         return pad_encodings(self.tokenizer.encode_batch(list(texts)), pad_id=self.pad_id)

@@ -7,8 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tandem.server.engine.index import IndexCorrupt, IndexSettings, VectorIndex, load_consistent
-from tandem.server.engine.store import DocumentStore, NewDocument, StoreError
+from tandem.server.engine.index import (
+    IndexCorrupt,
+    IndexSettings,
+    VectorIndex,
+    fold_passages,
+    load_consistent,
+)
+from tandem.server.engine.store import (
+    DocumentStore,
+    NewDocument,
+    StoreError,
+    document_keys,
+    passage_key,
+)
 
 DIM = 16
 SETTINGS = IndexSettings(dtype="f32", exact_below=0)
@@ -159,3 +171,71 @@ def test_keys_matching_takes_any_metadata_key(store: DocumentStore, key: str) ->
     assert store.keys_matching({key: "x"}) == [written.keys[0]]
     assert store.keys_matching({key: "x", "n": 1}) == [written.keys[0]]
     assert store.keys_matching({key: "z"}) == []
+
+
+def add_passages(store: DocumentStore, counts: dict[str, int], seed: int = 0):
+    """Documents of ``counts[id]`` passage vectors each."""
+    docs = [NewDocument(id=item, text=f"text of {item}") for item in counts]
+    vectors = [unit_vectors(count, seed + i) for i, count in enumerate(counts.values())]
+    tokens = [np.zeros(1, dtype=np.int32) for _ in counts]
+    return store.upsert(docs, vectors, tokens), vectors
+
+
+def test_a_documents_passages_share_its_row_and_key(store: DocumentStore) -> None:
+    written, vectors = add_passages(store, {"one": 1, "three": 3, "two": 2})
+    one, three, two = written.keys
+    assert store.vector_count(DIM) == 6
+    expected = [one, three, passage_key(three, 1), passage_key(three, 2), two,
+                passage_key(two, 1)]  # fmt: skip
+    assert store.vector_keys(DIM).tolist() == expected
+    keys, stored = next(store.vectors(DIM, [three]))
+    assert keys.tolist() == expected[1:4]
+    assert np.array_equal(stored, vectors[1])
+    assert document_keys(keys).tolist() == [three] * 3
+    assert len(store) == 3  # documents, not passages
+
+
+def test_passages_are_searched_as_documents_and_go_together(tmp_path: Path, store) -> None:
+    path = tmp_path / "vectors.usearch"
+    counts = {f"d{i}": 1 + i % 4 for i in range(60)}
+    written, vectors = add_passages(store, counts)
+    index = load_consistent(path, store, ndim=DIM, settings=SETTINGS)
+    assert len(index) == sum(counts.values())
+    assert index.documents == 60
+    # A document's third passage finds the document, once, with that passage's similarity.
+    hits = index.search_documents(vectors[7][2], 60)
+    assert int(hits.keys[0]) == written.keys[7]
+    assert hits.similarities[0] == pytest.approx(1.0, abs=1e-5)
+    assert len(set(hits.keys.tolist())) == len(hits.keys) == 60
+    assert np.all(np.diff(hits.similarities) <= 1e-6)
+    # Kept as the nearest of each document's passages.
+    probe = vectors[7][2]
+    best = [max(float(v @ probe) for v in group) for group in vectors]
+    ranked = sorted(range(60), key=lambda i: -best[i])[:10]
+    assert hits.keys[:10].tolist() == [written.keys[i] for i in ranked]
+    index.remove_documents([written.keys[7]])
+    assert len(index) == sum(counts.values()) - counts["d7"]
+    assert written.keys[7] not in index.search_documents(probe, 60).keys.tolist()
+
+
+def test_a_crash_leaves_passages_the_repair_restores(tmp_path: Path, store) -> None:
+    path = tmp_path / "vectors.usearch"
+    add_passages(store, {f"d{i}": 2 for i in range(20)})
+    load_consistent(path, store, ndim=DIM, settings=SETTINGS)
+    # Committed to the store, never saved to the index: a replace, a delete and a new one.
+    replaced, vectors = add_passages(store, {"d3": 4, "new": 3}, seed=50)
+    store.delete(["d5"])
+    repaired = load_consistent(path, store, ndim=DIM, settings=SETTINGS)
+    assert sorted(repaired.keys().tolist()) == sorted(store.vector_keys(DIM).tolist())
+    assert len(repaired) == 19 * 2 - 2 + 4 + 3
+    assert int(repaired.search_documents(vectors[0][3], 1).keys[0]) == replaced.keys[0]
+    rebuilt, _ = VectorIndex.open(path, ndim=DIM, settings=SETTINGS)
+    assert len(rebuilt) == len(repaired)
+
+
+def test_fold_passages_keeps_each_documents_best() -> None:
+    keys = np.array([passage_key(5, 1), 9, 5, passage_key(9, 2), 3], dtype=np.uint64)
+    similarities = np.array([0.9, 0.2, 0.95, 0.7, 0.1], dtype=np.float32)
+    folded = fold_passages(keys, similarities)
+    assert folded.keys.tolist() == [5, 9, 3]
+    assert folded.similarities.tolist() == pytest.approx([0.95, 0.7, 0.1])

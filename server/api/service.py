@@ -448,6 +448,7 @@ def _info(info: EngineInfo) -> pb.InfoResponse:
         reranker_since=info.models.reranker_since,
         reranker_version=info.models.reranker_version,
         feedback_count=info.feedback_count,
+        index_vectors=info.index_vectors,
     )
     if info.models.reranker is not None:
         response.reranker.CopyFrom(_model_info(info.models.reranker, info.models.reranker_fit))

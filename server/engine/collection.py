@@ -41,6 +41,7 @@ from tandem.server.engine.store import (
     StoredDocument,
     StoreUnavailable,
     Upserted,
+    passage_key,
 )
 
 if TYPE_CHECKING:
@@ -76,12 +77,12 @@ class CollectionPaths:
 
 @dataclass(frozen=True)
 class Prepared:
-    """Documents with their vectors and reranker token ids, ready to commit."""
+    """Documents with their passage vectors and reranker token ids, ready to commit."""
 
     documents: list[NewDocument]
-    vectors: NDArray[np.float32]
+    vectors: list[NDArray[np.float32]]  # (passages, dimension) per document
     token_ids: list[NDArray[np.int32]]
-    truncated: NDArray[np.bool_]  # text cut to the bi-encoder's max length
+    truncated: NDArray[np.bool_]  # text went on past the last passage embedded
 
 
 class CollectionError(Exception):
@@ -168,7 +169,10 @@ class Collection:
             else recorded_settings(self.paths.index)
         )  # fmt: skip
         if recorded is None:
-            recorded = IndexSettings(**wanted)
+            try:
+                recorded = IndexSettings(**wanted)
+            except ValueError as error:
+                raise CollectionError(f"index settings: {error}") from error
         conflicts = [
             f"{name}={value!r} (the collection has {getattr(recorded, name)!r})"
             for name, value in wanted.items()
@@ -259,17 +263,29 @@ class Collection:
         """The model work of an upsert. Touches neither store nor index, so it may run on
         another thread than ``commit`` (the server keeps it off the store's thread)."""
         texts = [document.text for document in documents]
-        vectors, truncated = self.embedder.encode(texts, batch_size=batch_size)
+        settings = self.index.settings
+        embedded = self.embedder.encode_passages(
+            texts,
+            max_passages=settings.max_passages,
+            overlap=settings.passage_overlap,
+            batch_size=batch_size,
+        )
         if self.pairs is not None:
             token_ids = self.pairs.tokenize(texts)
         else:
             token_ids = [np.zeros(0, dtype=np.int32) for _ in texts]
-        return Prepared(list(documents), vectors, token_ids, truncated)
+        return Prepared(list(documents), embedded.passages, token_ids, embedded.truncated)
 
     def commit(self, prepared: Prepared) -> Upserted:
         written = self.store.upsert(prepared.documents, prepared.vectors, prepared.token_ids)
-        self.index.remove(written.replaced)
-        self.index.add(np.asarray(written.keys, dtype=np.uint64), prepared.vectors)
+        self.index.remove_documents(written.replaced)
+        keys = [
+            passage_key(key, number)
+            for key, vectors in zip(written.keys, prepared.vectors, strict=True)
+            for number in range(len(vectors))
+        ]
+        if keys:
+            self.index.add(np.asarray(keys, dtype=np.uint64), np.concatenate(prepared.vectors))
         self._update_lexical(
             written.replaced, written.keys, [document.text for document in prepared.documents]
         )
@@ -277,7 +293,7 @@ class Collection:
 
     def delete(self, ids: Sequence[str]) -> list[int]:
         keys = self.store.delete(ids)
-        self.index.remove(keys)
+        self.index.remove_documents(keys)
         self._update_lexical(keys, [], [])
         return keys
 

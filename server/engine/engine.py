@@ -167,6 +167,9 @@ class EngineInfo:
     score_activation: str  # what maps a rerank logit into [0, 1]; "" without a reranker
     reranker_id: str = ""  # which reranker serves (search.reranker_id); "" without one
     feedback_count: int = 0  # labels recorded by Feedback
+    index_vectors: int = 0  # passages in the vector index (index_size counts documents)
+    max_passages_per_doc: int = 1  # the collection's (IndexSettings.max_passages)
+    passage_overlap_tokens: int = 0
 
     @property
     def limits(self) -> dict[str, int]:
@@ -192,6 +195,8 @@ class EngineInfo:
             "default_max_chunks_per_doc": settings.max_chunks_per_doc,
             "max_chunks_per_doc": settings.max_chunks_per_doc_limit,
             "window_overlap_tokens": settings.window_overlap,
+            "max_passages_per_doc": self.max_passages_per_doc,
+            "passage_overlap_tokens": self.passage_overlap_tokens,
         }
 
 
@@ -414,28 +419,31 @@ class Engine:
         )
 
     async def info(self) -> EngineInfo:
-        def sizes() -> tuple[Collection, int, int, int, int]:
+        def sizes() -> tuple[Collection, int, int, int, int, int]:
             collection = self.collection
             return (
                 collection,
+                collection.index.documents,
                 len(collection.index),
                 len(collection.lexical) if collection.lexical is not None else 0,
                 collection.store.generation,
                 collection.store.feedback_count(),
             )
 
-        collection, index_size, lexical_size, generation, feedback = await self.lanes.run(
+        collection, documents, vectors, lexical_size, generation, feedback = await self.lanes.run(
             "store", sizes
         )
+        index_settings = collection.index.settings
         pairs = self.searcher.pairs
         embedder = self.searcher.embedder
         return EngineInfo(
             version=__version__,
             models=self.models,
             settings=self.settings,
-            index_size=index_size,
+            index_size=documents,
+            index_vectors=vectors,
             lexical_index_size=lexical_size,
-            index_dtype=collection.index.settings.dtype,
+            index_dtype=index_settings.dtype,
             generation=generation,
             collection_version=collection.version,
             read_only=collection.read_only,
@@ -445,6 +453,8 @@ class Engine:
             score_activation=SCORE_ACTIVATION if self.models.reranker is not None else "",
             reranker_id=self.searcher.slot.id if self.searcher.slot is not None else "",
             feedback_count=feedback,
+            max_passages_per_doc=index_settings.max_passages,
+            passage_overlap_tokens=index_settings.passage_overlap,
         )
 
     # Writes
@@ -480,9 +490,11 @@ class Engine:
         if truncated and not batch.truncate:
             first = int(np.flatnonzero(prepared.truncated)[0])
             raise InvalidArgument(
-                f"document {documents[first].id!r} is longer than the bi-encoder's "
-                f"{self.searcher.embedder.manifest.max_length} tokens; shorten it, or allow "
-                "truncate (nothing in this message was written)"
+                f"document {documents[first].id!r} is longer than the "
+                f"{self.collection.index.settings.max_passages} passages of "
+                f"{self.searcher.embedder.manifest.max_length} tokens this collection embeds "
+                "per document; shorten or split it, or allow truncate (nothing in this "
+                "message was written)"
             )
         started = time.perf_counter()
 

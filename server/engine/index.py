@@ -1,8 +1,10 @@
 """The vector index: usearch HNSW (cosine) with atomic saves, and its repair from the store.
 
-The index is a cache of the store's vectors. Its file is written beside a small JSON
-sidecar holding the store generation it reflects, its vector count and its sha256; start-up
-compares those with the store and repairs (or rebuilds) rather than serve a mismatch.
+The index is a cache of the store's vectors: one per passage of each document (keys from
+``store.passage_key``); searches ask for documents, each once, by its best passage. Its file
+is written beside a small JSON sidecar holding the store generation it reflects, its vector
+count and its sha256; start-up compares those with the store and repairs (or rebuilds)
+rather than serve a mismatch.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from numpy.typing import NDArray
 from usearch.index import Index
 
 from tandem.durable import fsync_file, sha256_file, write_text_atomically
-from tandem.server.engine.store import DocumentStore
+from tandem.server.engine.store import DocumentStore, document_keys, passage_key
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,8 @@ VectorDType = Literal["f32", "f16", "i8"]
 
 @dataclass(frozen=True)
 class IndexSettings:
-    """HNSW parameters. Larger values buy recall with memory (connectivity) or time."""
+    """How documents become vectors, and the HNSW graph's parameters. Larger graph values
+    buy recall with memory (connectivity) or time."""
 
     dtype: VectorDType = "i8"  # i8 held recall@100 0.95-0.98 at ef=64 here, at 1/4 of f32 memory
     connectivity: int = 16  # graph degree M
@@ -38,6 +41,18 @@ class IndexSettings:
     # Below this many vectors a brute-force scan is cheap (about 9 ms for 100k on 2 cores,
     # far less at this size) and exact, so the graph is not consulted.
     exact_below: int = 10_000
+    # A document longer than the bi-encoder's window is embedded as overlapping passages, up
+    # to this many (64 windows of 256 tokens reach about 14,000 tokens: some 25 pages); past
+    # them the text is not embedded (the upsert counts it truncated), but BM25 and the
+    # reranker still read it. 1: the first window only.
+    max_passages: int = 64
+    passage_overlap: int = 32  # tokens a passage shares with the one before
+
+    def __post_init__(self) -> None:
+        if self.max_passages < 1:
+            raise ValueError(f"max_passages must be at least 1 (got {self.max_passages})")
+        if self.passage_overlap < 0:
+            raise ValueError(f"passage_overlap must be >= 0 (got {self.passage_overlap})")
 
 
 class IndexCorrupt(Exception):
@@ -73,17 +88,36 @@ class VectorIndex:
         return len(self.index)
 
     def keys(self) -> NDArray[np.uint64]:
+        """Every vector's key (a passage's; see ``store.passage_key``)."""
         return np.asarray(self.index.keys, dtype=np.uint64)
+
+    @property
+    def documents(self) -> int:
+        """How many documents the vectors belong to (each has its passage 0)."""
+        return int(np.count_nonzero(document_keys(self.keys()) == self.keys()))
 
     def add(self, keys: NDArray[np.uint64], vectors: NDArray[np.float32]) -> None:
         if len(keys):
             self.index.add(keys, np.ascontiguousarray(vectors, dtype=np.float32))
 
     def remove(self, keys: Iterable[int]) -> None:
+        """Removes these vector keys (passages)."""
         present = [int(key) for key in keys if self.index.contains(int(key))]
         if present:
             self.index.remove(present)
             self.removed += len(present)
+
+    def remove_documents(self, keys: Iterable[int]) -> None:
+        """Removes every passage of these documents. A document's passages are numbered
+        from 0 without gaps (they are added and removed together), so the first key missing
+        ends it."""
+        passages = []
+        for key in keys:
+            number = 0
+            while self.index.contains(passage_key(int(key), number)):
+                passages.append(passage_key(int(key), number))
+                number += 1
+        self.remove(passages)
 
     @property
     def removed_fraction(self) -> float:
@@ -91,7 +125,20 @@ class VectorIndex:
         total = len(self) + self.removed
         return self.removed / total if total else 0.0
 
+    def search_documents(self, vector: NDArray[np.float32], count: int) -> Hits:
+        """The ``count`` nearest documents, each once, by its nearest passage: it looks at
+        more passages until ``count`` documents are among them or it has seen them all."""
+        fetch = count
+        while True:
+            hits = self.search(vector, fetch)
+            best = fold_passages(hits.keys, hits.similarities)
+            if len(best.keys) >= count or fetch >= len(self):
+                return Hits(best.keys[:count], best.similarities[:count])
+            # The passages seen so far predict how many more cover ``count`` documents.
+            fetch = min(len(self), max(fetch * 2, fetch * count // max(len(best.keys), 1) + 1))
+
     def search(self, vector: NDArray[np.float32], count: int) -> Hits:
+        """The ``count`` nearest passages (vector keys)."""
         if len(self) == 0 or count <= 0:
             return Hits(np.zeros(0, np.uint64), np.zeros(0, np.float32))
         matches = self.index.search(
@@ -156,6 +203,16 @@ class VectorIndex:
         return cls(ndim, settings, index=loaded, removed=int(sidecar.get("removed", 0))), sidecar
 
 
+def fold_passages(keys: NDArray[np.uint64], similarities: NDArray[np.float32]) -> Hits:
+    """Passage hits folded into document hits: each document once, with its best passage's
+    similarity, best first."""
+    order = np.argsort(-similarities, kind="stable")
+    documents = document_keys(keys)[order]
+    _, first = np.unique(documents, return_index=True)
+    kept = np.sort(first)  # positions in ``order``, so still best first
+    return Hits(documents[kept], similarities[order][kept].astype(np.float32))
+
+
 def recorded_settings(path: Path) -> IndexSettings | None:
     """The settings an index file's sidecar records (None: no readable sidecar)."""
     try:
@@ -167,7 +224,7 @@ def recorded_settings(path: Path) -> IndexSettings | None:
 
 def rebuild(store: DocumentStore, *, ndim: int, settings: IndexSettings) -> VectorIndex:
     index = VectorIndex(ndim, settings)
-    for keys, vectors in store.vectors():
+    for keys, vectors in store.vectors(ndim):
         index.add(keys, vectors)
     return index
 
@@ -175,13 +232,14 @@ def rebuild(store: DocumentStore, *, ndim: int, settings: IndexSettings) -> Vect
 def catch_up(index: VectorIndex, store: DocumentStore) -> tuple[int, int]:
     """Makes ``index`` hold exactly the store's vectors; returns (removed, added). Keys are
     never reused, so a replaced document shows up as one key gone and one new."""
-    stored = store.keys()
+    stored = store.vector_keys(index.ndim)
     indexed = index.keys()
     extra = np.setdiff1d(indexed, stored)
     missing = np.setdiff1d(stored, indexed)
     index.remove(extra.tolist())
-    for keys, vectors in store.vectors(missing.tolist()):
-        index.add(keys, vectors)
+    for keys, vectors in store.vectors(index.ndim, np.unique(document_keys(missing)).tolist()):
+        wanted = np.isin(keys, missing)
+        index.add(keys[wanted], vectors[wanted])
     return len(extra), len(missing)
 
 
@@ -192,10 +250,11 @@ def load_consistent(
 
     ``writable``: the repair is saved. Otherwise (a read-only collection, a replica) an index
     that agrees is memory-mapped rather than loaded, and a repair stays in memory."""
+    vectors = store.vector_count(ndim)
     try:
         if not writable:
             view, sidecar = VectorIndex.open(path, ndim=ndim, settings=settings, view=True)
-            if sidecar["generation"] == store.generation and len(view) == len(store):
+            if sidecar["generation"] == store.generation and len(view) == vectors:
                 return view
         index, sidecar = VectorIndex.open(path, ndim=ndim, settings=settings)
     except IndexCorrupt as exc:
@@ -205,7 +264,7 @@ def load_consistent(
         if writable:
             index.save(path, generation=store.generation)
         return index
-    if sidecar["generation"] == store.generation and len(index) == len(store):
+    if sidecar["generation"] == store.generation and len(index) == vectors:
         return index
     removed, added = catch_up(index, store)
     log.warning(

@@ -44,6 +44,7 @@ from tandem.server.engine.fusion import (
     reciprocal_rank_fusion,
     single,
 )
+from tandem.server.engine.index import fold_passages
 from tandem.server.engine.lanes import Lanes
 from tandem.server.engine.pairs import Ids, PairIds, PairTokenizer, Windows, pad_pairs
 from tandem.server.engine.store import StoredDocument, matches
@@ -382,7 +383,7 @@ class Searcher:
     ) -> tuple[list[int], list[float], int | None]:
         if wanted:
             return self._filtered(vector, recall_k, wanted, read)
-        hits = self.collection.index.search(vector, recall_k)
+        hits = self.collection.index.search_documents(vector, recall_k)
         return [int(key) for key in hits.keys], hits.similarities.tolist(), None
 
     def _lexical(
@@ -480,24 +481,25 @@ class Searcher:
         wanted: Mapping[str, Any],
         read: dict[int, StoredDocument],
     ) -> tuple[list[int], list[float], int]:
-        hits = self.collection.index.search(vector, fetch)
+        hits = self.collection.index.search_documents(vector, fetch)
         keys, scores = self._passing(hits.keys.tolist(), hits.similarities.tolist(), wanted, read)
         return keys[:recall_k], scores[:recall_k], len(keys)
 
     def _exact(
         self, vector: NDArray[np.float32], keys: Sequence[int], recall_k: int
     ) -> tuple[list[int], list[float]]:
-        """Cosine against every stored vector of ``keys``; the best ``recall_k``."""
+        """Cosine against every stored passage of the documents ``keys``; the best
+        ``recall_k`` documents, each by its best passage."""
         if not keys:
             return [], []
-        batches = list(self.collection.store.vectors(list(keys)))
+        batches = list(self.collection.store.vectors(self.collection.index.ndim, list(keys)))
         all_keys = np.concatenate([batch_keys for batch_keys, _ in batches])
         vectors = np.concatenate([batch_vectors for _, batch_vectors in batches])
         query = np.asarray(vector, dtype=np.float32)
         norms = np.linalg.norm(vectors, axis=1) * max(float(np.linalg.norm(query)), 1e-12)
-        similarities = vectors @ query / np.maximum(norms, 1e-12)
-        best = np.argsort(-similarities, kind="stable")[:recall_k]
-        return [int(key) for key in all_keys[best]], [float(value) for value in similarities[best]]
+        similarities = (vectors @ query / np.maximum(norms, 1e-12)).astype(np.float32)
+        best = fold_passages(all_keys, similarities)
+        return best.keys[:recall_k].tolist(), best.similarities[:recall_k].tolist()
 
     async def rerank(
         self,

@@ -1,10 +1,15 @@
 """The durable document store (SQLite, WAL): the source of truth the vector index is rebuilt from.
 
-Each document keeps its external id, text, JSON metadata, its bi-encoder vector and the
+Each document keeps its external id, text, JSON metadata, its bi-encoder vectors and the
 reranker's token ids, so neither a rerank nor an index repair has to run a model again. Keys
 are internal uint64 ids, never reused, so an index entry can never point at the wrong text.
 Every write bumps ``generation``; the index records the generation it was saved at, which is
 how start-up tells that the two disagree.
+
+A document longer than the bi-encoder's window has one vector per passage, all in its row
+(``vector`` holds them end to end). In the vector index, passage ``p`` of the document with
+key ``k`` has key ``passage_key(k, p)``: ``k`` itself for the first passage, so a collection
+written before passages existed keeps every key it had.
 """
 
 from __future__ import annotations
@@ -47,6 +52,21 @@ CREATE TABLE IF NOT EXISTS feedback (
     at TEXT NOT NULL
 );
 """
+
+
+# Document keys are counted up from 1 and stay far below 2**48; a passage's number sits above.
+PASSAGE_SHIFT = 48
+DOCUMENT_MASK = (1 << PASSAGE_SHIFT) - 1
+VECTOR_BYTES = 4  # float32
+
+
+def passage_key(key: int, passage: int) -> int:
+    return key | (passage << PASSAGE_SHIFT)
+
+
+def document_keys(keys: NDArray[np.uint64]) -> NDArray[np.uint64]:
+    """The document each vector key belongs to."""
+    return np.asarray(keys, dtype=np.uint64) & np.uint64(DOCUMENT_MASK)
 
 
 class StoreError(RequestError):
@@ -252,10 +272,11 @@ class DocumentStore:
     def upsert(
         self,
         documents: Sequence[NewDocument],
-        vectors: NDArray[np.float32],
+        vectors: Sequence[NDArray[np.float32]],
         token_ids: Sequence[NDArray[np.int32]],
     ) -> Upserted:
-        """Writes documents in one transaction; an id seen before gets a fresh key."""
+        """Writes documents in one transaction; an id seen before gets a fresh key.
+        ``vectors[i]``: document i's passage vectors, one row each (or one vector)."""
         if not (len(documents) == len(vectors) == len(token_ids)):
             raise InvalidDocuments("documents, vectors and token ids differ in count")
         ids = [document.id for document in documents]
@@ -367,11 +388,22 @@ class DocumentStore:
         return np.array([row[0] for row in rows], dtype=np.uint64)
 
     def vectors(
-        self, keys: Sequence[int] | None = None, *, batch: int = 4096
+        self, ndim: int, keys: Sequence[int] | None = None, *, batch: int = 4096
     ) -> Iterator[tuple[NDArray[np.uint64], NDArray[np.float32]]]:
-        """Yields (keys, vectors) in batches: all documents, or only ``keys``."""
+        """Yields (vector keys, vectors) in batches, every passage of each document: all
+        documents, or only those of the document ``keys``."""
         for rows in self._rows("vector", keys, batch):
-            yield _unpack_vectors(rows)
+            yield _unpack_vectors(rows, ndim)
+
+    def vector_keys(self, ndim: int) -> NDArray[np.uint64]:
+        """Every passage's key in the vector index, in document key order."""
+        rows = self.db.execute("SELECT key, length(vector) FROM documents ORDER BY key").fetchall()
+        return _passage_keys([int(key) for key, _ in rows], _counts(rows, ndim))
+
+    def vector_count(self, ndim: int) -> int:
+        """How many vectors the index should hold (documents' passages, all together)."""
+        total = self.db.execute("SELECT COALESCE(SUM(length(vector)), 0) FROM documents")
+        return int(total.fetchone()[0]) // (VECTOR_BYTES * ndim)
 
     def texts(
         self, keys: Sequence[int] | None = None, *, batch: int = 4096
@@ -400,11 +432,27 @@ class DocumentStore:
 
 
 def _unpack_vectors(
-    rows: list[tuple[int, bytes]],
+    rows: list[tuple[int, bytes]], ndim: int
 ) -> tuple[NDArray[np.uint64], NDArray[np.float32]]:
-    keys = np.array([row[0] for row in rows], dtype=np.uint64)
-    vectors = np.stack([np.frombuffer(row[1], dtype=np.float32) for row in rows])
-    return keys, vectors
+    vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32)
+    counts = _counts([(key, len(blob)) for key, blob in rows], ndim)
+    return _passage_keys([int(row[0]) for row in rows], counts), vectors.reshape(-1, ndim)
+
+
+def _counts(rows: Sequence[tuple[Any, int]], ndim: int) -> NDArray[np.int64]:
+    """Passages per document from (key, vector blob length) rows."""
+    sizes = np.array([size for _, size in rows], dtype=np.int64)
+    if (sizes % (VECTOR_BYTES * ndim)).any():
+        raise ValueError(f"a stored vector is not a multiple of {ndim} dimensions")
+    return sizes // (VECTOR_BYTES * ndim)
+
+
+def _passage_keys(keys: Sequence[int], counts: NDArray[np.int64]) -> NDArray[np.uint64]:
+    """``passage_key(k, p)`` for each document ``k`` and each of its passages ``p``."""
+    documents = np.repeat(np.asarray(keys, dtype=np.uint64), counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    passages = (np.arange(len(documents)) - starts).astype(np.uint64)
+    return documents | (passages << np.uint64(PASSAGE_SHIFT))
 
 
 class _Transaction:

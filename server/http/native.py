@@ -208,6 +208,7 @@ def info_body(info: EngineInfo) -> dict[str, Any]:
         "reranker_since": info.models.reranker_since,
         "reranker_version": info.models.reranker_version,
         "feedback_count": info.feedback_count,
+        "index_vectors": info.index_vectors,
     }
 
 
