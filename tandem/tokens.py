@@ -7,6 +7,7 @@ stays independent of which one runs the model.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,3 +99,19 @@ def pad_token_id(folder: Path) -> int:
         return 0
     value = json.loads(path.read_text(encoding="utf-8")).get("pad_token_id")
     return int(value) if isinstance(value, int) else 0
+
+
+def window_starts(length: int, width: int, *, overlap: int, cap: int) -> tuple[list[int], bool]:
+    """Where overlapping windows of ``width`` tokens start in a text of ``length`` tokens,
+    and whether the text goes on past the last of them (more than ``cap`` were needed).
+
+    Each window starts ``overlap`` tokens (at most half a window) before the previous one
+    ends, and the last one ends at the text's end, so every window is full width: a short
+    tail window would stand for a few tokens alone. The reranker's windows and the
+    bi-encoder's passages are both cut this way."""
+    if length <= width or cap <= 1 or width <= 0:
+        return [0], length > width
+    stride = max(width - overlap, (width + 1) // 2)
+    needed = 1 + math.ceil((length - width) / stride)
+    used = min(needed, cap)
+    return [min(index * stride, length - width) for index in range(used)], used < needed

@@ -9,6 +9,7 @@ window (what a single vector reads) holds none of it.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -79,12 +80,17 @@ def _words(segments, count: int) -> str:
 
 
 def expected_passages(bi_int8, text: str, settings: IndexSettings) -> int:
-    """Counted independently of the server: the tokenizer's own overflow at the model's
-    length, ``passage_overlap`` tokens shared, capped."""
+    """Counted apart from the server: full-width windows (the model's length less its
+    special tokens), each starting ``passage_overlap`` tokens before the previous one ends
+    and the last ending at the text's end, capped."""
     tokenizer = Tokenizer.from_file(str(bi_int8[0] / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(bi_int8[1].max_length, stride=settings.passage_overlap)
-    return min(1 + len(tokenizer.encode(text).overflowing), settings.max_passages)
+    tokenizer.no_truncation()
+    length = len(tokenizer.encode(text, add_special_tokens=False).ids)
+    width = bi_int8[1].max_length - 2  # [CLS] and [SEP]
+    if length <= width:
+        return 1
+    return min(1 + math.ceil((length - width) / (width - settings.passage_overlap)),
+               settings.max_passages)  # fmt: skip
 
 
 def open_collection(folder: Path, embedder: BiEncoder, **settings: int) -> Collection:

@@ -7,7 +7,6 @@ layout is learned from the tokenizer itself and truncation follows its `longest_
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from tokenizers import Tokenizer
 
 from tandem.artifact import open_checked
 from tandem.encoders import CrossEncoder, TokenBatch, load_tokenizer, pad_rows
+from tandem.tokens import window_starts
 
 Ids = NDArray[np.int32]
 
@@ -95,14 +95,11 @@ class PairTemplate:
         width = first.keep_document
         if length <= width or max_windows <= 1 or width == 0:
             return Windows((first,), cut=first.truncated)
-        stride = max(width - overlap, (width + 1) // 2)
-        needed = 1 + math.ceil((length - width) / stride)
-        used = min(needed, max_windows)
-        starts = [min(index * stride, length - width) for index in range(used)]
+        starts, past = window_starts(length, width, overlap=overlap, cap=max_windows)
         pairs = tuple(
             JoinedPair(self, query, document, first.keep_query, width, start) for start in starts
         )
-        cut = first.keep_query < len(query) or used < needed or length < len(document)
+        cut = first.keep_query < len(query) or past or length < len(document)
         return Windows(pairs, cut=cut)
 
 
