@@ -283,8 +283,7 @@ def _run_index(args: argparse.Namespace) -> int:
     print(
         f"{args.out}: {report.added} documents added, {report.skipped} already present, "
         f"{report.total} read in {report.seconds:.1f} s; the vector index holds {indexed[0]} "
-        f"passages, "
-        f"the lexical (BM25) index {indexed[1]}"
+        f"passages, the lexical (BM25) index {indexed[1]} documents"
     )
     return 0
 

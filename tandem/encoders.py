@@ -86,7 +86,7 @@ class Encoder:
 
 
 @dataclass(frozen=True)
-class Embedded:
+class PassageVectors:
     """Each text's passage vectors (``passages[i]`` is ``(n_i, dimension)``, ``n_i >= 1``), and
     which texts went on past the last passage embedded."""
 
@@ -113,7 +113,7 @@ class BiEncoder(Encoder):
         max_passages: int,
         overlap: int,
         batch_size: int = DEFAULT_BATCH_SIZE,
-    ) -> Embedded:
+    ) -> PassageVectors:
         """Each text as up to ``max_passages`` overlapping windows of the model's length
         (``tokens.window_starts``: each shares ``overlap`` tokens with the one before, and
         the last ends at the text's end), embedded one by one. The first is ``encode``'s
@@ -144,7 +144,7 @@ class BiEncoder(Encoder):
             every[chosen] = self.forward(self.tokenize([flat[index] for index in chosen]))
         bounds = np.cumsum([0, *(len(windows) for windows in groups)])
         passages = [every[bounds[i] : bounds[i + 1]] for i in range(len(groups))]
-        return Embedded(passages, truncated)
+        return PassageVectors(passages, truncated)
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
         return pad_encodings(self.tokenizer.encode_batch(list(texts)), pad_id=self.pad_id)

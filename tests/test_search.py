@@ -38,14 +38,17 @@ def corpus(data) -> list[NewDocument]:
     ]
 
 
-def serve(folder: Path, bi: Path, ce: Path, body, *, documents=None, dtype: str = "i8"):
+def serve(
+    folder: Path, bi: Path, ce: Path, body, *, documents=None, dtype: str = "i8", max_passages=64
+):
     """Opens the collection (adding ``documents`` if given) and runs ``body(searcher)``."""
     embedder = BiEncoder(bi)
     reranker = CrossEncoder(ce)
     pairs = PairTokenizer.for_reranker(reranker)
     collection = Collection(
-        folder, embedder=embedder, pairs=pairs, settings=IndexSettings(dtype=dtype)
-    )
+        folder, embedder=embedder, pairs=pairs,
+        settings=IndexSettings(dtype=dtype, max_passages=max_passages),
+    )  # fmt: skip
     if documents:
         collection.upsert(documents)
 
@@ -211,7 +214,8 @@ def test_fp32_pipeline_ranks_as_the_seeds_reference(
             await searcher.search(query, recall_k=20, top_n=20, budget_s=None) for query in queries
         ]
 
-    results = serve(tmp_path / "c", bi, ce, body, documents=documents, dtype="f32")
+    # The seeds embedded each document's first window only: so does this collection.
+    results = serve(tmp_path / "c", bi, ce, body, documents=documents, dtype="f32", max_passages=1)
     # The seeds' code: sentence-transformers encode, numpy cosine, CrossEncoder.predict, sort.
     doc_vectors = reference.embed(minilm_path, [d.text for d in documents], max_length=256)
     query_vectors = reference.embed(minilm_path, queries, max_length=256)
