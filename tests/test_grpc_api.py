@@ -376,9 +376,15 @@ def test_bad_upsert_message_commits_nothing_of_itself(stub):
     assert [d.id for d in got.documents] == ["kept-1"]
     for bad in (document("", "no id"), document("x" * 600, "id too long")):
         assert code_of(stub.Upsert, iter([pb.UpsertRequest(documents=[bad])])) == INVALID
+    # Past the bi-encoder's window a document is embedded as passages, whole.
     long_doc = pb.UpsertRequest(documents=[document("long", LONG_TEXT)], truncate=False)
-    assert code_of(stub.Upsert, iter([long_doc])) == INVALID
-    counted = stub.Upsert(iter([pb.UpsertRequest(documents=[document("long", LONG_TEXT)])]))
+    assert stub.Upsert(iter([long_doc])).truncated == 0
+    # Past the collection's 64 passages (~14,000 tokens), truncate=false refuses it; by
+    # default its tail is left unembedded and counted.
+    longer = "retrieval " * 16_000
+    too_long = pb.UpsertRequest(documents=[document("longer", longer)], truncate=False)
+    assert code_of(stub.Upsert, iter([too_long])) == INVALID
+    counted = stub.Upsert(iter([pb.UpsertRequest(documents=[document("longer", longer)])]))
     assert counted.truncated == 1
 
 
