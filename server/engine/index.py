@@ -94,7 +94,8 @@ class VectorIndex:
     @property
     def documents(self) -> int:
         """How many documents the vectors belong to (each has its passage 0)."""
-        return int(np.count_nonzero(document_keys(self.keys()) == self.keys()))
+        keys = self.keys()
+        return int(np.count_nonzero(document_keys(keys) == keys))
 
     def add(self, keys: NDArray[np.uint64], vectors: NDArray[np.float32]) -> None:
         if len(keys):
