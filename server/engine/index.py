@@ -145,7 +145,8 @@ class VectorIndex:
         matches = self.index.search(
             np.asarray(vector, dtype=np.float32),
             min(count, len(self)),
-            exact=len(self) < self.settings.exact_below,
+            # Asking for every vector is a scan anyway, and the graph can miss some of them.
+            exact=len(self) < self.settings.exact_below or count >= len(self),
         )
         keys = np.asarray(matches.keys, dtype=np.uint64)
         similarities = 1.0 - np.asarray(matches.distances, dtype=np.float32)
