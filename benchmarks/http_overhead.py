@@ -52,6 +52,25 @@ def refusal(error: grpc.aio.AioRpcError) -> Exception:
 
 
 @dataclass(frozen=True)
+class Answer:
+    pairs: int  # pairs the server scored
+    # From admission to the engine's answer: gRPC's timings.total_ms, HTTP's Server-Timing
+    # `call`. What each door adds around it is the client's time less this.
+    call_ms: float
+    server_ms: float | None = None  # HTTP's Server-Timing `total`: the door in, the reply out
+
+
+def server_timing_ms(header: str, metric: str) -> float:
+    """``metric``'s duration in a ``Server-Timing`` header (``total;dur=1.234, call;dur=1``)."""
+    for entry in header.split(","):
+        name, *parameters = (part.strip() for part in entry.split(";"))
+        for parameter in parameters:
+            if name == metric and parameter.startswith("dur="):
+                return float(parameter.removeprefix("dur="))
+    raise RuntimeError(f"no {metric} in Server-Timing {header!r}")
+
+
+@dataclass(frozen=True)
 class Case:
     query: str
     documents: list[str]
@@ -107,7 +126,7 @@ class Loop:
 
 
 async def closed_loop(
-    send: Callable[[Case], Awaitable[int]], work: list[Case], *, callers: int, seconds: float
+    send: Callable[[Case], Awaitable[Answer]], work: list[Case], *, callers: int, seconds: float
 ) -> Loop:
     """``callers`` loops, each sending its next call as soon as the last is answered, until
     ``seconds`` have passed. A refused call waits the server's retry delay and is sent again;
@@ -124,8 +143,8 @@ async def closed_loop(
             started = time.perf_counter()
             while True:
                 try:
-                    scored = await send(case)  # not `pairs += await ...`: that reads
-                    pairs += scored  # `pairs` before the await and loses other callers' adds
+                    answer = await send(case)  # not `pairs += await ...`: that reads
+                    pairs += answer.pairs  # `pairs` before the await and loses other callers' adds
                     break
                 except Refused as refusal:
                     refused += 1
@@ -138,25 +157,39 @@ async def closed_loop(
 
 
 async def paired_calls(
-    senders: Mapping[str, Callable[[Case], Awaitable[int]]], work: list[Case], *, count: int
+    senders: Mapping[str, Callable[[Case], Awaitable[Answer]]], work: list[Case], *, count: int
 ) -> dict[str, float]:
     """One caller, the doors alternating call by call (gRPC then HTTP, then HTTP then gRPC):
-    both calls of a pair meet the same moment of the shared machine, so the median of the
-    pairs' differences is HTTP's cost per call beyond gRPC's, free of the drift between
-    rounds that the closed loops see."""
+    both calls of a pair meet the same moment of the shared machine. Each call's cost at its
+    door is the client's time less the call's own (admission to the engine's answer, which
+    the server reports on both doors), so the reranker's run-to-run noise, larger than
+    the doors' costs, drops out; the median of the pairs' differences is HTTP's extra cost."""
     took: dict[str, list[float]] = {"grpc": [], "http": []}
+    door: dict[str, list[float]] = {"grpc": [], "http": []}
+    http_layer: list[float] = []  # the server's share of HTTP's door: total less call
     for number in range(count):
         case = work[number % len(work)]
         for transport in ("grpc", "http") if number % 2 == 0 else ("http", "grpc"):
             started = time.perf_counter()
-            await senders[transport](case)
-            took[transport].append(time.perf_counter() - started)
-    differences = [h - g for g, h in zip(took["grpc"], took["http"], strict=True)]
+            answer = await senders[transport](case)
+            client_ms = (time.perf_counter() - started) * 1000
+            took[transport].append(client_ms)
+            door[transport].append(client_ms - answer.call_ms)
+            if answer.server_ms is not None:
+                http_layer.append(answer.server_ms - answer.call_ms)
+
+    def median_difference(http: list[float], grpc: list[float]) -> float:
+        return statistics.median(h - g for g, h in zip(grpc, http, strict=True))
+
     return {
         "calls_per_door": count,
-        "grpc_p50_ms": statistics.median(took["grpc"]) * 1000,
-        "http_p50_ms": statistics.median(took["http"]) * 1000,
-        "http_minus_grpc_ms": statistics.median(differences) * 1000,
+        "grpc_p50_ms": statistics.median(took["grpc"]),
+        "http_p50_ms": statistics.median(took["http"]),
+        "http_minus_grpc_ms": median_difference(took["http"], took["grpc"]),
+        "grpc_door_p50_ms": statistics.median(door["grpc"]),
+        "http_door_p50_ms": statistics.median(door["http"]),
+        "http_door_minus_grpc_door_ms": median_difference(door["http"], door["grpc"]),
+        "http_server_layer_p50_ms": statistics.median(http_layer),
     }
 
 
@@ -168,7 +201,7 @@ async def measure(
     limits = httpx.Limits(max_connections=max(args.callers), max_keepalive_connections=None)
     client = httpx.AsyncClient(base_url=http_base, timeout=TIMEOUT_S, limits=limits)
 
-    async def over_grpc(case: Case) -> int:
+    async def over_grpc(case: Case) -> Answer:
         try:
             reply = await stub.Rerank(
                 rerank_request(case),
@@ -179,9 +212,9 @@ async def measure(
             raise refusal(error) from error
         if reply.reranked_count != len(case.documents):
             raise RuntimeError(f"gRPC scored {reply.reranked_count} of {len(case.documents)}")
-        return int(reply.reranked_count)
+        return Answer(int(reply.reranked_count), call_ms=reply.timings.total_ms)
 
-    async def over_http(case: Case) -> int:
+    async def over_http(case: Case) -> Answer:
         reply = await client.post(
             "/v2/rerank",
             json={"model": "bench", "query": case.query, "documents": case.documents,
@@ -192,7 +225,12 @@ async def measure(
         reply.raise_for_status()
         if len(reply.json()["results"]) != TOP_N:
             raise RuntimeError(f"HTTP returned {reply.text[:200]}")
-        return len(case.documents)  # Cohere's shape: every document is scored
+        timing = reply.headers["server-timing"]
+        return Answer(
+            len(case.documents),  # Cohere's shape: every document is scored
+            call_ms=server_timing_ms(timing, "call"),
+            server_ms=server_timing_ms(timing, "total"),
+        )
 
     senders = {"grpc": over_grpc, "http": over_http}
     rounds: list[Round] = []
@@ -335,6 +373,10 @@ def main(args: argparse.Namespace) -> int:
         f"1 caller, doors alternating call by call ({paired['calls_per_door']:.0f} each): p50 "
         f"gRPC {paired['grpc_p50_ms']:.1f} ms, HTTP {paired['http_p50_ms']:.1f} ms; HTTP's "
         f"extra cost per call (median of the pairs' differences): "
-        f"{paired['http_minus_grpc_ms']:.1f} ms"
+        f"{paired['http_minus_grpc_ms']:.1f} ms. Around the call's own work (client time "
+        f"less the server's call time), p50 gRPC {paired['grpc_door_p50_ms']:.2f} ms, HTTP "
+        f"{paired['http_door_p50_ms']:.2f} ms (of which the server's HTTP layer "
+        f"{paired['http_server_layer_p50_ms']:.2f} ms); HTTP's extra fixed cost (median of the "
+        f"pairs' differences): {paired['http_door_minus_grpc_door_ms']:.2f} ms"
     )
     return 0

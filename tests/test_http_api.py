@@ -25,6 +25,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from serving import HTTP_TIMEOUT, ServerThread, document, get, post, settings_for, upsert
 
+from tandem.benchmarks.http_overhead import server_timing_ms
 from tandem.v1 import tandem_pb2 as pb
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -371,6 +372,25 @@ def test_info_and_health(base, server) -> None:
     assert info["dimension"] == server.stub().Info(pb.InfoRequest()).dimension
     health = get(f"{base}/health")
     assert (health.status_code, health.json()) == (200, {"status": "SERVING"})
+
+
+def test_every_reply_says_the_servers_own_time(base, case) -> None:
+    query, texts = case
+    started = time.perf_counter()
+    reranked = post(f"{base}/v2/rerank", json={"query": query, "documents": texts})
+    took_ms = (time.perf_counter() - started) * 1000
+    assert reranked.status_code == 200
+    timing = reranked.headers["server-timing"]
+    total_ms, call_ms = server_timing_ms(timing, "total"), server_timing_ms(timing, "call")
+    assert 0 < call_ms < total_ms < took_ms
+    # Scoring every document takes far longer than answering /health.
+    assert server_timing_ms(get(f"{base}/health").headers["server-timing"], "total") < call_ms
+    # Refusals carry it too: a body the route refuses, and one the door refuses first.
+    bad = post(f"{base}/v2/rerank", json={"query": query})
+    too_large = post(f"{base}/rerank", json={"query": "q", "texts": ["x" * 1000] * 300})
+    for refused, status in ((bad, 400), (too_large, 413)):
+        assert refused.status_code == status
+        assert server_timing_ms(refused.headers["server-timing"], "total") > 0
 
 
 @pytest.mark.parametrize(

@@ -166,8 +166,8 @@ def _problem(problem: Any) -> str:
 
 class Door:
     """What every HTTP request passes through, before any route: the bearer token, the body
-    size limit (``max_message_bytes``, as for gRPC), and once it is answered, the metrics by
-    route and status, and the access log."""
+    size limit (``max_message_bytes``, as for gRPC), the ``Server-Timing`` header of every
+    reply, and once it is answered, the metrics by route and status, and the access log."""
 
     def __init__(
         self,
@@ -196,6 +196,11 @@ class Door:
         async def send_counted(message: Message) -> None:
             if message["type"] == "http.response.start":
                 answered.append(message["status"])
+                # W3C Server-Timing (browsers' devtools show it): the server's share of the
+                # call, so a client can tell its own and the network's time from ours.
+                took = f"total;dur={(time.perf_counter() - started) * 1000:.3f}"
+                headers = [*message.get("headers", []), (b"server-timing", took.encode())]
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
