@@ -125,8 +125,15 @@ class Loop:
     refused: int
 
 
+def pairs_of(send: Callable[[Case], Awaitable[Answer]]) -> Callable[[Case], Awaitable[int]]:
+    async def pairs(case: Case) -> int:
+        return (await send(case)).pairs
+
+    return pairs
+
+
 async def closed_loop(
-    send: Callable[[Case], Awaitable[Answer]], work: list[Case], *, callers: int, seconds: float
+    send: Callable[[Case], Awaitable[int]], work: list[Case], *, callers: int, seconds: float
 ) -> Loop:
     """``callers`` loops, each sending its next call as soon as the last is answered, until
     ``seconds`` have passed. A refused call waits the server's retry delay and is sent again;
@@ -143,8 +150,8 @@ async def closed_loop(
             started = time.perf_counter()
             while True:
                 try:
-                    answer = await send(case)  # not `pairs += await ...`: that reads
-                    pairs += answer.pairs  # `pairs` before the await and loses other callers' adds
+                    scored = await send(case)  # not `pairs += await ...`: that reads
+                    pairs += scored  # `pairs` before the await and loses other callers' adds
                     break
                 except Refused as refusal:
                     refused += 1
@@ -237,12 +244,12 @@ async def measure(
     try:
         for callers in args.callers:
             for warm in senders.values():  # connections and first-call costs, unmeasured
-                await closed_loop(warm, work, callers=callers, seconds=2.0)
+                await closed_loop(pairs_of(warm), work, callers=callers, seconds=2.0)
             for number in range(args.rounds):
                 order = ["grpc", "http"] if number % 2 == 0 else ["http", "grpc"]
                 for transport in order:
                     loop = await closed_loop(
-                        senders[transport], work, callers=callers, seconds=args.seconds
+                        pairs_of(senders[transport]), work, callers=callers, seconds=args.seconds
                     )
                     done = Round(
                         transport, callers, loop.calls, loop.pairs, loop.seconds,
