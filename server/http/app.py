@@ -26,7 +26,7 @@ from tandem import __version__
 from tandem.server.admission import Gate
 from tandem.server.engine.engine import Engine
 from tandem.server.http import compat, native
-from tandem.server.http.calls import Calls
+from tandem.server.http.calls import Calls, server_timing
 from tandem.server.http.errors import PAYLOAD_TOO_LARGE, Dialect, body
 from tandem.server.metrics import Metrics
 from tandem.server.settings import Settings
@@ -198,7 +198,7 @@ class Door:
                 answered.append(message["status"])
                 # W3C Server-Timing (browsers' devtools show it): the server's share of the
                 # call, so a client can tell its own and the network's time from ours.
-                took = f"total;dur={(time.perf_counter() - started) * 1000:.3f}"
+                took = server_timing("total", (time.perf_counter() - started) * 1000)
                 headers = [*message.get("headers", []), (b"server-timing", took.encode())]
                 message = {**message, "headers": headers}
             await send(message)
