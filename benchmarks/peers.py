@@ -42,6 +42,7 @@ from tandem.benchmarks.load import CallShape, Level, sweep, topic_queries
 from tandem.benchmarks.serving import Process, git_commit
 from tandem.export import reference
 from tandem.export.texts import rerank_cases
+from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
 
 DOCUMENTS = 50
@@ -206,15 +207,17 @@ def run_tandem(
     http: bool,
     collection: Path | None = None,
     bi_encoder: Path | None = None,
+    serve_flags: tuple[str, ...] = (),
 ) -> dict[str, dict[str, Any]]:
-    """The rerank rows for one Tandem; with ``collection``, also how deep its Search reads
-    within the default 100 ms budget at concurrency 1 (recall_k 100), over that collection."""
+    """The rerank rows for one Tandem, each saying how its reranker runs (Info); with
+    ``collection``, also how deep its Search reads within the default 100 ms budget at
+    concurrency 1 (recall_k 100), over that collection."""
     scratch = Path(tempfile.mkdtemp(prefix="tandem-peers-"))
     command = [
         sys.executable, "-m", "tandem.cli", "serve", "--port", "0", "--metrics-port", "-1",
         "--http-port", "18080" if http else "-1", "--collection", str(collection or scratch),
         "--bi-encoder", str(bi_encoder or args.bi_encoder), "--reranker", str(reranker),
-        "--threads", str(args.threads),
+        "--threads", str(args.threads), *serve_flags,
     ]  # fmt: skip
     environment = dict(os.environ)
     if root is not None:  # an older checkout, ahead of the installed package
@@ -227,15 +230,28 @@ def run_tandem(
             openers[f"{name} HTTP (Cohere /v1/rerank)"] = partial(
                 http_sender, "http://127.0.0.1:18080", "/v1/rerank", "rerank"
             )
+        runs_as = reranker_runs_as(server.port)
         for label, opener in openers.items():
-            print(label, flush=True)
-            results[label] = asyncio.run(measure_with(opener, work, want, args))
+            print(label, runs_as, flush=True)
+            results[label] = {**asyncio.run(measure_with(opener, work, want, args)), **runs_as}
         if collection is not None:
             results[f"{name} gRPC"]["search_depth"] = search_depth(server.port, args)
     finally:
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     return results
+
+
+def reranker_runs_as(port: int) -> dict[str, str]:
+    """What the server's Info says its reranker runs on, in what precision, and why."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = tandem_pb2_grpc.RetrievalStub(channel)  # type: ignore[no-untyped-call]
+        model = stub.Info(pb.InfoRequest(), timeout=30).reranker
+    return {
+        "runtime": model.runtime,
+        "inference_precision": model.inference_precision,
+        "runtime_choice": model.runtime_choice,
+    }
 
 
 def search_depth(port: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -295,12 +311,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows["seeds' pipeline (sentence-transformers FP32, in process)"] = seeds_pipeline(
         args, work, want
     )
-    rows.update(
-        run_tandem(
-            "Tandem", None, args.reranker, args, work, want, logs, http=True,
-            collection=args.collection,
-        )
-    )  # fmt: skip
+    for position, precision in enumerate(args.cpu_precisions):
+        rows.update(
+            run_tandem(
+                "Tandem" if precision == "auto" else f"Tandem --cpu-precision {precision}",
+                None, args.reranker, args, work, want, logs, http=position == 0,
+                collection=args.collection, serve_flags=("--cpu-precision", precision),
+            )
+        )  # fmt: skip
     if args.old_checkout is not None:
         old = run_tandem(
             f"Tandem@{args.old_label}",
@@ -327,10 +345,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(out: dict[str, Any], callers: list[int]) -> str:
     head = " | ".join(f"pairs/s, {c} caller{'s' if c > 1 else ''}" for c in callers)
-    lines = [f"| server | {head} | top-5 overlap with FP32 |", "|---" * (len(callers) + 2) + "|"]
+    lines = [
+        f"| server | runs as | {head} | top-5 overlap with FP32 | Search: reranked in 100 ms |",
+        "|---" * (len(callers) + 4) + "|",
+    ]
     for name, row in out["rows"].items():
         cells = " | ".join(str(row.get(f"pairs_per_s_{c}", "—")) for c in callers)
-        lines.append(f"| {name} | {cells} | {row['top5_overlap_with_fp32']} |")
+        runs_as = " ".join(filter(None, (row.get("runtime"), row.get("inference_precision"))))
+        reranked = row.get("search_depth", {}).get("reranked", {})
+        depth = (
+            f"{reranked['mean']:.2f} (p10 {reranked['p10']:g}, p90 {reranked['p90']:g})"
+            if reranked
+            else ""
+        )
+        lines.append(
+            f"| {name} | {runs_as} | {cells} | {row['top5_overlap_with_fp32']} | {depth} |"
+        )
     return "\n".join(lines)
 
 
@@ -355,6 +385,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--collection", type=Path, help="also measure Search's depth within 100 ms over this"
     )
     parser.add_argument("--old-collection", type=Path, help="the same, for the old checkout")
+    parser.add_argument(
+        "--cpu-precisions",
+        nargs="+",
+        choices=["auto", "f32", "bf16"],
+        default=["auto"],
+        help="serve this Tandem once per --cpu-precision (HTTP on the first only)",
+    )
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--callers", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seconds", type=float, default=20.0)

@@ -30,6 +30,7 @@ from tandem.artifact import Manifest
 from tandem.cpu import cpu_flags
 from tandem.devices import BackendChoice, CpuPrecision, TorchDtype
 from tandem.encoders import BiEncoder, CrossEncoder, Encoder
+from tandem.export.precision_cache import PrecisionCache
 from tandem.export.probe import PrecisionRefused, fit_cpu_precision
 from tandem.runtimes import Runtime, RuntimeFit, slower_here
 from tandem.runtimes.capacity import learn_batch_tokens, warm_up
@@ -339,6 +340,9 @@ def fitted(
             folder,
             settings.cpu_precision,
             allow_unverified=settings.allow_unverified,
+            cache=None
+            if settings.cache_dir is None
+            else PrecisionCache(settings.cache_dir, folder, threads=settings.threads),
         )
     except PrecisionRefused as error:
         raise Unverified(str(error)) from error

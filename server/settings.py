@@ -182,6 +182,13 @@ class Settings:
             "artifact's parity probe passes and it runs 10 percent faster; else f32), f32 or bf16"
         ),
     )
+    cache_dir: Path | None = field(
+        default=Path("~/.cache/tandem"),
+        metadata=_doc(
+            "where start-up keeps what it measured on this CPU (the precision --cpu-precision "
+            "auto chose per artifact), so that a restart reuses it; 'none': measure every start"
+        ),
+    )
     # Security
     tls_cert: Path | None = field(default=None, metadata=_doc("PEM certificate chain: TLS on"))
     tls_key: Path | None = field(default=None, metadata=_doc("PEM private key for --tls-cert"))

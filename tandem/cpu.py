@@ -39,3 +39,16 @@ def has_int8_dot_product(flags: frozenset[str]) -> bool:
 
 def has_bf16_matmul(flags: frozenset[str]) -> bool:
     return bool(flags & BF16_MATMUL)
+
+
+def cpu_model_name(cpuinfo: str | None = None) -> str:
+    """The first processor's ``model name`` (``lscpu``'s Model name); "" where unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return platform.processor()
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()

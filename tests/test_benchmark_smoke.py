@@ -190,12 +190,22 @@ def test_quantization_benchmark_smoke(request, tmp_path, reranker_path, capsys) 
 def test_peers_benchmark_smoke(tmp_path, bi_int8, ce_int8, reranker_path, capsys) -> None:
     argv = ["--smoke", "--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0]),
             "--reranker-source", str(reranker_path), "--infinity", str(tmp_path / "absent"),
-            "--out", str(tmp_path)]  # fmt: skip
+            "--out", str(tmp_path), "--cpu-precisions", "auto", "f32"]  # fmt: skip
     assert peers.main(bench_args(peers, argv)) == 0
     result = json.loads((tmp_path / "peers_smoke.json").read_text())
     assert "is missing" in result["infinity"]
     grpc_row = result["rows"]["Tandem gRPC"]
     assert grpc_row["pairs_per_s_1"] > 0
+    assert grpc_row["runtime"] == ce_int8[1].runtime
+    assert grpc_row["runtime_choice"]
+    # The same Tandem served again with f32 pinned, saying so (OpenVINO names a precision).
+    pinned = result["rows"]["Tandem --cpu-precision f32 gRPC"]
+    assert pinned["pairs_per_s_1"] > 0
+    if pinned["runtime"] == "openvino":
+        assert (pinned["inference_precision"], pinned["runtime_choice"]) == (
+            "f32",
+            "pinned: --cpu-precision f32",
+        )
     # Tandem's INT8 ranks like FP32 on most of these short passages.
     assert grpc_row["top5_overlap_with_fp32"] >= 0.6
     assert "Tandem HTTP (Cohere /v1/rerank)" in capsys.readouterr().out

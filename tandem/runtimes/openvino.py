@@ -1,9 +1,10 @@
 """OpenVINO: the statically quantized INT8 graph (NNCF), on CPUs.
 
-Unquantized ops run in FP32 unless bf16 is asked for: OpenVINO's default on CPUs with
-avx512_bf16 but no AMX is bf16, which ran 2x slower than FP32 there and moves scores away from
-the verified ones. Where AMX tiles make bf16 fast, the server tries it at start-up and keeps it
-only at parity (``tandem.export.probe``).
+Unquantized ops run in FP32 unless bf16 is asked for. OpenVINO's own default where the CPU
+has bf16 matmuls (AMX, avx512_bf16) is bf16, which moves scores away from the verified ones
+and is not always faster: once measured 2x slower on an avx512_bf16 CPU without AMX, 9% faster
+on an AVX-512 EPYC (benchmarks/RESULTS.md). So the server tries it at start-up and keeps it
+only at parity and faster (``tandem.export.probe``).
 """
 
 from __future__ import annotations
@@ -87,3 +88,9 @@ def bf16_capable() -> bool:
     import openvino as ov
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def openvino_version() -> str:
+    import openvino as ov
+
+    return str(ov.get_version())
