@@ -210,8 +210,8 @@ def choose_variant(
     refused unless ``allow_unverified``.
 
     Timing comes first: it costs a few runs of one topic, parity the whole probe (1,000 pairs
-    for a reranker, which on a CPU where bf16 runs slower took most of start-up), so a
-    variant too slow to be kept is never measured for parity unless it was pinned.
+    for a reranker: most of a 35 s start-up on a 2-core EPYC), so a variant too slow to be kept
+    is never measured for parity unless it was pinned.
     """
     backend = f32.runtime.backend
     seconds = _time_both(f32, bf16, probe, rounds=rounds)
