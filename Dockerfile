@@ -8,7 +8,8 @@ COPY tandem tandem
 COPY server server
 COPY benchmarks benchmarks
 COPY export export
-RUN pip install --no-cache-dir . && useradd --uid 10001 tandem
+# A home, so that --cache-dir's default (~/.cache/tandem) can be written.
+RUN pip install --no-cache-dir . && useradd --create-home --uid 10001 tandem
 USER tandem
 EXPOSE 50051 8080 9464
 ENTRYPOINT ["tandem"]
