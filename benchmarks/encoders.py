@@ -25,6 +25,7 @@ from typing import Any
 
 from tandem import rag24
 from tandem.artifact import Kind, Precision, read_manifest
+from tandem.cpu import cpu_flags, cpu_model_name
 from tandem.encoders import BiEncoder, CrossEncoder
 
 DEFAULT_RERANKER = Path("../shared/models/stand-in-reranker")
@@ -47,15 +48,8 @@ def machine() -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    cpu = "unknown"
-    flags: set[str] = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+    cpu = cpu_model_name() or "unknown"
+    flags = cpu_flags()
     # The flags every runtime choice reads: INT8 dot products (VNNI, AMX) and bf16 matmuls.
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
     simd = [flag for flag in wanted if flag in flags]

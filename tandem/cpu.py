@@ -47,8 +47,8 @@ def cpu_model_name(cpuinfo: str | None = None) -> str:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
         except OSError:
-            return platform.processor()
+            return ""
     for line in cpuinfo.splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
-    return platform.processor()
+    return ""

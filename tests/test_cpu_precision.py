@@ -2,7 +2,8 @@
 
 On a CPU without bf16 matmuls (AVX2, or AVX-512 without AMX or avx512_bf16) f32 is the only
 choice; the gate that keeps a faster variant only at parity is tested here with real
-variants, and on a CPU with AMX the same tests see bf16 tried for real.
+variants, and on a CPU with bf16 matmuls (AMX, or avx512_bf16 where OpenVINO reports BF16)
+the same tests see bf16 tried for real, and the choice kept for the next start.
 """
 
 from __future__ import annotations
