@@ -13,10 +13,10 @@ import pytest
 
 from tandem.encoders import BiEncoder, CrossEncoder
 from tandem.server.engine.batcher import RerankBatcher
-from tandem.server.engine.collection import Collection
+from tandem.server.engine.collection import TOKEN_CAP_KEY, Collection
 from tandem.server.engine.errors import InvalidArgument
 from tandem.server.engine.index import IndexSettings
-from tandem.server.engine.pairs import PairTokenizer
+from tandem.server.engine.pairs import STORED_TOKENS, PairTokenizer
 from tandem.server.engine.search import DocumentRef, Result, Searcher, make_runner
 from tandem.server.engine.store import NewDocument
 from tandem.server.engine.windows import Reading
@@ -141,13 +141,12 @@ def test_refusal_past_the_window_cap_when_truncate_is_off(searcher_parts, needle
     assert not whole.hits[0].truncated
 
 
-def test_stored_long_documents_are_read_in_windows_too(searcher_parts, needle_case) -> None:
-    query, needle, long_document, hay = needle_case
-    collection, embedder, reranker, pairs = searcher_parts
-    collection.upsert([NewDocument("long", long_document, {}), NewDocument("hay", hay, {})])
-    refs = ["hay", "long"]
+def rerank_stored(
+    collection: Collection, parts, query: str, refs: list[str], reading: Reading
+) -> Result:
+    _, embedder, reranker, pairs = parts
 
-    async def run(reading: Reading) -> Result:
+    async def run() -> Result:
         batcher = RerankBatcher(make_runner(reranker))
         await batcher.start()
         try:
@@ -160,10 +159,26 @@ def test_stored_long_documents_are_read_in_windows_too(searcher_parts, needle_ca
         finally:
             await batcher.stop()
 
-    stored = asyncio.run(run(Reading(max_windows=10)))
+    return asyncio.run(run())
+
+
+def test_stored_long_documents_are_read_in_windows_too(
+    searcher_parts, needle_case, monkeypatch
+) -> None:
+    query, needle, long_document, hay = needle_case
+    collection, _, _, pairs = searcher_parts
+    collection.upsert([NewDocument("long", long_document, {}), NewDocument("hay", hay, {})])
+    refs = ["hay", "long"]
+    whole = pairs.tokenize_whole([long_document])[0]
+    assert collection.token_cap == STORED_TOKENS
+    assert collection.store.by_ids(["long"])["long"].token_ids.tolist() == whole.tolist()
+
     sent = rerank(
         searcher_parts, query, [hay, long_document], Reading(max_windows=10), budget_s=None
     )
+    # Stored whole at index time: reading them in windows tokenizes no document again.
+    monkeypatch.setattr(pairs, "tokenize_whole", _no_tokenizing)
+    stored = rerank_stored(collection, searcher_parts, query, refs, Reading(max_windows=10))
     assert stored.hits[0].id == "long"
     got = {hit.id: hit.rerank_score for hit in stored.hits}
     want = {refs[int(hit.id)]: hit.rerank_score for hit in sent.hits}
@@ -171,3 +186,48 @@ def test_stored_long_documents_are_read_in_windows_too(searcher_parts, needle_ca
     hit = stored.hits[0]
     assert hit.passage is not None
     assert needle[:40] in long_document[hit.passage.start : hit.passage.end]
+
+
+def _no_tokenizing(texts: list[str]) -> None:
+    raise AssertionError(f"tokenized {len(texts)} documents again at query time")
+
+
+def test_a_collection_that_kept_a_pair_of_ids_is_read_whole_and_upgraded_once(
+    tmp_path, searcher_parts, needle_case
+) -> None:
+    query, _, long_document, hay = needle_case
+    _, embedder, _, pairs = searcher_parts
+    whole = pairs.tokenize_whole([long_document])[0]
+    legacy_cap = pairs.template.max_length + 1
+    built = Collection(tmp_path, embedder=embedder, pairs=pairs)
+    built.upsert([NewDocument("long", long_document, {}), NewDocument("hay", hay, {})])
+    # As a collection written before whole ids were kept: one id past a pair, no cap recorded.
+    key = built.store.by_ids(["long"])["long"].key
+    built.store.replace_token_ids([key], [whole[:legacy_cap]])
+    with built.store._transaction():
+        built.store.db.execute("DELETE FROM meta WHERE name = ?", (TOKEN_CAP_KEY,))
+    built.close()
+
+    served = Collection(tmp_path, embedder=embedder, pairs=pairs, read_only=True)
+    try:
+        assert served.token_cap == legacy_cap
+        old = rerank_stored(served, searcher_parts, query, ["hay", "long"], Reading(max_windows=10))
+    finally:
+        served.close()
+    assert old.hits[0].id == "long"
+    assert old.hits[0].passage is not None
+    assert old.hits[0].passage.windows > 1
+
+    upgraded = Collection(tmp_path, embedder=embedder, pairs=pairs)
+    try:
+        assert upgraded.token_cap == STORED_TOKENS
+        assert upgraded.store.get_meta(TOKEN_CAP_KEY) == str(STORED_TOKENS)
+        assert upgraded.store.by_ids(["long"])["long"].token_ids.tolist() == whole.tolist()
+        new = rerank_stored(
+            upgraded, searcher_parts, query, ["hay", "long"], Reading(max_windows=10)
+        )
+    finally:
+        upgraded.close()
+    assert [hit.rerank_score for hit in new.hits] == pytest.approx(
+        [hit.rerank_score for hit in old.hits], abs=1e-5
+    )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tandem.encoders import load_tokenizer, pad_encodings
-from tandem.server.engine.pairs import PairTokenizer, longest_first, pad_pairs
+from tandem.server.engine.pairs import PairTokenizer, Windows, longest_first, pad_pairs
 
 
 @pytest.mark.parametrize("max_length", [512, 96, 24])
@@ -109,3 +109,35 @@ def test_window_spans_are_the_characters_of_their_tokens(reranker_path: Path, da
     assert (start, end) == (0, len(text.rstrip()))
     offsets = reference.encode(text, add_special_tokens=False).offsets
     assert pairs.span(text, 5, 9) == (offsets[5][0], offsets[8][1])
+
+
+@pytest.mark.parametrize("max_windows", [1, 2, 3, 10])
+@pytest.mark.parametrize("document_cap", [None, 40, 90])
+def test_stored_ids_complete_enough_give_the_windows_of_the_whole(
+    reranker_path: Path, max_windows: int, document_cap: int | None
+) -> None:
+    # A store that cut a document at `kept` ids may serve its windows from them only where
+    # complete_enough says so: those windows must then be the whole document's, id for id.
+    pairs = PairTokenizer(load_tokenizer(reranker_path, max_length=24), max_length=24)
+    whole = np.arange(1000, 1300, dtype=np.int32)
+    query = np.arange(5, dtype=np.int32)
+    served = 0
+    for kept in (25, 40, 49, 73, 97, 250, 300, 301):
+        stored = whole[:kept]
+        if not pairs.complete_enough(len(stored), kept, max_windows=max_windows):
+            assert max_windows > 1
+            continue
+        served += 1
+        stored_windows, whole_windows = (
+            pairs.template.windows(
+                query, document, document_cap=document_cap, max_windows=max_windows, overlap=4
+            )
+            for document in (stored, whole)
+        )
+        assert layout(stored_windows) == layout(whole_windows)
+    assert served >= 2
+
+
+def layout(windows: Windows) -> tuple[list[tuple[int, int, bool, list[int]]], bool]:
+    pairs = [(p.start, p.end, p.truncated, p.input_ids.tolist()) for p in windows.pairs]
+    return pairs, windows.cut

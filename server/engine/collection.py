@@ -34,7 +34,7 @@ from tandem.server.engine.index import (
     rebuild,
     recorded_settings,
 )
-from tandem.server.engine.pairs import PairTokenizer
+from tandem.server.engine.pairs import STORED_TOKENS, PairTokenizer
 from tandem.server.engine.store import (
     DocumentStore,
     NewDocument,
@@ -53,6 +53,9 @@ STORE_NAME = "documents.sqlite"
 INDEX_NAME = "vectors.usearch"
 LEXICAL_NAME = "lexical"
 TOKENIZER_KEY = "reranker_tokenizer"
+# How many reranker ids a stored document keeps at most. Absent: a collection from before
+# whole ids were stored, which kept one past a pair's length.
+TOKEN_CAP_KEY = "reranker_token_cap"
 EMBEDDER_KEY = "bi_encoder"
 INDEX_SETTINGS_KEY = "index_settings"
 LOCK_NAME = "writer.lock"
@@ -129,6 +132,7 @@ class Collection:
         try:
             self._check_embedder()
             self._retokenize_if_stale()
+            self.token_cap = self._keep_whole_token_ids()
             index_settings = self._index_settings(settings)
             self.index: VectorIndex = load_consistent(
                 self.paths.index, self.store, ndim=embedder.dimension, settings=index_settings,
@@ -231,27 +235,63 @@ class Collection:
             return
         if len(self.store):
             log.warning("reranker tokenizer changed: re-tokenizing %d documents", len(self.store))
-            keys = self.store.keys().tolist()
-            for start in range(0, len(keys), 1000):
-                documents = self.store.by_keys(keys[start : start + 1000])
-                ordered = list(documents.values())
-                self.store.replace_token_ids(
-                    [doc.key for doc in ordered],
-                    self.pairs.tokenize([doc.text for doc in ordered]),
-                )
+            self._retokenize(self.store.keys().tolist())
+            self.store.set_meta(TOKEN_CAP_KEY, str(STORED_TOKENS))
         self.store.set_meta(TOKENIZER_KEY, fingerprint)
+
+    def _retokenize(self, keys: Sequence[int]) -> None:
+        assert self.pairs is not None
+        for start in range(0, len(keys), 1000):
+            ordered = list(self.store.by_keys(keys[start : start + 1000]).values())
+            self.store.replace_token_ids(
+                [doc.key for doc in ordered],
+                self.pairs.tokenize_stored([doc.text for doc in ordered]),
+            )
+
+    def _recorded_token_cap(self) -> int:
+        recorded = self.store.get_meta(TOKEN_CAP_KEY)
+        if recorded is not None:
+            return int(recorded)
+        return STORED_TOKENS if not len(self.store) or self.pairs is None else self._legacy_cap
+
+    @property
+    def _legacy_cap(self) -> int:
+        assert self.pairs is not None
+        return self.pairs.template.max_length + 1
+
+    def _keep_whole_token_ids(self) -> int:
+        """The collection's ``token_cap``. One that stored fewer ids (written before whole ids
+        were kept) re-tokenizes, once, the documents it cut, so that no call has to; read-only,
+        it is served as stored (calls re-tokenize the long ones, as it was built to)."""
+        cap = self._recorded_token_cap()
+        if self.read_only or self.pairs is None:
+            return cap
+        if cap < STORED_TOKENS:
+            cut = self.store.keys_with_tokens(cap)
+            if cut:
+                log.info(
+                    "keeping whole reranker ids: re-tokenizing %d long documents once", len(cut),
+                    extra={"folder": str(self.paths.folder)},
+                )  # fmt: skip
+                self._retokenize(cut)
+            cap = STORED_TOKENS
+        if self.store.get_meta(TOKEN_CAP_KEY) != str(cap):
+            self.store.set_meta(TOKEN_CAP_KEY, str(cap))
+        return cap
 
     def _stored_ids_agree(self, pairs: PairTokenizer, *, sample: int = 32) -> bool:
         """Whether ``pairs`` gives a sample of stored documents (spread over the keys) the
-        ids they are stored with; True for an empty store."""
+        ids they are stored with (as far as the store kept them); True for an empty store."""
         keys = self.store.keys().tolist()
         if not keys:
             return True
+        cap = self._recorded_token_cap()
         picked = keys[:: max(len(keys) // sample, 1)][:sample]
         documents = list(self.store.by_keys(picked).values())
-        fresh = pairs.tokenize([doc.text for doc in documents])
+        fresh = pairs.tokenize_stored([doc.text for doc in documents])
         return all(
-            doc.token_ids.tolist() == ids.tolist()
+            doc.token_ids.tolist() == ids[: len(doc.token_ids)].tolist()
+            and (len(doc.token_ids) >= cap or len(ids) == len(doc.token_ids))
             for doc, ids in zip(documents, fresh, strict=True)
         )
 
@@ -271,7 +311,7 @@ class Collection:
             batch_size=batch_size,
         )
         if self.pairs is not None:
-            token_ids = self.pairs.tokenize(texts)
+            token_ids = self.pairs.tokenize_stored(texts)
         else:
             token_ids = [np.zeros(0, dtype=np.int32) for _ in texts]
         return Prepared(list(documents), embedded.passages, token_ids, embedded.truncated)

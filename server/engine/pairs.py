@@ -22,6 +22,11 @@ from tandem.tokens import window_starts
 
 Ids = NDArray[np.int32]
 
+# A stored document keeps at most this many of its ids: 64 windows (the most a call may ask
+# for) of a 512-token reranker read fewer, so a call re-tokenizes a stored text only beyond
+# that (``PairTokenizer.complete_enough``). At 4 bytes an id, 128 KiB a document at most.
+STORED_TOKENS = 32_768
+
 
 @dataclass(frozen=True)
 class _Segment:
@@ -252,6 +257,17 @@ class PairTokenizer:
     def tokenize_whole(self, texts: Sequence[str]) -> list[Ids]:
         encodings = self.whole.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]
+
+    def tokenize_stored(self, texts: Sequence[str]) -> list[Ids]:
+        """Ids as the store keeps them: whole, up to ``STORED_TOKENS``, so that reading a
+        stored document in windows needs no tokenizer at query time."""
+        return [ids[:STORED_TOKENS] for ids in self.tokenize_whole(texts)]
+
+    def complete_enough(self, stored: int, kept: int, *, max_windows: int) -> bool:
+        """Whether ``stored`` ids, kept by a store that cuts at ``kept``, give ``max_windows``
+        windows exactly as the whole text would: either they are the whole text, or those
+        windows run out before the cut (each reads under ``max_length`` of them)."""
+        return stored < kept or max_windows * self.template.max_length < kept
 
     def span(self, text: str, start: int, end: int) -> tuple[int, int]:
         """The characters of ``text`` that its tokens ``start`` to ``end`` (exclusive) cover."""

@@ -598,22 +598,27 @@ class Searcher:
         client_texts: Sequence[bool],
         document_cap: int | None,
         reading: Reading,
+        stored_cap: int,
     ) -> list[Windows]:
         """Tokenizes the query and any client texts, then cuts each document into windows
-        (the pairs lane). Stored documents keep one token past a pair's length; those longer
-        are tokenized whole here, when more than one window may read them."""
+        (the pairs lane). A stored document keeps at most ``stored_cap`` ids (the
+        collection's ``token_cap``); one cut there is tokenized again whole only when the
+        windows asked for could read past the cut."""
         whole = reading.max_windows > 1
-        longest = pairs.template.max_length
         again = [
             i
             for i, (candidate, sent) in enumerate(zip(candidates, client_texts, strict=True))
-            if sent or (whole and len(candidate.token_ids) > longest)
+            if sent
+            or not pairs.complete_enough(
+                len(candidate.token_ids), stored_cap, max_windows=reading.max_windows
+            )
         ]
-        texts = [candidates[i].text for i in again]
-        tokenized = pairs.tokenize_whole(texts) if whole else pairs.tokenize(texts)
         documents: list[Ids] = [candidate.token_ids for candidate in candidates]
-        for i, ids in zip(again, tokenized, strict=True):
-            documents[i] = ids
+        if again:
+            texts = [candidates[i].text for i in again]
+            tokenized = pairs.tokenize_whole(texts) if whole else pairs.tokenize(texts)
+            for i, ids in zip(again, tokenized, strict=True):
+                documents[i] = ids
         query_ids = pairs.tokenize([query])[0]
         return [
             pairs.template.windows(
@@ -673,8 +678,9 @@ class Searcher:
             started = time.perf_counter()
             sent = client_texts if client_texts is not None else [False] * len(candidates)
             read = await self.lanes.run(
-                "pairs", self._windows, pairs, query, candidates, sent, document_cap, reading
-            )
+                "pairs", self._windows, pairs, query, candidates, sent, document_cap, reading,
+                self.collection.token_cap,
+            )  # fmt: skip
             timings["tokenize"] = ms_since(started)
             cut = [i for i, windows in enumerate(read) if windows.cut]
             if cut and not truncate:

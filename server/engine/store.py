@@ -383,6 +383,14 @@ class DocumentStore:
         rows = self.db.execute(f"SELECT key, metadata FROM documents{where}", parameters)
         return [int(key) for key, metadata in rows if matches(json.loads(metadata), wanted)]
 
+    def keys_with_tokens(self, at_least: int) -> list[int]:
+        """Keys of the documents stored with at least ``at_least`` reranker ids."""
+        rows = self.db.execute(
+            "SELECT key FROM documents WHERE length(token_ids) >= ? ORDER BY key",
+            (at_least * np.dtype(np.int32).itemsize,),
+        )
+        return [int(row[0]) for row in rows]
+
     def keys(self) -> NDArray[np.uint64]:
         rows = self.db.execute("SELECT key FROM documents ORDER BY key").fetchall()
         return np.array([row[0] for row in rows], dtype=np.uint64)
