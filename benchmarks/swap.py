@@ -133,9 +133,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--publish-at", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/swap.json"))
+    parser.add_argument("--smoke", action="store_true", help="seconds: 2 callers, 8 s")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.smoke:
+        args.callers, args.seconds, args.publish_at = 2, 8.0, 3.0
+        args.out = args.out.with_name("swap_smoke.json")
     queries = [topic.query for topic in rag24.load().topics]
     with tempfile.TemporaryDirectory(prefix="tandem-swap-") as scratch:
         root = Path(scratch) / "models"

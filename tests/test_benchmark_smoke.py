@@ -24,6 +24,7 @@ from tandem.benchmarks import (
     runtimes,
     serving,
     stage1,
+    swap,
     vector_search,
 )
 from tandem.export.pipeline import default_runtime
@@ -132,6 +133,20 @@ def test_serving_benchmark_smoke(tmp_path, small_collection, bi_int8, ce_int8, r
     assert set(result["retrieve_only_speedup_p50"]) == {"two_stage_budget_100", "two_stage_full"}
 
 
+def test_swap_benchmark_smoke(tmp_path, small_collection, bi_int8, ce_int8, ce_other, capsys):
+    # ce_other: the same reranker in the other INT8 runtime, so its id differs.
+    argv = ["--smoke", "--collection", str(small_collection), "--bi-encoder", str(bi_int8[0]),
+            "--reranker", str(ce_int8[0]), "--new", str(ce_other[0]),
+            "--out", str(tmp_path / "swap.json")]  # fmt: skip
+    assert swap.main(bench_args(swap, argv)) == 0
+    result = json.loads((tmp_path / "swap_smoke.json").read_text())
+    assert result["before"] != result["after"]
+    assert result["after"].startswith("000002@")
+    assert result["one_switch"]
+    assert result["failed"] == []
+    assert "one switch: True" in capsys.readouterr().out
+
+
 def test_http_overhead_benchmark_smoke(bi_int8, ce_int8, capsys) -> None:
     argv = ["--smoke", "--words", "5", "--bi-encoder", str(bi_int8[0]), "--reranker",
             str(ce_int8[0])]  # fmt: skip
@@ -157,7 +172,8 @@ def test_runtimes_benchmark_smoke(tmp_path, bi_int8, ce_int8, capsys) -> None:
 
 def test_long_documents_benchmark_smoke(tmp_path, bi_int8, ce_int8) -> None:
     argv = ["--smoke", "--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0]),
-            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "long.json")]  # fmt: skip
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "long.json"),
+            "--budget-depth", "6"]  # fmt: skip
     assert long_documents.main(bench_args(long_documents, argv)) == 0
     result = json.loads((tmp_path / "long_documents_smoke.json").read_text())
     assert 0 < result["documents"] <= 60
@@ -169,7 +185,8 @@ def test_long_documents_benchmark_smoke(tmp_path, bi_int8, ce_int8) -> None:
         "stage1_segments",
     }
     assert result["indexed"]["passages"]["vectors"] > result["indexed"]["first_window"]["vectors"]
-    assert result["in_budget"]["maxp"]["of_documents"] == 4
+    assert result["depth"] == 4
+    assert result["in_budget"]["maxp"]["of_documents"] == 6
 
 
 def test_quantization_benchmark_smoke(request, tmp_path, reranker_path, capsys) -> None:
