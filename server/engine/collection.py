@@ -252,12 +252,9 @@ class Collection:
         recorded = self.store.get_meta(TOKEN_CAP_KEY)
         if recorded is not None:
             return int(recorded)
-        return STORED_TOKENS if not len(self.store) or self.pairs is None else self._legacy_cap
-
-    @property
-    def _legacy_cap(self) -> int:
-        assert self.pairs is not None
-        return self.pairs.template.max_length + 1
+        if self.pairs is None or not len(self.store):
+            return STORED_TOKENS
+        return self.pairs.template.max_length + 1  # the layout before the record existed
 
     def _keep_whole_token_ids(self) -> int:
         """The collection's ``token_cap``. One that stored fewer ids (written before whole ids
