@@ -166,6 +166,11 @@ def test_what_travels_to_a_gpu_opens_there(ce_fp16, tmp_path: Path, data) -> Non
     assert served["search_all_scored"]
     assert served["rerank_100_concurrency_1_ms"]["p50"] > 0
     assert served["closed_loop"]["2"]["pairs_per_s"] > 0
+    depth = served["depth_within_budget"]
+    assert depth["offered"] == len({text for case in short for text in case["documents"]})
+    for call in ("rerank", "search"):
+        assert 0 < depth[call]["concurrency_1"]["reranked"]["max"] <= depth["offered"]
+        assert depth[call]["callers_4"]["latency_ms"]["n"] > 0
 
 
 def test_a_collection_refuses_another_bi_encoders_vectors(tmp_path, bi_int8, bi_fp16) -> None:
