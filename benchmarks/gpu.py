@@ -210,14 +210,14 @@ async def served(
             stub.Search, searches
         )
         out["search_all_scored"] = min(scored) == 100
-        out["depth_within_budget"] = await depth_within_budget(
-            stub, cases, documents, args.seconds / 2
-        )
         out["closed_loop"] = {}
         for callers in args.callers:
             out["closed_loop"][str(callers)] = await closed_loop(
                 stub, requests, callers, args.seconds
             )
+        out["depth_within_budget"] = await depth_within_budget(
+            stub, cases, documents, args.seconds / 2
+        )
     return out
 
 
@@ -271,16 +271,24 @@ def _spread(counts: Sequence[int]) -> dict[str, float]:
 
 async def _one_at_a_time(
     call: Callable[[Any], Awaitable[Any]], requests: Sequence[Any]
-) -> tuple[dict[str, float], list[int]]:
-    """Three passes over ``requests``, one call at a time: latency quantiles (the first half
-    pass dropped as warm-up), and each reply's candidates reranked."""
-    seconds, scored = [], []
+) -> tuple[dict[str, Any], list[int]]:
+    """Three passes over ``requests``, one call at a time: latency quantiles and the server's
+    mean milliseconds per stage (the first half pass dropped as warm-up), and each reply's
+    candidates reranked."""
+    seconds, scored, stages = [], [], []
     for request in list(requests) * 3:
         started = time.perf_counter()
         reply = await call(request)
         seconds.append(time.perf_counter() - started)
         scored.append(reply.reranked_count)
-    return _quantiles(seconds[len(requests) // 2 :]), scored
+        stages.append({field.name: value for field, value in reply.timings.ListFields()})
+    warm = len(requests) // 2
+    latency: dict[str, Any] = _quantiles(seconds[warm:])
+    latency["server_stages_mean"] = {
+        name: round(float(np.mean([stage.get(name, 0.0) for stage in stages[warm:]])), 2)
+        for name in sorted({name for stage in stages for name in stage})
+    }
+    return latency, scored
 
 
 async def closed_loop(
@@ -378,7 +386,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["served"] = asyncio.run(served(server.port, cases, args))
     finally:
         server.stop()
-        out["server_log_tail"] = (work / "server.log").read_text()[-4000:]
+        log_text = (work / "server.log").read_text()
+        out["server_batches_log"] = [line for line in log_text.splitlines() if "batches" in line]
+        out["server_log_tail"] = log_text[-4000:]
     out["seeds_pipeline"] = seeds_pipeline(reranker, cases, args.seconds, args.device)
     p50 = out["served"]["rerank_100_concurrency_1_ms"]["p50"]
     out["target_rerank_p50_le_10ms"] = bool(

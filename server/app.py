@@ -33,11 +33,11 @@ from tandem.encoders import BiEncoder, CrossEncoder, Encoder
 from tandem.export.precision_cache import PrecisionCache
 from tandem.export.probe import PrecisionRefused, fit_cpu_precision
 from tandem.runtimes import Runtime, RuntimeFit, slower_here
-from tandem.runtimes.capacity import learn_batch_tokens, warm_up
+from tandem.runtimes.capacity import learn_batch_profile, warm_up
 from tandem.server.admission import Gate, LoopLag
 from tandem.server.api.auth import TokenAuth
 from tandem.server.api.service import RetrievalService, add_to_server
-from tandem.server.engine.batcher import BatchLimits, RerankBatcher
+from tandem.server.engine.batcher import BatchLimits, CostModel, RerankBatcher
 from tandem.server.engine.collection import Collection
 from tandem.server.engine.engine import Engine, Models
 from tandem.server.engine.lanes import Lanes
@@ -182,13 +182,18 @@ def warmed(chosen: tuple[CrossEncoder, RuntimeFit]) -> tuple[CrossEncoder, Runti
     return chosen
 
 
-def batch_limits(settings: Settings, runtime: Runtime) -> BatchLimits:
-    """The settings' batch caps; where they are 0, the CPU defaults or, on a GPU, a cap
-    learned from the device (GPU batches are far larger: thousands of padded tokens)."""
+def batch_plan(settings: Settings, runtime: Runtime) -> tuple[BatchLimits, CostModel | None]:
+    """The settings' batch caps and, on a GPU, the cost model to start from. Caps left at 0
+    are the CPU defaults, or on a GPU a cap learned from the device (GPU batches are far
+    larger: thousands of padded tokens), whose timed runs also start the batcher's cost
+    model (a CPU's rate would first predict that almost nothing fits a budget there)."""
     tokens, pairs = settings.max_batch_tokens, settings.max_batch_pairs
+    cost = None
     if runtime.device.is_gpu:
-        tokens = tokens or learn_batch_tokens(runtime)
+        profile = learn_batch_profile(runtime)
+        tokens = tokens or profile.max_batch_tokens
         pairs = pairs or max(BatchLimits.max_batch_pairs, tokens // GPU_SHORTEST_PAIR_TOKENS)
+        cost = CostModel.from_runs(profile.seconds)
     limits = BatchLimits(
         max_batch_tokens=tokens or BatchLimits.max_batch_tokens,
         max_batch_pairs=pairs or BatchLimits.max_batch_pairs,
@@ -202,9 +207,17 @@ def batch_limits(settings: Settings, runtime: Runtime) -> BatchLimits:
             "device": str(runtime.device),
             "max_batch_tokens": limits.max_batch_tokens,
             "max_batch_pairs": limits.max_batch_pairs,
+            **(
+                {}
+                if cost is None
+                else {
+                    "ms_per_run": round(cost.seconds_per_run * 1000, 3),
+                    "tokens_per_ms": round(1e-3 / max(cost.seconds_per_token, 1e-12)),
+                }
+            ),
         },
     )
-    return limits
+    return limits, cost
 
 
 def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) -> Engine:
@@ -360,9 +373,11 @@ def fitted(
 
 def reranker_slot(settings: Settings, metrics: Metrics, reranker: CrossEncoder) -> RerankerSlot:
     """The reranker with its pair tokenizer and its own batcher (not started)."""
+    limits, cost = batch_plan(settings, reranker.runtime)
     batcher = RerankBatcher(
         make_runner(reranker),
-        limits=batch_limits(settings, reranker.runtime),
+        limits=limits,
+        cost=cost,
         on_batch=metrics.observe_batch,
         worker_setup=functools.partial(lower_this_thread, settings.reranker_nice),
     )

@@ -116,6 +116,75 @@ def test_a_deadline_the_window_meets_with_room_to_spare_is_batched_as_bulk() -> 
     assert first_batch(1.0) == [0, 1]  # a deadline it might miss: stage-one order
 
 
+def _learned(fixed: float, rate: float, sizes: Sequence[int]) -> CostModel:
+    cost = CostModel(seconds_per_token=1e-4)  # the CPU default a server starts from
+    for now, tokens in enumerate(sizes):
+        cost.observe(tokens, 1, fixed + rate * tokens, now=float(now))
+    return cost
+
+
+SIZES = [256 * (1 + i % 40) for i in range(60)]  # one pair to a batch of 40, as load varies
+
+
+@pytest.mark.parametrize(("fixed", "rate"), [(2e-3, 1.6e-7), (1e-4, 1e-5), (0.0, 1e-5)])
+def test_the_cost_of_a_run_is_learned_as_a_fixed_part_and_a_rate(fixed, rate) -> None:
+    # An H200 in fp16 (2 ms a run, 6M tokens/s), 2 CPU cores (0.1 ms, 100k tokens/s), and a
+    # device with no fixed cost at all.
+    cost = _learned(fixed, rate, SIZES)
+    assert cost.seconds_per_run == pytest.approx(fixed, rel=0.05, abs=1e-6)
+    assert cost.seconds_per_token == pytest.approx(rate, rel=0.05)
+    for tokens in (256, 10_240):
+        assert cost.predict(tokens, 1) == pytest.approx(
+            (fixed + rate * tokens) * cost.headroom, rel=0.05
+        )
+
+
+def test_a_gpu_cost_model_starts_from_its_start_up_probe() -> None:
+    # The probe's doubling sizes (tandem.runtimes.capacity), 2 ms a run and 6M tokens/s.
+    runs = {1024 * 2**i: 2e-3 + 1.6e-7 * 1024 * 2**i for i in range(7)}
+    cost = CostModel.from_runs(runs)
+    assert cost.seconds_per_run == pytest.approx(2e-3, rel=0.05)
+    assert cost.seconds_per_token == pytest.approx(1.6e-7, rel=0.05)
+    assert cost.weight == CostModel.weight  # it learns online from there as any model does
+
+
+def test_runs_all_of_one_size_keep_the_last_fixed_cost() -> None:
+    cost = _learned(2e-3, 1.6e-7, SIZES)
+    for now in range(100, 130):  # the same batch again and again: no line to fit
+        cost.observe(40, 256, 2e-3 + 1.6e-7 * 40 * 256, now=float(now))
+    assert cost.seconds_per_run == pytest.approx(2e-3, rel=0.05)
+
+
+def test_padding_that_costs_less_than_a_run_of_its_own_joins_the_batch() -> None:
+    # Under a 4 ms deadline, stage-1 order: 100, 300, 100 tokens. On a GPU (2 ms a run) padding
+    # the first pair to 300 tokens costs 32 us, so all three run at once; on a CPU with no
+    # fixed cost the 15% padding cap closes the batch after the first.
+    lengths = (100, 300, 100)
+
+    def first_batch(cost: CostModel) -> list[int]:
+        queue = queue_of(*(entry(i, n, 0.004, order=(0, i)) for i, n in enumerate(lengths)))
+        batch, _ = build_batch(queue, BatchLimits(max_batch_tokens=4096), cost, now=0.0)
+        return [int(e.pair.input_ids[0]) for e in batch]
+
+    gpu = CostModel(seconds_per_token=1.6e-7, seconds_per_run=2e-3, observed_at=0.0)
+    cpu = CostModel(seconds_per_token=1e-5, observed_at=0.0)
+    assert first_batch(gpu) == [0, 1, 2]
+    assert first_batch(cpu) == [0]
+
+
+def test_the_depth_a_budget_buys_counts_one_fixed_cost_per_run() -> None:
+    async def predicted(cost: CostModel) -> int:
+        batcher = RerankBatcher(lambda pairs: np.zeros(len(pairs), dtype=np.float32),
+                                limits=BatchLimits(max_batch_tokens=1000), cost=cost)  # fmt: skip
+        return batcher.predict_scored([pair(i, 100) for i in range(50)], 0.05, ahead_s=0.0)
+
+    # 10 ms a run of up to 1,000 tokens (10 pairs), 10 us a token: a pair a millisecond,
+    # plus 10 ms every 10 pairs. 50 ms buy 20 pairs (2 runs), not the 40 a rate alone says.
+    fixed = CostModel(seconds_per_token=1e-5, seconds_per_run=0.01, headroom=1.0)
+    assert asyncio.run(predicted(fixed)) == 20
+    assert asyncio.run(predicted(CostModel(seconds_per_token=1e-5, headroom=1.0))) == 50
+
+
 def test_earliest_deadline_leads_the_batch() -> None:
     queue = queue_of(entry(0, deadline=50.0, order=(0, 0)), entry(1, deadline=5.0, order=(1, 0)))
     batch, _ = build_batch(queue, BatchLimits(max_batch_pairs=1), FREE, now=0.0)

@@ -19,7 +19,7 @@ from tandem.cpu import cpu_flags
 from tandem.devices import DeviceSpec
 from tandem.export.pipeline import default_runtime
 from tandem.runtimes import RuntimeUnavailable, choose_backend, slower_here, unread_files
-from tandem.runtimes.capacity import choose_cap, learn_batch_tokens
+from tandem.runtimes.capacity import choose_cap, learn_batch_profile
 from tandem.tokens import TokenBatch
 from tandem.training.fit import bf16_supported
 
@@ -135,16 +135,19 @@ def test_learning_stops_where_launch_costs_stop_mattering() -> None:
     # 1 ms per launch and 1 us per token: the best probed rate is at 65,536 tokens (985k/s);
     # 8,192 tokens reach 891k/s (90.5% of it), 4,096 only 804k/s (81.6%).
     device = TimedRuntime(clock, launch=1e-3, per_token=1e-6, memory_tokens=1 << 30)
-    cap = learn_batch_tokens(device, ceiling=65_536, clock=lambda: clock[0])  # type: ignore[arg-type]
-    assert cap == 8192
+    profile = learn_batch_profile(device, ceiling=65_536, clock=lambda: clock[0])  # type: ignore[arg-type]
+    assert profile.max_batch_tokens == 8192
     assert max(rows * width for rows, width in device.shapes) == 65_536
+    # Each probed size's seconds a run, from which the batcher's cost model starts.
+    assert profile.seconds == pytest.approx({t: 1e-3 + 1e-6 * t for t in profile.seconds})
+    assert sorted(profile.seconds) == [1024 * 2**i for i in range(7)]
 
 
 def test_learning_stops_at_the_first_out_of_memory() -> None:
     clock = [0.0]
     device = TimedRuntime(clock, launch=1e-3, per_token=1e-6, memory_tokens=4096)
-    cap = learn_batch_tokens(device, ceiling=65_536, clock=lambda: clock[0])  # type: ignore[arg-type]
-    assert cap == 4096
+    profile = learn_batch_profile(device, ceiling=65_536, clock=lambda: clock[0])  # type: ignore[arg-type]
+    assert profile.max_batch_tokens == 4096
     assert device.shapes[-1] == (32, 256)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,15 +48,25 @@ def warm_up(runtime: Runtime) -> None:
         runtime.run(probe_batch(rows, width))
 
 
-def learn_batch_tokens(
+@dataclass(frozen=True)
+class BatchProfile:
+    """What the probe learned: the batch cap, and each probed batch's seconds per run (by its
+    padded tokens), from which a batcher's cost model starts instead of a CPU's guess."""
+
+    max_batch_tokens: int
+    seconds: dict[int, float]
+
+
+def learn_batch_profile(
     runtime: Runtime,
     *,
     row_tokens: int = ROW_TOKENS,
     ceiling: int = CEILING_TOKENS,
     clock: Callable[[], float] = time.perf_counter,
-) -> int:
-    """Padded tokens per batch for ``runtime``: see the module's docstring."""
-    rates: dict[int, float] = {}
+) -> BatchProfile:
+    """Padded tokens per batch for ``runtime`` (see the module's docstring), and the runs'
+    times."""
+    seconds: dict[int, float] = {}
     rows = FIRST_ROWS
     while rows * row_tokens <= ceiling:
         batch = probe_batch(rows, row_tokens)
@@ -68,9 +79,10 @@ def learn_batch_tokens(
         except (MemoryError, RuntimeError) as exc:  # torch's OutOfMemoryError is a RuntimeError
             log.info("batch probe stopped at %d tokens: %s", rows * row_tokens, exc)
             break
-        rates[rows * row_tokens] = REPEATS * rows * row_tokens / elapsed
+        seconds[rows * row_tokens] = elapsed / REPEATS
         rows *= 2
-    return choose_cap(rates, fallback=FIRST_ROWS * row_tokens)
+    rates = {tokens: tokens / run for tokens, run in seconds.items()}
+    return BatchProfile(choose_cap(rates, fallback=FIRST_ROWS * row_tokens), seconds)
 
 
 def choose_cap(rates: dict[int, float], *, fallback: int) -> int:
