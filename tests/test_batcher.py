@@ -116,43 +116,27 @@ def test_a_deadline_the_window_meets_with_room_to_spare_is_batched_as_bulk() -> 
     assert first_batch(1.0) == [0, 1]  # a deadline it might miss: stage-one order
 
 
-def _learned(fixed: float, rate: float, sizes: Sequence[int]) -> CostModel:
-    cost = CostModel(seconds_per_token=1e-4)  # the CPU default a server starts from
-    for now, tokens in enumerate(sizes):
-        cost.observe(tokens, 1, fixed + rate * tokens, now=float(now))
-    return cost
-
-
-SIZES = [256 * (1 + i % 40) for i in range(60)]  # one pair to a batch of 40, as load varies
-
-
-@pytest.mark.parametrize(("fixed", "rate"), [(2e-3, 1.6e-7), (1e-4, 1e-5), (0.0, 1e-5)])
-def test_the_cost_of_a_run_is_learned_as_a_fixed_part_and_a_rate(fixed, rate) -> None:
-    # An H200 in fp16 (2 ms a run, 6M tokens/s), 2 CPU cores (0.1 ms, 100k tokens/s), and a
-    # device with no fixed cost at all.
-    cost = _learned(fixed, rate, SIZES)
-    assert cost.seconds_per_run == pytest.approx(fixed, rel=0.05, abs=1e-6)
-    assert cost.seconds_per_token == pytest.approx(rate, rel=0.05)
-    for tokens in (256, 10_240):
-        assert cost.predict(tokens, 1) == pytest.approx(
-            (fixed + rate * tokens) * cost.headroom, rel=0.05
-        )
-
-
-def test_a_gpu_cost_model_starts_from_its_start_up_probe() -> None:
-    # The probe's doubling sizes (tandem.runtimes.capacity), 2 ms a run and 6M tokens/s.
-    runs = {1024 * 2**i: 2e-3 + 1.6e-7 * 1024 * 2**i for i in range(7)}
+@pytest.mark.parametrize(("fixed", "rate"), [(5e-3, 6.4e-8), (2e-4, 1e-5), (0.0, 1e-5)])
+def test_a_cost_model_starts_from_timed_runs_as_a_fixed_part_and_a_rate(fixed, rate) -> None:
+    # The start-up probe's doubling sizes: an H200 in fp16 (5 ms a run, 15.5k tokens/ms),
+    # 2 CPU cores (0.2 ms, 100 tokens/ms), and a device with no fixed cost at all.
+    runs = {1024 * 2**i: fixed + rate * 1024 * 2**i for i in range(7)}
     cost = CostModel.from_runs(runs)
-    assert cost.seconds_per_run == pytest.approx(2e-3, rel=0.05)
-    assert cost.seconds_per_token == pytest.approx(1.6e-7, rel=0.05)
-    assert cost.weight == CostModel.weight  # it learns online from there as any model does
+    assert cost.seconds_per_run == pytest.approx(fixed, rel=0.01, abs=1e-9)
+    assert cost.seconds_per_token == pytest.approx(rate, rel=0.01)
+    assert cost.weight == CostModel.weight  # from there it learns online as any model does
+    assert CostModel.from_runs({4096: 0.01}).seconds_per_token == pytest.approx(0.01 / 4096)
 
 
-def test_runs_all_of_one_size_keep_the_last_fixed_cost() -> None:
-    cost = _learned(2e-3, 1.6e-7, SIZES)
-    for now in range(100, 130):  # the same batch again and again: no line to fit
-        cost.observe(40, 256, 2e-3 + 1.6e-7 * 40 * 256, now=float(now))
-    assert cost.seconds_per_run == pytest.approx(2e-3, rel=0.05)
+def test_the_rate_is_learned_online_past_the_fixed_cost() -> None:
+    cost = CostModel(seconds_per_token=1e-4, seconds_per_run=5e-3)  # a CPU's rate at first
+    for now in range(80):
+        tokens = 256 * (1 + now % 8)
+        cost.observe(tokens, 1, 5e-3 + 6.4e-8 * tokens, now=float(now))
+    assert cost.seconds_per_token == pytest.approx(6.4e-8, rel=0.01)
+    assert cost.seconds_per_run == 5e-3
+    # 890 pairs of 256 tokens in 4 runs: 20 ms of fixed cost and 14.6 ms of tokens.
+    assert cost.predict(890, 256, runs=4) == pytest.approx((0.02 + 0.0146) * 1.25, rel=0.01)
 
 
 def test_padding_that_costs_less_than_a_run_of_its_own_joins_the_batch() -> None:

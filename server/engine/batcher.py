@@ -13,9 +13,10 @@ Three parts, as in Ray Serve's batcher and TEI's queue:
 - the runner: the session call, in one worker thread, so the event loop and the other
   threads go on while it runs.
 
-Cost is learned online: a fixed cost per run plus an EWMA of seconds per padded token. A
-request's pairs share one deadline and are ordered by stage-1 rank, so under a budget the
-best stage-1 candidates are scored first and the rest come back unscored.
+Cost is a fixed cost per run (a GPU's, timed at start-up) plus seconds per padded token,
+learned online as an EWMA. A request's pairs share one deadline and are ordered by stage-1
+rank, so under a budget the best stage-1 candidates are scored first and the rest come back
+unscored.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -128,61 +129,53 @@ class Entry:
 
 @dataclass
 class CostModel:
-    """A batch's seconds: a fixed cost per run plus seconds per padded token, learned online.
+    """A batch's seconds: a fixed cost per run plus seconds per padded token.
 
-    The per-token rate is an exponentially weighted moving average of each run's seconds past
-    the fixed cost, so it follows a slow spell within a few runs. The fixed cost (kernel
-    launches, copies to and from the device, the framework's own work) is the intercept of a
-    least-squares line through recent runs, fitted with a slower forgetting. On 2 CPU cores it
-    is a fraction of a millisecond and the rate is nearly all; on a GPU a run of one pair
-    costs about as much as a run of a hundred, and a rate alone, learned from small runs,
-    predicted that 1 or 2 of 890 candidates fit a 100 ms budget on an H200 (RESULTS).
+    The fixed cost (kernel launches, copies to and from the device, the framework's own work)
+    is measured once, where it matters: a GPU's start-up probe times clean runs of several
+    sizes (``from_runs``). There a run of one pair cost about as much as a run of a hundred
+    (5 ms of an 8 ms run of 100 RAG24 pairs on an H200), and a rate alone, learned from the
+    small runs a budget makes, predicted that 0-2 of 890 candidates fit 100 ms (RESULTS). On
+    a CPU it is left at 0: there the rate is nearly all of a run.
 
-    Predictions carry ``headroom``: runs vary by a fifth on shared cores, and attention grows
-    faster than linearly with width, so a batch planned to end just inside a deadline often
-    ends outside it, and then every score in it arrives too late to use.
+    The rate is an exponentially weighted moving average of each run's seconds past the
+    fixed cost, so it follows a slow spell within a few runs. Predictions carry
+    ``headroom``: runs vary by a fifth on shared cores, and attention grows faster than
+    linearly with width, so a batch planned to end just inside a deadline often ends outside
+    it, and then every score in it arrives too late to use.
     """
 
     seconds_per_token: float
     seconds_per_run: float = 0.0
     weight: float = 0.2
     headroom: float = 1.25
-    # The fixed cost's forgetting: a line through the last ~20 runs, whose sizes vary.
-    line_weight: float = 0.05
     # The estimate only moves when a batch runs. After a slow spell (cores taken by other
     # work) it can predict that no pair fits any budget, so none would ever run again and
     # it would never come down: past this long without a run, one pair runs as a probe.
     stale_after: float = 1.0
     observed_at: float = -math.inf
-    # Exponentially weighted sums of 1, tokens, seconds, tokens^2 and tokens * seconds.
-    moments: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
+
+    @classmethod
+    def from_runs(cls, seconds: dict[int, float]) -> CostModel:
+        """The least-squares line through timed runs (seconds by padded tokens): its
+        intercept is the fixed cost (within [0, the shortest run]), its slope the rate."""
+        tokens = np.array(sorted(seconds), dtype=np.float64)
+        runs = np.array([seconds[int(count)] for count in tokens])
+        if len(tokens) < 2:
+            return cls(seconds_per_token=float(runs.sum() / max(tokens.sum(), 1.0)))
+        slope, intercept = np.polyfit(tokens, runs, 1)
+        fixed = min(max(float(intercept), 0.0), float(runs.min()))
+        rate = max(float(slope), float((runs - fixed).max() / tokens.max()), 1e-12)
+        return cls(seconds_per_token=rate, seconds_per_run=fixed)
 
     def predict(self, pairs: int, width: int, *, runs: int = 1) -> float:
         fixed = self.seconds_per_run * runs
         return (fixed + self.seconds_per_token * pairs * width) * self.headroom
 
     def observe(self, pairs: int, width: int, seconds: float, *, now: float) -> None:
-        tokens = float(max(pairs * width, 1))
-        kept = 1.0 - self.line_weight
-        sample = (1.0, tokens, seconds, tokens * tokens, tokens * seconds)
-        self.moments = tuple(  # type: ignore[assignment]
-            kept * total + value for total, value in zip(self.moments, sample, strict=True)
-        )
-        self.seconds_per_run = self._fixed_cost()
-        rate = max(seconds - self.seconds_per_run, 0.0) / tokens
-        self.seconds_per_token += self.weight * (rate - self.seconds_per_token)
+        sample = max(seconds - self.seconds_per_run, 0.0) / max(pairs * width, 1)
+        self.seconds_per_token += self.weight * (sample - self.seconds_per_token)
         self.observed_at = now
-
-    def _fixed_cost(self) -> float:
-        """The line's intercept, within [0, the mean run's seconds]; the last estimate while
-        the runs seen are too alike in size to tell a fixed cost from a rate."""
-        count, tokens, seconds, squares, products = self.moments
-        mean_tokens, mean_seconds = tokens / count, seconds / count
-        spread = squares / count - mean_tokens**2
-        if spread <= (0.25 * mean_tokens) ** 2:
-            return self.seconds_per_run
-        slope = (products / count - mean_tokens * mean_seconds) / spread
-        return min(max(mean_seconds - slope * mean_tokens, 0.0), mean_seconds)
 
     def padding_pays(self, padding: int) -> bool:
         """Whether a pair that adds ``padding`` padded tokens to a run (beyond its own) costs
@@ -191,15 +184,6 @@ class CostModel:
 
     def stale(self, now: float) -> bool:
         return now - self.observed_at > self.stale_after
-
-    @classmethod
-    def from_runs(cls, seconds: dict[int, float]) -> CostModel:
-        """A model that starts from timed runs (seconds by padded tokens), as a GPU's start-up
-        probe times them, rather than from a CPU's rate."""
-        cost = cls(seconds_per_token=0.0, weight=1.0)
-        for tokens, run in sorted(seconds.items()):
-            cost.observe(tokens, 1, run, now=-math.inf)
-        return replace(cost, weight=cls.weight)
 
 
 @dataclass
