@@ -143,7 +143,35 @@ def bare_model(reranker: Path, cases: list[dict[str, Any]], device: str) -> dict
         torch.cuda.empty_cache()
     for dtype in ("float16", "bfloat16"):
         out[dtype]["parity_vs_fp32"] = ranking_metrics(scores[dtype], scores["float32"], k=10)
+    out["new_shape_cost"] = new_shape_cost(reranker, device)
     return out
+
+
+def new_shape_cost(reranker: Path, device: str) -> dict[str, Any]:
+    """Model time of shapes never run before, then of the same shapes again (fp16, unpadded
+    to the runtime's buckets): what a server pays for each new shape it meets."""
+    import torch
+
+    from tandem.encoders import CrossEncoder
+
+    encoder = CrossEncoder(reranker, device=device, backend="torch", torch_dtype="float16")
+    model = encoder.runtime.model  # type: ignore[attr-defined]
+    generator = np.random.default_rng(7)
+    drawn = zip(generator.integers(3, 90, 12) | 1, generator.integers(40, 500, 12) | 1, strict=True)
+    shapes = [(int(r), int(w)) for r, w in drawn]
+    timings: dict[str, list[float]] = {"first": [], "again": []}
+    for name in timings:
+        for rows, width in shapes:
+            ids = torch.randint(1000, 2000, (rows, width), device=device)
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            torch.cuda.synchronize()
+            timings[name].append(time.perf_counter() - started)
+    del encoder
+    torch.cuda.empty_cache()
+    return {name: _quantiles(values) for name, values in timings.items()} | {"shapes": shapes}
 
 
 def _quantiles(seconds: Sequence[float]) -> dict[str, float]:

@@ -33,7 +33,7 @@ from tandem.encoders import BiEncoder, CrossEncoder, Encoder
 from tandem.export.precision_cache import PrecisionCache
 from tandem.export.probe import PrecisionRefused, fit_cpu_precision
 from tandem.runtimes import Runtime, RuntimeFit, slower_here
-from tandem.runtimes.capacity import learn_batch_profile, warm_up
+from tandem.runtimes.capacity import learn_batch_profile, warm_gpu_shapes, warm_up
 from tandem.server.admission import Gate, LoopLag
 from tandem.server.api.auth import TokenAuth
 from tandem.server.api.service import RetrievalService, add_to_server
@@ -182,7 +182,9 @@ def warmed(chosen: tuple[CrossEncoder, RuntimeFit]) -> tuple[CrossEncoder, Runti
     return chosen
 
 
-def batch_plan(settings: Settings, runtime: Runtime) -> tuple[BatchLimits, CostModel | None]:
+def batch_plan(
+    settings: Settings, runtime: Runtime, max_width: int
+) -> tuple[BatchLimits, CostModel | None]:
     """The settings' batch caps and, on a GPU, the cost model to start from. Caps left at 0
     are the CPU defaults, or on a GPU a cap learned from the device (GPU batches are far
     larger: thousands of padded tokens), whose timed runs also start the batcher's cost
@@ -200,6 +202,13 @@ def batch_plan(settings: Settings, runtime: Runtime) -> tuple[BatchLimits, CostM
         window=max(BatchLimits.window, pairs),
         max_queued_pairs=settings.max_queued_pairs,
     )
+    if runtime.device.is_gpu:
+        warm_gpu_shapes(
+            runtime,
+            max_rows=limits.max_batch_pairs,
+            max_width=max_width,
+            max_tokens=limits.max_batch_tokens,
+        )
     log.info(
         "reranker batches",
         extra={
@@ -251,6 +260,13 @@ def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) ->
     pairs = None if slot is None else slot.pairs
 
     warm_up(embedder.runtime)
+    if embedder.runtime.device.is_gpu:  # queries: one row each
+        warm_gpu_shapes(
+            embedder.runtime,
+            max_rows=1,
+            max_width=embedder.manifest.max_length,
+            max_tokens=embedder.manifest.max_length,
+        )
 
     def open_collection(folder: Path, version: str | None, read_only: bool) -> Collection:
         return Collection(
@@ -373,7 +389,7 @@ def fitted(
 
 def reranker_slot(settings: Settings, metrics: Metrics, reranker: CrossEncoder) -> RerankerSlot:
     """The reranker with its pair tokenizer and its own batcher (not started)."""
-    limits, cost = batch_plan(settings, reranker.runtime)
+    limits, cost = batch_plan(settings, reranker.runtime, reranker.manifest.max_length)
     batcher = RerankBatcher(
         make_runner(reranker),
         limits=limits,

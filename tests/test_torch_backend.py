@@ -23,11 +23,13 @@ from serving import ServerThread, document, settings_for, upsert
 from tandem.artifact import ArtifactError, read_manifest
 from tandem.benchmarks import gpu
 from tandem.cli import main
+from tandem.devices import DeviceSpec
 from tandem.encoders import BiEncoder, CrossEncoder
 from tandem.export import reference
 from tandem.export.parity import spearman
 from tandem.export.texts import passages, rerank_cases
 from tandem.runtimes import RuntimeUnavailable
+from tandem.runtimes.pytorch import bucket_rows, bucket_shapes, bucket_width
 from tandem.v1 import tandem_pb2 as pb
 
 pytestmark = pytest.mark.slow
@@ -55,6 +57,36 @@ def test_torch_backend_scores_like_the_reference(ce_fp16, reranker_path: Path, d
         # fp16 weights computed in fp32: the ranking holds, scores move by weight rounding.
         assert spearman(mine, theirs) >= 0.995
         assert np.abs(mine - theirs).max() < 0.05
+
+
+def test_gpu_buckets_pad_a_batch_without_changing_a_score_or_a_vector(
+    ce_fp16, bi_fp16, data
+) -> None:
+    # On a GPU a run is padded to a bucketed shape (more rows, wider); here the runtime is
+    # told it is on one while its tensors stay on the CPU, so the padding itself is checked.
+    case = rerank_cases(data, queries=1, candidates=13, part="verify")[0]
+    for folder in (ce_fp16[0], bi_fp16[0]):
+        encoder = (CrossEncoder if folder == ce_fp16[0] else BiEncoder)(folder, backend="torch")
+        if isinstance(encoder, CrossEncoder):
+            batch = encoder.tokenize_pairs(case.query, list(case.documents))
+        else:
+            batch = encoder.tokenize(list(case.documents))
+        rows, width = batch.input_ids.shape
+        assert (bucket_rows(rows), bucket_width(width)) != (rows, width)
+        plain = encoder.runtime.run(batch)
+        encoder.runtime.device = DeviceSpec("cuda", 0)  # type: ignore[attr-defined]
+        padded = encoder.runtime.run(batch)
+        assert padded.shape == plain.shape
+        np.testing.assert_allclose(padded, plain, atol=1e-4)
+
+
+def test_bucketed_shapes_are_few_and_cover_every_batch() -> None:
+    shapes = bucket_shapes(1024, 512, 65_536)
+    assert len(shapes) < 130  # warmed at a GPU server's start-up
+    for rows in range(1, 1025):
+        assert rows <= bucket_rows(rows) <= rows * 1.5
+    for rows, width in [(1, 1), (100, 487), (128, 512), (1024, 64), (7, 300)]:
+        assert (bucket_rows(rows), bucket_width(width)) in shapes
 
 
 def test_torch_backend_embeds_like_the_reference(bi_fp16, minilm_path: Path, data) -> None:

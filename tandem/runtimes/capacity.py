@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tandem.runtimes import Runtime
+from tandem.runtimes.pytorch import bucket_shapes
 from tandem.tokens import TokenBatch
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,19 @@ WARM_UP_SHAPES = ((1, 16), (4, 128), (8, 256))
 def warm_up(runtime: Runtime) -> None:
     for rows, width in WARM_UP_SHAPES:
         runtime.run(probe_batch(rows, width))
+
+
+def warm_gpu_shapes(runtime: Runtime, *, max_rows: int, max_width: int, max_tokens: int) -> None:
+    """Runs every shape a GPU batch within these caps is padded to (see
+    ``tandem.runtimes.pytorch``), so no call pays for a shape's first run."""
+    started = time.perf_counter()
+    shapes = bucket_shapes(max_rows, max_width, max_tokens)
+    for rows, width in shapes:
+        runtime.run(probe_batch(rows, width))
+    log.info(
+        "GPU shapes warmed: %d in %.1f s (%s)",
+        len(shapes), time.perf_counter() - started, runtime.device,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

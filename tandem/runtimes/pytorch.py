@@ -17,6 +17,43 @@ from tandem.devices import Backend, DeviceSpec, TorchDtype
 from tandem.runtimes import RuntimeUnavailable
 from tandem.tokens import TokenBatch
 
+# On a GPU every new (rows, width) shape pays once for choosing and loading its kernels: on
+# an H200 a server's first calls ran up to 15x slower than the same calls later (RESULTS),
+# and a budget's small, varied batches met new shapes all the time. So a GPU run is padded up
+# to one of a few shapes, which the server runs once at start-up: widths in steps of 64
+# tokens, rows in steps of half a power of two (at most half as many rows again).
+WIDTH_STEP = 64
+
+
+def bucket_rows(rows: int) -> int:
+    power = 1 << max(rows - 1, 0).bit_length()
+    half_step = power * 3 // 4
+    return half_step if rows <= half_step and power >= 4 else power
+
+
+def bucket_width(width: int) -> int:
+    return -(-width // WIDTH_STEP) * WIDTH_STEP
+
+
+def bucket_shapes(max_rows: int, max_width: int, max_tokens: int) -> list[tuple[int, int]]:
+    """Every bucketed shape a batch within these caps can take."""
+    shapes = set()
+    for width in range(WIDTH_STEP, bucket_width(max_width) + 1, WIDTH_STEP):
+        for rows in range(1, max_rows + 1):
+            shape = (bucket_rows(rows), width)
+            if shape[0] * width <= max_tokens:
+                shapes.add(shape)
+    return sorted(shapes)
+
+
+def _padded(array: NDArray[np.int64], rows: int, width: int) -> NDArray[np.int64]:
+    """``array`` grown to ``rows`` x ``width``: new columns are 0 (padding, masked out); new
+    rows repeat the first row, so no row of the batch is all padding (NaN under SDPA)."""
+    grown = np.zeros((rows, width), dtype=array.dtype)
+    grown[: array.shape[0], : array.shape[1]] = array
+    grown[array.shape[0] :, : array.shape[1]] = array[0]
+    return grown
+
 
 class TorchRuntime:
     backend: Backend = "torch"
@@ -64,11 +101,17 @@ class TorchRuntime:
     def run(self, batch: TokenBatch) -> NDArray[np.float32]:
         import torch
 
+        rows, width = batch.input_ids.shape
+        arrays = batch.feed(self.input_names)
+        if self.device.is_gpu:
+            shape = bucket_rows(rows), bucket_width(width)
+            arrays = {name: _padded(array, *shape) for name, array in arrays.items()}
         with torch.inference_mode():
             feed = {
                 name: torch.from_numpy(array).to(self.torch_device, non_blocking=True)
-                for name, array in batch.feed(self.input_names).items()
+                for name, array in arrays.items()
             }
             output = self.model(**feed)
             values = output.last_hidden_state if self.kind == "bi-encoder" else output.logits
+            values = values[:rows, :width] if self.kind == "bi-encoder" else values[:rows]
             return np.asarray(values.float().cpu().numpy(), dtype=np.float32)
