@@ -12,8 +12,8 @@ It measures, on one GPU in one run:
    p50/p99 end to end, tokenizing included; and ``Search`` with recall_k 100 over the cases'
    passages, upserted first;
 3. how deep a call reads within the default 100 ms budget: a ``Rerank`` of every carried
-   passage (1,000: tokenized inside the call) and a ``Search`` with recall_k 1,000 over the
-   stored ones (ids kept at index time), one call at a time and at 4 callers;
+   passage (up to 1,000, tokenized inside the call) and a ``Search`` with recall_k 1,000
+   over the stored ones (ids kept at index time), one call at a time and at 4 callers;
 4. served pairs/s under closed-loop load, and sentence-transformers' ``CrossEncoder.predict``
    in fp16 on the same GPU and cases.
 
@@ -415,7 +415,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         server.stop()
         log_text = (work / "server.log").read_text()
-        out["server_batches_log"] = [line for line in log_text.splitlines() if "batches" in line]
+        out["server_batches_log"] = [
+            line for line in log_text.splitlines() if "batches" in line or "GPU shapes" in line
+        ]
         out["server_log_tail"] = log_text[-4000:]
     out["seeds_pipeline"] = seeds_pipeline(reranker, cases, args.seconds, args.device)
     p50 = out["served"]["rerank_100_concurrency_1_ms"]["p50"]

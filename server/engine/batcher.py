@@ -133,10 +133,10 @@ class CostModel:
 
     The fixed cost (kernel launches, copies to and from the device, the framework's own work)
     is measured once, where it matters: a GPU's start-up probe times clean runs of several
-    sizes (``from_runs``). There a run of one pair cost about as much as a run of a hundred
-    (5 ms of an 8 ms run of 100 RAG24 pairs on an H200), and a rate alone, learned from the
-    small runs a budget makes, predicted that 0-2 of 890 candidates fit 100 ms (RESULTS). On
-    a CPU it is left at 0: there the rate is nearly all of a run.
+    sizes (``from_runs``). There most of a small run is fixed cost (2-2.7 ms a run beside
+    12k tokens a ms on an H200, where 100 RAG24 pairs took 8-10 ms), and a rate alone,
+    learned from the small runs a budget makes, predicted that 0-2 of 890 candidates fit
+    100 ms (RESULTS). On a CPU it is left at 0: there the rate is nearly all of a run.
 
     The rate is an exponentially weighted moving average of each run's seconds past the
     fixed cost, so it follows a slow spell within a few runs. Predictions carry
