@@ -582,6 +582,9 @@ def _assemble(
         metrics.watch_queue(
             lambda: engine.searcher.batcher.queued if engine.searcher.batcher else 0
         )
+        metrics.watch_cost(
+            lambda: engine.searcher.batcher.cost if engine.searcher.batcher else None
+        )
     metrics.watch_documents(lambda: len(engine.collection.index))
 
     def rejected(method: str) -> None:

@@ -19,6 +19,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from tandem.server.engine.batcher import CostModel
 from tandem.server.engine.search import Result
 
 # Seconds: the rerank budget is 100 ms, so resolution is finest around it.
@@ -26,8 +27,9 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1.0,
     2.5, 5.0, 10.0,
 )  # fmt: skip
-PAIR_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 1536, 2048, 4096)
+# A CPU's batches stop at 32 pairs and 1,024 tokens; a GPU's reach 1,024 pairs and 65,536.
+PAIR_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512, 1024)
+TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 1536, 2048, 4096, 8192, 16384, 32768, 65536)
 FRACTION_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 # Tenths: the last bucket below 1.0 is where the pool's tail starts (TAIL_FRACTION).
 RANK_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -74,6 +76,22 @@ class Metrics:
             "tandem_batch_pairs",
             "Pairs per reranker run",
             buckets=PAIR_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_seconds = Histogram(
+            "tandem_batch_seconds",
+            "Seconds per reranker run, as the batcher's cost model observes it",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.cost_per_token = Gauge(
+            "tandem_rerank_cost_seconds_per_token",
+            "The batcher's learned seconds per padded token (what budgets are planned with)",
+            registry=self.registry,
+        )
+        self.cost_per_run = Gauge(
+            "tandem_rerank_cost_seconds_per_run",
+            "The batcher's fixed seconds per run (a GPU's, from its start-up probe; 0 on a CPU)",
             registry=self.registry,
         )
         self.batch_tokens = Histogram(
@@ -137,9 +155,15 @@ class Metrics:
     def watch_documents(self, count: Callable[[], int]) -> None:
         self.documents.set_function(count)
 
-    def observe_batch(self, pairs: int, padded_tokens: int) -> None:
+    def watch_cost(self, cost: Callable[[], CostModel | None]) -> None:
+        """The cost model of the batcher of the moment (a published reranker brings its own)."""
+        self.cost_per_token.set_function(lambda: getattr(cost(), "seconds_per_token", 0.0))
+        self.cost_per_run.set_function(lambda: getattr(cost(), "seconds_per_run", 0.0))
+
+    def observe_batch(self, pairs: int, padded_tokens: int, seconds: float) -> None:
         self.batch_pairs.observe(pairs)
         self.batch_tokens.observe(padded_tokens)
+        self.batch_seconds.observe(seconds)
 
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
         for stage, milliseconds in timings_ms.items():

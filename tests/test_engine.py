@@ -103,7 +103,7 @@ def test_a_crashed_batch_mover_fails_waiting_calls_turns_health_and_restarts(ser
     assert batcher is not None
     original = batcher.on_batch
 
-    def explode(pairs: int, tokens: int) -> None:
+    def explode(pairs: int, tokens: int, seconds: float) -> None:
         batcher.on_batch = original
         raise RuntimeError("injected fault in the batch mover")
 

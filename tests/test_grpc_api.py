@@ -462,6 +462,9 @@ def test_metrics_endpoint(server, stub):
         'tandem_stage_seconds_bucket{le="0.1",stage="embed"}',
         "tandem_batch_pairs_count",
         "tandem_batch_padded_tokens_sum",
+        "tandem_batch_seconds_count",
+        "tandem_rerank_cost_seconds_per_token",
+        "tandem_rerank_cost_seconds_per_run 0.0",  # a CPU's: no fixed cost
         "tandem_rerank_queue_pairs",
         "tandem_reranked_fraction_count",
         'tandem_winner_stage1_rank_fraction_bucket{first_stage="hybrid",le="1.0"}',

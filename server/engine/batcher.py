@@ -303,11 +303,12 @@ class RerankBatcher:
         limits: BatchLimits | None = None,
         cost: CostModel | None = None,
         clock: Callable[[], float] = time.monotonic,
-        on_batch: Callable[[int, int], None] | None = None,
+        on_batch: Callable[[int, int, float], None] | None = None,
         worker_setup: Callable[[], None] | None = None,
     ) -> None:
         self.runner = runner
-        self.on_batch = on_batch  # (pairs, padded tokens) of each batch, for metrics
+        # (pairs, padded tokens, seconds) of each batch that ran, for metrics
+        self.on_batch = on_batch
         self.limits = limits or BatchLimits()
         # 1e-4 s per padded token is INT8 MiniLM-L6 on 2 AVX2 cores; the first batches correct it.
         self.cost = cost or CostModel(seconds_per_token=1e-4)
@@ -454,8 +455,6 @@ class RerankBatcher:
             for entry in batch:
                 if entry.ticket is not None and entry.ticket.first_run is None:
                     entry.ticket.first_run = started
-            if self.on_batch is not None:
-                self.on_batch(len(batch), width * len(batch))
             try:
                 scores = await loop.run_in_executor(self.executor, self.runner, pairs)
                 if len(scores) != len(batch):
@@ -468,6 +467,8 @@ class RerankBatcher:
                 self.batches_run += 1
             ended = self.clock()
             self.cost.observe(len(batch), width, ended - started, now=ended)
+            if self.on_batch is not None:
+                self.on_batch(len(batch), width * len(batch), ended - started)
             for entry, value in zip(batch, scores, strict=True):
                 _resolve(entry, float(value))
             self.in_hand = []
