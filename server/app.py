@@ -202,13 +202,12 @@ def batch_plan(
         window=max(BatchLimits.window, pairs),
         max_queued_pairs=settings.max_queued_pairs,
     )
-    if runtime.device.is_gpu:
-        warm_gpu_shapes(
-            runtime,
-            max_rows=limits.max_batch_pairs,
-            max_width=max_width,
-            max_tokens=limits.max_batch_tokens,
-        )
+    warm_gpu_shapes(
+        runtime,
+        max_rows=limits.max_batch_pairs,
+        max_width=max_width,
+        max_tokens=limits.max_batch_tokens,
+    )
     log.info(
         "reranker batches",
         extra={
@@ -260,13 +259,12 @@ def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) ->
     pairs = None if slot is None else slot.pairs
 
     warm_up(embedder.runtime)
-    if embedder.runtime.device.is_gpu:  # queries: one row each
-        warm_gpu_shapes(
-            embedder.runtime,
-            max_rows=1,
-            max_width=embedder.manifest.max_length,
-            max_tokens=embedder.manifest.max_length,
-        )
+    warm_gpu_shapes(  # queries: one row each
+        embedder.runtime,
+        max_rows=1,
+        max_width=embedder.manifest.max_length,
+        max_tokens=embedder.manifest.max_length,
+    )
 
     def open_collection(folder: Path, version: str | None, read_only: bool) -> Collection:
         return Collection(

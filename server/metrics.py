@@ -157,8 +157,9 @@ class Metrics:
 
     def watch_cost(self, cost: Callable[[], CostModel | None]) -> None:
         """The cost model of the batcher of the moment (a published reranker brings its own)."""
-        self.cost_per_token.set_function(lambda: getattr(cost(), "seconds_per_token", 0.0))
-        self.cost_per_run.set_function(lambda: getattr(cost(), "seconds_per_run", 0.0))
+        none = CostModel(seconds_per_token=0.0)  # no reranker: nothing planned
+        self.cost_per_token.set_function(lambda: (cost() or none).seconds_per_token)
+        self.cost_per_run.set_function(lambda: (cost() or none).seconds_per_run)
 
     def observe_batch(self, pairs: int, padded_tokens: int, seconds: float) -> None:
         self.batch_pairs.observe(pairs)

@@ -159,8 +159,9 @@ class CostModel:
     def from_runs(cls, seconds: dict[int, float]) -> CostModel:
         """The least-squares line through timed runs (seconds by padded tokens): its
         intercept is the fixed cost (within [0, the shortest run]), its slope the rate."""
-        tokens = np.array(sorted(seconds), dtype=np.float64)
-        runs = np.array([seconds[int(count)] for count in tokens])
+        sizes = sorted(seconds)
+        tokens = np.array(sizes, dtype=np.float64)
+        runs = np.array([seconds[size] for size in sizes])
         if len(tokens) < 2:
             return cls(seconds_per_token=float(runs.sum() / max(tokens.sum(), 1.0)))
         slope, intercept = np.polyfit(tokens, runs, 1)

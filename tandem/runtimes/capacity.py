@@ -50,8 +50,11 @@ def warm_up(runtime: Runtime) -> None:
 
 
 def warm_gpu_shapes(runtime: Runtime, *, max_rows: int, max_width: int, max_tokens: int) -> None:
-    """Runs every shape a GPU batch within these caps is padded to (see
-    ``tandem.runtimes.pytorch``), so no call pays for a shape's first run."""
+    """Runs every shape a batch within these caps is padded to, where the runtime pads to
+    bucketed shapes (PyTorch on a GPU: see ``tandem.runtimes.pytorch``), so no call pays for
+    a shape's first run. Other runtimes run each batch as it comes: nothing to warm."""
+    if runtime.backend != "torch" or not runtime.device.is_gpu:
+        return
     started = time.perf_counter()
     shapes = bucket_shapes(max_rows, max_width, max_tokens)
     for rows, width in shapes:
