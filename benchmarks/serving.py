@@ -100,13 +100,19 @@ class Process:
     """A server in a child process, its log in a file, stopped with SIGTERM."""
 
     def __init__(
-        self, command: list[str], log: Path, ready: str, *, env: dict[str, str] | None = None
+        self,
+        command: list[str],
+        log: Path,
+        ready: str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
         self.handle = log.open("w")
         self.process = subprocess.Popen(
-            command, stdout=self.handle, stderr=subprocess.STDOUT, env=env
+            command, stdout=self.handle, stderr=subprocess.STDOUT, env=env, cwd=cwd
         )
         self.port = self._wait_for(ready)
 

@@ -46,6 +46,7 @@ BENCHES = {
     "stage1": "dense, lexical and hybrid first stages on RAG24: quality, latency, index size",
     "swap": "a new reranker published to a server under Search load: failed calls, the switch",
     "long_documents": "whole RAG24 documents reranked by their first window or all (MaxP)",
+    "rerank_depth": "passages a budgeted Rerank scores, by how many it sends (--against: A/B)",
 }
 
 

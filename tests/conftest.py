@@ -9,9 +9,13 @@ import pytest
 
 from tandem import rag24
 from tandem.artifact import Manifest
+from tandem.encoders import BiEncoder, CrossEncoder
 from tandem.export.parity import Thresholds
 from tandem.export.pipeline import ExportRequest, default_runtime, export_model
 from tandem.export.verify import Sample
+from tandem.server.engine.collection import Collection
+from tandem.server.engine.index import IndexSettings
+from tandem.server.engine.pairs import PairTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 STAND_IN_RERANKER = ROOT.parent / "shared" / "models" / "stand-in-reranker"
@@ -101,3 +105,15 @@ def bi_copy(tmp_path, bi_int8) -> Path:
 
 SMALL_SAMPLE = Sample(texts=32, queries=2, candidates=10)
 DEFAULT_BARS = Thresholds()
+
+
+@pytest.fixture(scope="module")
+def searcher_parts(tmp_path_factory, bi_int8, ce_int8):
+    """(collection, embedder, reranker, pairs) on the INT8 exports: an empty collection of
+    the module's own, for ``serving.rerank_in_process``."""
+    embedder, reranker = BiEncoder(bi_int8[0]), CrossEncoder(ce_int8[0])
+    pairs = PairTokenizer.for_reranker(reranker)
+    folder = tmp_path_factory.mktemp("searcher")
+    collection = Collection(folder, embedder=embedder, pairs=pairs, settings=IndexSettings())
+    yield collection, embedder, reranker, pairs
+    collection.close()

@@ -18,7 +18,12 @@ from typing import Any
 import grpc
 import httpx
 
+from tandem.encoders import BiEncoder, CrossEncoder
 from tandem.server.app import Running, create_server
+from tandem.server.engine.batcher import RerankBatcher
+from tandem.server.engine.collection import Collection
+from tandem.server.engine.pairs import PairTokenizer
+from tandem.server.engine.search import DocumentRef, Result, Searcher, make_runner
 from tandem.server.settings import Settings
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
@@ -154,3 +159,26 @@ class ServerProcess:
 
 def model_args(bi_int8, ce_int8) -> list[str]:
     return ["--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0])]
+
+
+SearcherParts = tuple[Collection, BiEncoder, CrossEncoder, PairTokenizer]
+
+
+def rerank_in_process(
+    parts: SearcherParts, query: str, refs: Sequence[DocumentRef], **fields: Any
+) -> Result:
+    """One ``Searcher.rerank`` with no server around it, on a batcher of its own."""
+    collection, embedder, reranker, pairs = parts
+
+    async def run() -> Result:
+        batcher = RerankBatcher(make_runner(reranker))
+        await batcher.start()
+        try:
+            searcher = Searcher(
+                collection, embedder=embedder, reranker=reranker, pairs=pairs, batcher=batcher
+            )
+            return await searcher.rerank(query, refs, **fields)
+        finally:
+            await batcher.stop()
+
+    return asyncio.run(run())

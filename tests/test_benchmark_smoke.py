@@ -21,6 +21,7 @@ from tandem.benchmarks import (
     peers,
     quality,
     quantization,
+    rerank_depth,
     runtimes,
     serving,
     stage1,
@@ -155,6 +156,21 @@ def test_http_overhead_benchmark_smoke(bi_int8, ce_int8, capsys) -> None:
     assert "| callers | gRPC pairs/s | HTTP pairs/s |" in table
     assert "HTTP / gRPC" in table
     assert "HTTP's extra cost per call (median of the pairs' differences)" in table
+
+
+def test_rerank_depth_benchmark_smoke(small_collection, bi_int8, ce_int8, capsys) -> None:
+    # The A/B path too: this checkout served twice, once as the tree to compare against.
+    here = Path(__file__).resolve().parents[1]
+    argv = ["--smoke", "--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0]),
+            "--collection", str(small_collection), "--against", str(here)]  # fmt: skip
+    assert rerank_depth.main(bench_args(rerank_depth, argv)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rerank_head, search_head = (line for line in lines if line.startswith("| R") or
+                                line.startswith("| S"))  # fmt: skip
+    assert rerank_head.startswith("| Rerank: passages sent | this: reranked (mean) |")
+    assert search_head.startswith("| Search: recall_k | this: reranked (mean) |")
+    assert "against: tokenize ms" in rerank_head
+    assert [line.split(" | ")[0] for line in lines if line[2:3].isdigit()] == ["| 3", "| 12"] * 2
 
 
 def test_runtimes_benchmark_smoke(tmp_path, bi_int8, ce_int8, capsys) -> None:

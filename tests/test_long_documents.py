@@ -7,49 +7,22 @@ when the document is read in windows.
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
+from serving import rerank_in_process
 
-from tandem.encoders import BiEncoder, CrossEncoder
-from tandem.server.engine.batcher import RerankBatcher
 from tandem.server.engine.collection import TOKEN_CAP_KEY, Collection
 from tandem.server.engine.errors import InvalidArgument
-from tandem.server.engine.index import IndexSettings
-from tandem.server.engine.pairs import STORED_TOKENS, PairTokenizer
-from tandem.server.engine.search import DocumentRef, Result, Searcher, make_runner
+from tandem.server.engine.pairs import STORED_TOKENS
+from tandem.server.engine.search import DocumentRef, Result
 from tandem.server.engine.store import NewDocument
 from tandem.server.engine.windows import Reading
 
 pytestmark = [pytest.mark.slow, pytest.mark.reranker]
 
 
-@pytest.fixture(scope="module")
-def searcher_parts(tmp_path_factory, bi_int8, ce_int8):
-    embedder, reranker = BiEncoder(bi_int8[0]), CrossEncoder(ce_int8[0])
-    pairs = PairTokenizer.for_reranker(reranker)
-    folder = tmp_path_factory.mktemp("long")
-    collection = Collection(folder, embedder=embedder, pairs=pairs, settings=IndexSettings())
-    yield collection, embedder, reranker, pairs
-    collection.close()
-
-
 def rerank(parts, query: str, documents: list[str], reading: Reading, **fields) -> Result:
-    collection, embedder, reranker, pairs = parts
-
-    async def run() -> Result:
-        batcher = RerankBatcher(make_runner(reranker))
-        await batcher.start()
-        try:
-            searcher = Searcher(
-                collection, embedder=embedder, reranker=reranker, pairs=pairs, batcher=batcher
-            )
-            refs = [DocumentRef(text=text) for text in documents]
-            return await searcher.rerank(query, refs, reading=reading, **fields)
-        finally:
-            await batcher.stop()
-
-    return asyncio.run(run())
+    refs = [DocumentRef(text=text) for text in documents]
+    return rerank_in_process(parts, query, refs, reading=reading, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -144,22 +117,10 @@ def test_refusal_past_the_window_cap_when_truncate_is_off(searcher_parts, needle
 def rerank_stored(
     collection: Collection, parts, query: str, refs: list[str], reading: Reading
 ) -> Result:
-    _, embedder, reranker, pairs = parts
-
-    async def run() -> Result:
-        batcher = RerankBatcher(make_runner(reranker))
-        await batcher.start()
-        try:
-            searcher = Searcher(
-                collection, embedder=embedder, reranker=reranker, pairs=pairs, batcher=batcher
-            )
-            return await searcher.rerank(
-                query, [DocumentRef(id=ref) for ref in refs], reading=reading, budget_s=None
-            )
-        finally:
-            await batcher.stop()
-
-    return asyncio.run(run())
+    stored = [DocumentRef(id=ref) for ref in refs]
+    return rerank_in_process(
+        (collection, *parts[1:]), query, stored, reading=reading, budget_s=None
+    )
 
 
 def test_stored_long_documents_are_read_in_windows_too(

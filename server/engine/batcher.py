@@ -26,6 +26,7 @@ import contextlib
 import heapq
 import itertools
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -347,6 +348,13 @@ class RerankBatcher:
         tokens = sum(item[2].length for item in self.queue.heap if item[2].wanted)
         tokens += sum(entry.length for entry in self.in_hand)
         return self.cost.predict(1, tokens, runs=self._runs(tokens)) if tokens else 0.0
+
+    def tokens_within(self, seconds: float) -> int:
+        """The most padded tokens the model could run in ``seconds`` with nothing ahead, no
+        fixed cost and no headroom: no call's pairs past these can be scored in that time."""
+        if self.cost.seconds_per_token <= 0:  # no estimate yet: nothing bounds it
+            return sys.maxsize
+        return int(max(seconds, 0.0) / self.cost.seconds_per_token)
 
     def _runs(self, tokens: int) -> int:
         return -(-tokens // self.limits.max_batch_tokens)

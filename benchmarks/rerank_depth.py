@@ -1,0 +1,240 @@
+"""`tandem bench rerank_depth`: how many candidates a budget scores, by how many a call offers.
+
+A client with its own first stage sends its candidates' texts: a ``Rerank`` of 10 to ~900
+RAG24 passages, a topic's own BM25 candidates first. With ``--collection`` (a copy served by
+each server), a ``Search`` with ``recall_k`` of the same counts (to 1,000) too: its
+candidates' ids are stored, so it tokenizes no document. Every call has the default 100 ms
+budget and comes one at a time. The figures per count: candidates reranked, latency at the
+client, and the server's own stage timings (tokenizing, waiting, scoring).
+
+``--against DIR`` runs a second server from another checkout (its ``tandem`` package first
+on ``PYTHONPATH``) beside this one, calls alternating between the two, so a slow spell of
+the shared machine falls on both: the before and after of a change, in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from tandem import rag24
+from tandem.benchmarks.encoders import machine
+from tandem.benchmarks.serving import Process, git_commit
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc
+
+BUDGET_MS = 100
+TOP_N = 10
+MAX_RECALL_K = 1000  # the server's default max_recall_k
+# gRPC's default 4 MiB receive limit holds ~900 RAG24 passages (about 1.2 MB); say more.
+MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def topics_with_passages(count: int, deepest: int) -> list[tuple[str, list[str]]]:
+    """(query, passages): each topic's BM25 candidates over RAG24's segments, then the
+    other topics' candidates, to ``deepest`` passages in all."""
+    from tandem.export.texts import rerank_cases
+
+    cases = rerank_cases(rag24.load(), queries=count, candidates=100, part="verify")
+    pool = list(dict.fromkeys(text for case in cases for text in case.documents))
+    out = []
+    for case in cases:
+        own = list(case.documents)
+        taken = set(own)
+        out.append((case.query, (own + [text for text in pool if text not in taken])[:deepest]))
+    return out
+
+
+def request(query: str, passages: list[str], budget_ms: int) -> pb.RerankRequest:
+    return pb.RerankRequest(
+        query=query,
+        documents=[pb.RerankDocument(text=text) for text in passages],
+        top_n=TOP_N,
+        rerank_budget_ms=budget_ms,
+    )
+
+
+def search(query: str, recall_k: int, budget_ms: int) -> pb.SearchRequest:
+    return pb.SearchRequest(query=query, recall_k=recall_k, top_n=TOP_N, rerank_budget_ms=budget_ms)
+
+
+def start(args: argparse.Namespace, folder: Path, name: str, tree: Path | None) -> Process:
+    """A server of this checkout, or of ``tree``: run from there, since ``python -m`` puts
+    the working directory ahead of ``PYTHONPATH``. Each serves a copy of ``--collection``
+    (or an empty one)."""
+    collection = folder / f"collection-{name}"
+    if args.collection is not None:
+        shutil.copytree(args.collection, collection, ignore=shutil.ignore_patterns("*.lock"))
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
+    command = [
+        sys.executable, "-m", "tandem.cli", "serve", "--port", "0", "--metrics-port", "-1",
+        "--http-port", "-1", "--collection", str(collection),
+        "--bi-encoder", str(args.bi_encoder.resolve()),
+        "--reranker", str(args.reranker.resolve()), "--threads", str(args.threads),
+    ]  # fmt: skip
+    return Process(command, folder / f"{name}.log", '"msg": "serving"', env=env, cwd=tree)
+
+
+Calls = dict[str, dict[str, dict[str, list[dict[str, float]]]]]  # server, RPC, count: rows
+
+
+async def measure(
+    ports: dict[str, int], work: list[tuple[str, list[str]]], args: argparse.Namespace
+) -> Calls:
+    """Each server's calls by RPC and candidates offered: latency, reranked and the server's
+    stages, per call."""
+    options = [("grpc.max_send_message_length", MESSAGE_BYTES)]
+    channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+                for name, port in ports.items()}  # fmt: skip
+    stubs = {
+        name: tandem_pb2_grpc.RetrievalStub(channel)  # type: ignore[no-untyped-call]
+        for name, channel in channels.items()
+    }
+    calls: Calls = {name: {} for name in ports}
+    try:
+        for rpc in ["Rerank"] + (["Search"] if args.collection is not None else []):
+            for sent in args.passages:
+                if rpc == "Search" and sent > MAX_RECALL_K:
+                    continue
+                requests = [
+                    request(query, passages[:sent], args.budget_ms)
+                    if rpc == "Rerank"
+                    else search(query, sent, args.budget_ms)
+                    for query, passages in work
+                ]
+                for name in stubs:  # unmeasured: the first call of a shape pays its compile
+                    await getattr(stubs[name], rpc)(requests[0])
+                order = list(stubs)
+                for call in range(args.calls):
+                    order.reverse()  # alternate which server goes first
+                    for name in order:
+                        started = time.perf_counter()
+                        reply = await getattr(stubs[name], rpc)(requests[call % len(requests)])
+                        row = {field.name: value for field, value in reply.timings.ListFields()}
+                        row["latency_ms"] = (time.perf_counter() - started) * 1000
+                        row["reranked"] = float(reply.reranked_count)
+                        calls[name].setdefault(rpc, {}).setdefault(str(sent), []).append(row)
+    finally:
+        for channel in channels.values():
+            await channel.close()
+    return calls
+
+
+def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
+    def median(name: str) -> float:
+        return round(statistics.median(row.get(name, 0.0) for row in rows), 2)
+
+    latencies = sorted(row["latency_ms"] for row in rows)
+    return {
+        "calls": len(rows),
+        "reranked_mean": round(statistics.fmean(row["reranked"] for row in rows), 2),
+        "reranked_min": min(row["reranked"] for row in rows),
+        "latency_p50_ms": median("latency_ms"),
+        "latency_p90_ms": round(latencies[int(0.9 * (len(latencies) - 1))], 2),
+        "tokenize_p50_ms": median("tokenize_ms"),
+        "queue_p50_ms": median("queue_ms"),
+        "rerank_p50_ms": median("rerank_ms"),
+    }
+
+
+def table(rpc: str, summary: dict[str, dict[str, dict[str, float]]]) -> str:
+    names = list(summary)
+    offered = "passages sent" if rpc == "Rerank" else "recall_k"
+    head = f"| {rpc}: {offered} | " + " | ".join(
+        f"{name}: reranked (mean) | {name}: p50 ms | {name}: tokenize ms" for name in names
+    )
+    lines = [head + " |", "|---" * (1 + 3 * len(names)) + "|"]
+    for sent in summary[names[0]]:
+        cells = []
+        for name in names:
+            row = summary[name][sent]
+            cells += [f"{row['reranked_mean']:.1f}", f"{row['latency_p50_ms']:.0f}",
+                      f"{row['tokenize_p50_ms']:.1f}"]  # fmt: skip
+        lines.append(f"| {sent} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bi-encoder", type=Path, default=Path("artifacts/bi-encoder"))
+    parser.add_argument("--reranker", type=Path, default=Path("artifacts/cross-encoder"))
+    parser.add_argument(
+        "--collection", type=Path, default=None,
+        help="a collection (make demo's) to copy for each server: Search is measured too",
+    )  # fmt: skip
+    parser.add_argument(
+        "--passages", type=int, nargs="+", default=[10, 25, 50, 100, 200, 400, 890],
+        help="passages per Rerank, one count after another",
+    )  # fmt: skip
+    parser.add_argument("--topics", type=int, default=20, help="RAG24 topics, cycled")
+    parser.add_argument("--calls", type=int, default=20, help="calls per count and server")
+    parser.add_argument("--budget-ms", type=int, default=BUDGET_MS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--against", type=Path, default=None,
+        help="another checkout to serve beside this one, e.g. `git worktree add DIR COMMIT`, "
+        "with its tandem/v1 generated (copy this checkout's where protos/ is unchanged)",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/rerank_depth.json"))
+    parser.add_argument("--smoke", action="store_true", help="seconds, not minutes")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.smoke:
+        args.passages, args.topics, args.calls = [3, 12], 2, 2
+    if args.against is not None and not (args.against / "tandem" / "v1").is_dir():
+        raise SystemExit(
+            f"{args.against}/tandem/v1 is missing: copy this checkout's tandem/v1 there if "
+            "protos/ is the same in both, else install that checkout once to generate it"
+        )
+    work = topics_with_passages(args.topics, max(args.passages))
+    trees = {"this": None} | ({} if args.against is None else {"against": args.against})
+    with tempfile.TemporaryDirectory() as folder:
+        servers: dict[str, Process] = {}
+        try:
+            for name, tree in trees.items():
+                servers[name] = start(args, Path(folder), name, tree)
+            ports = {name: server.port for name, server in servers.items()}
+            calls = asyncio.run(measure(ports, work, args))
+        finally:
+            for server in servers.values():
+                server.stop()
+    summary = {
+        name: {
+            rpc: {sent: summarize(rows) for sent, rows in by_sent.items()}
+            for rpc, by_sent in by_rpc.items()
+        }
+        for name, by_rpc in calls.items()
+    }
+    commits = {"this": git_commit()}
+    if args.against is not None:
+        commits["against"] = subprocess.run(
+            ["git", "-C", str(args.against), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=False,
+        ).stdout.strip()  # fmt: skip
+    out = {
+        "machine": machine(),
+        "commits": commits,
+        "command": " ".join(sys.argv),
+        "budget_ms": args.budget_ms,
+        "summary": summary,
+        "calls": calls,
+    }
+    if not args.smoke:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+    for rpc in summary["this"]:
+        print(table(rpc, {name: by_rpc[rpc] for name, by_rpc in summary.items()}))
+    return 0
