@@ -20,7 +20,7 @@ import httpx
 
 from tandem.encoders import BiEncoder, CrossEncoder
 from tandem.server.app import Running, create_server
-from tandem.server.engine.batcher import RerankBatcher
+from tandem.server.engine.batcher import CostModel, RerankBatcher
 from tandem.server.engine.collection import Collection
 from tandem.server.engine.pairs import PairTokenizer
 from tandem.server.engine.search import DocumentRef, Result, Searcher, make_runner
@@ -165,13 +165,19 @@ SearcherParts = tuple[Collection, BiEncoder, CrossEncoder, PairTokenizer]
 
 
 def rerank_in_process(
-    parts: SearcherParts, query: str, refs: Sequence[DocumentRef], **fields: Any
+    parts: SearcherParts,
+    query: str,
+    refs: Sequence[DocumentRef],
+    *,
+    cost: CostModel | None = None,
+    **fields: Any,
 ) -> Result:
-    """One ``Searcher.rerank`` with no server around it, on a batcher of its own."""
+    """One ``Searcher.rerank`` with no server around it, on a batcher of its own (which
+    starts from ``cost`` where given)."""
     collection, embedder, reranker, pairs = parts
 
     async def run() -> Result:
-        batcher = RerankBatcher(make_runner(reranker))
+        batcher = RerankBatcher(make_runner(reranker), cost=cost)
         await batcher.start()
         try:
             searcher = Searcher(

@@ -8,14 +8,17 @@ the model could score in the time left (twice over), and leaves the rest unread.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from serving import rerank_in_process
 
 from tandem.encoders import load_tokenizer
+from tandem.server.engine.batcher import CostModel
 from tandem.server.engine.pairs import STORED_TOKENS, PairTokenizer, Windows
 from tandem.server.engine.search import (
+    READ_AHEAD,
     READ_CHUNK,
     UNREAD,
     Candidate,
@@ -105,7 +108,7 @@ def test_at_least_reads_past_the_reach(pairs: PairTokenizer, texts: list[str]) -
     assert UNREAD in got
 
 
-def rerank(parts, texts: list[str], budget_s: float | None, **fields) -> Result:
+def rerank(parts, texts: list[str], budget_s: float | None, **fields: Any) -> Result:
     refs = [DocumentRef(text=text) for text in texts]
     query = "what is vicarious trauma?"
     return rerank_in_process(parts, query, refs, budget_s=budget_s, top_n=None, **fields)
@@ -133,3 +136,18 @@ def test_a_budgeted_rerank_tokenizes_only_what_it_can_score(
     sizes.clear()
     rerank(searcher_parts, texts, 0.5, truncate=False)
     assert sum(sizes) - 1 == len(texts)
+
+
+@pytest.mark.slow
+@pytest.mark.reranker
+def test_a_round_scored_with_time_to_spare_reads_on(searcher_parts, texts: list[str]) -> None:
+    # A rate 16 times too slow (a slow spell just ended) reaches 8 of these passages in
+    # 1 s; their batches teach the batcher the real rate and leave time, so later rounds
+    # read and score more of them.
+    slow = CostModel(seconds_per_token=1e-3)
+    first_round = read(searcher_parts[3], texts, reach=int(READ_AHEAD * 1.0 / 1e-3))
+    reachable = sum(1 for windows in first_round if windows is not UNREAD)
+    result = rerank(searcher_parts, texts, 1.0, cost=slow)
+    scored = {int(hit.id) for hit in result.hits if hit.rerank_score is not None}
+    assert result.reranked_count > reachable
+    assert set(range(reachable)) <= scored

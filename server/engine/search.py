@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import math
 import time
 from collections import OrderedDict
@@ -697,39 +698,12 @@ class Searcher:
         with self._require_reranker().held() as slot:
             pairs = slot.pairs
             deadline = None if not budget_s else arrived + budget_s
-            started = time.perf_counter()
             sent = client_texts if client_texts is not None else [False] * len(candidates)
-            # Without truncate every candidate is read: one cut anywhere refuses the call.
-            reach = None
-            if deadline is not None and truncate:
-                within = slot.batcher.tokens_within(deadline - started)
-                reach = max(int(READ_AHEAD * within), slot.batcher.limits.max_batch_tokens)
-            read = await self.lanes.run(
-                "pairs", self._windows, pairs, query, candidates, sent, document_cap, reading,
-                self.collection.token_cap, reach, min_rerank,
+            read, best = await self._score_within(
+                slot, query, candidates, sent, deadline=deadline, truncate=truncate,
+                document_cap=document_cap, min_rerank=min_rerank, reading=reading,
+                timings=timings,
             )  # fmt: skip
-            timings["tokenize"] = ms_since(started)
-            cut = [i for i, windows in enumerate(read) if windows.cut]
-            if cut and not truncate:
-                raise InvalidArgument(
-                    f"{len(cut)} documents do not fit the reranker's {reading.max_windows} "
-                    f"windows of {pairs.template.max_length} tokens with the query (first: "
-                    f"document {cut[0]}); shorten them, raise max_chunks_per_doc, or allow "
-                    "truncate"
-                )
-            counts = [len(windows.pairs) for windows in read]
-            order = interleave(counts)
-            # The budget runs from the call's arrival, so embedding and search time count against
-            # it: a caller's 100 ms means 100 ms of latency, not 100 ms after the index answers.
-            remaining = None if deadline is None else max(deadline - time.perf_counter(), 1e-6)
-            outcome = await slot.batcher.score(
-                [read[document].pairs[window] for document, window in order],
-                budget=remaining,
-                min_scored=min_rerank,
-            )
-            timings["queue"] = outcome.queue_seconds * 1000
-            timings["rerank"] = outcome.run_seconds * 1000
-            best = best_per_document(counts, order, outcome.scores, outcome.scored)
             ranking = sorted(
                 range(len(candidates)),
                 key=lambda i: (0, -(best[i].score or 0.0), i) if best[i].score is not None
@@ -755,10 +729,87 @@ class Searcher:
                 for i in shown
             ]
             reranked = sum(1 for document in best if document.score is not None)
+            cut = any(windows.cut for windows in read)
             return Result(
-                hits, reranked, len(candidates), query_truncated, timings, bool(cut),
+                hits, reranked, len(candidates), query_truncated, timings, cut,
                 reranker_id=slot.id,
             )  # fmt: skip
+
+    async def _score_within(
+        self,
+        slot: RerankerSlot,
+        query: str,
+        candidates: Sequence[Candidate],
+        sent: Sequence[bool],
+        *,
+        deadline: float | None,
+        truncate: bool,
+        document_cap: int | None,
+        min_rerank: int,
+        reading: Reading,
+        timings: dict[str, float],
+    ) -> tuple[list[Windows], list[DocumentScore]]:
+        """Reads the candidates in order and scores their pairs by the deadline, in rounds:
+        each reads what the time left can reach (``READ_AHEAD``) and scores it, and one
+        whose pairs all scored with time to spare (the rate was overestimated) reads on.
+        Returns each candidate's windows (``UNREAD`` past the last round) and best score.
+
+        A later round's documents queue after the earlier rounds' later windows, so under
+        MaxP "every first window before any second one" holds within a round."""
+        read: list[Windows] = []
+        order: list[tuple[int, int]] = []
+        scores: list[NDArray[np.float32]] = []
+        timings.update(tokenize=0.0, queue=0.0, rerank=0.0)
+        while len(read) < len(candidates):
+            started = time.perf_counter()
+            # Without truncate every candidate is read: one cut anywhere refuses the call.
+            reach = None
+            if deadline is not None and truncate:
+                within = slot.batcher.tokens_within(deadline - started)
+                if read and within * len(read) < sum(len(w.pairs[0]) for w in read):
+                    break  # not one more pair of the mean length fits
+                reach = max(int(READ_AHEAD * within), slot.batcher.limits.max_batch_tokens)
+            done = len(read)
+            more = await self.lanes.run(
+                "pairs", self._windows, slot.pairs, query, candidates[done:], sent[done:],
+                document_cap, reading, self.collection.token_cap, reach, min_rerank - done,
+            )  # fmt: skip
+            more = list(itertools.takewhile(lambda windows: windows is not UNREAD, more))
+            timings["tokenize"] += ms_since(started)
+            cut = [done + i for i, windows in enumerate(more) if windows.cut]
+            if cut and not truncate:
+                raise InvalidArgument(
+                    f"{len(cut)} documents do not fit the reranker's {reading.max_windows} "
+                    f"windows of {slot.pairs.template.max_length} tokens with the query "
+                    f"(first: document {cut[0]}); shorten them, raise max_chunks_per_doc, or "
+                    "allow truncate"
+                )
+            if not more:
+                break
+            read += more
+            round_order = [
+                (done + document, window)
+                for document, window in interleave([len(windows.pairs) for windows in more])
+            ]
+            # The budget runs from the call's arrival, so embedding and search time count
+            # against it: a caller's 100 ms means 100 ms of latency, not 100 ms after the
+            # index answers.
+            remaining = None if deadline is None else max(deadline - time.perf_counter(), 1e-6)
+            outcome = await slot.batcher.score(
+                [read[document].pairs[window] for document, window in round_order],
+                budget=remaining,
+                min_scored=min_rerank if not done else 0,
+            )
+            timings["queue"] += outcome.queue_seconds * 1000
+            timings["rerank"] += outcome.run_seconds * 1000
+            order += round_order
+            scores.append(outcome.scores)
+            if not outcome.scored.all():
+                break  # the budget ran out before the pairs did
+        read += [UNREAD] * (len(candidates) - len(read))
+        joined = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+        counts = [len(windows.pairs) for windows in read]
+        return read, best_per_document(counts, order, joined, ~np.isnan(joined))
 
 
 def _chunk(total: int, done: int, tokens: int, reach: int | None, at_least: int) -> int:
