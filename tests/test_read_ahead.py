@@ -15,10 +15,11 @@ import pytest
 from serving import rerank_in_process
 
 from tandem.encoders import load_tokenizer
-from tandem.server.engine.batcher import CostModel
-from tandem.server.engine.pairs import STORED_TOKENS, PairTokenizer, Windows
+from tandem.server.engine.batcher import BatchLimits, CostModel
+from tandem.server.engine.pairs import STORED_TOKENS, Ids, PairTokenizer, Windows
 from tandem.server.engine.search import (
     READ_AHEAD,
+    READ_AHEAD_STORED,
     READ_CHUNK,
     UNREAD,
     Candidate,
@@ -50,13 +51,13 @@ def read(
     reach: int | None,
     at_least: int = 0,
     max_windows: int = 1,
+    stored: list[Ids] | None = None,
 ) -> list[Windows]:
-    candidates = [
-        Candidate(str(i), text, {}, np.zeros(0, dtype=np.int32), None)
-        for i, text in enumerate(texts)
-    ]
+    """``texts`` as a Rerank sends them, or as a Search finds them, with ``stored`` ids."""
+    ids = stored or [np.zeros(0, dtype=np.int32)] * len(texts)
+    candidates = [Candidate(str(i), text, {}, ids[i], None) for i, text in enumerate(texts)]
     return Searcher._windows(
-        pairs, "what is vicarious trauma?", candidates, [True] * len(texts), None,
+        pairs, "what is vicarious trauma?", candidates, [stored is None] * len(texts), None,
         Reading(max_windows=max_windows), STORED_TOKENS, reach, at_least,
     )  # fmt: skip
 
@@ -79,27 +80,33 @@ def counting(pairs: PairTokenizer, monkeypatch: pytest.MonkeyPatch) -> list[int]
     return sizes
 
 
+@pytest.mark.parametrize("stored", [False, True])
 @pytest.mark.parametrize("max_windows", [1, 10])
-@pytest.mark.parametrize("reach", [1, 700, 3000, 12_000])
+@pytest.mark.parametrize("reach", [1, 300, 1200])
 def test_a_reach_reads_a_prefix_just_past_it_and_tokenizes_nothing_more(
     pairs: PairTokenizer,
     texts: list[str],
     reach: int,
     max_windows: int,
+    stored: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    everything = read(pairs, texts, reach=None, max_windows=max_windows)
-    assert UNREAD not in everything
-    firsts = np.cumsum([len(windows.pairs[0]) for windows in everything])
-    needed = int(np.searchsorted(firsts, reach)) + 1  # the fewest whose first windows reach it
+    ids = pairs.tokenize_stored(texts) if stored else None
+    everything = read(pairs, texts, reach=None, max_windows=max_windows, stored=ids)
+    assert all(windows is not UNREAD for windows in everything)
+    # Texts are read READ_AHEAD times past the reach; stored ids, which need no tokenizer,
+    # READ_AHEAD_STORED times.
+    ahead = READ_AHEAD_STORED if stored else READ_AHEAD
+    firsts = np.cumsum([len(windows.pairs[0]) for windows in everything]) / ahead
+    needed = int(np.searchsorted(firsts, reach)) + 1  # the fewest that reach it
     sizes = counting(pairs, monkeypatch)
-    got = read(pairs, texts, reach=reach, max_windows=max_windows)
+    got = read(pairs, texts, reach=reach, max_windows=max_windows, stored=ids)
     prefix = next((i for i, windows in enumerate(got) if windows is UNREAD), len(got))
     assert all(windows is UNREAD for windows in got[prefix:])
     assert needed <= prefix <= 2 * needed + READ_CHUNK < len(texts)
     # The prefix reads exactly as reading everything would, and only it was tokenized.
     assert [layout(w) for w in got[:prefix]] == [layout(w) for w in everything[:prefix]]
-    assert sum(sizes) == prefix + 1  # and the query
+    assert sum(sizes) == (0 if stored else prefix) + 1  # and the query
 
 
 def test_at_least_reads_past_the_reach(pairs: PairTokenizer, texts: list[str]) -> None:
@@ -141,11 +148,12 @@ def test_a_budgeted_rerank_tokenizes_only_what_it_can_score(
 @pytest.mark.slow
 @pytest.mark.reranker
 def test_a_round_scored_with_time_to_spare_reads_on(searcher_parts, texts: list[str]) -> None:
-    # A rate 16 times too slow (a slow spell just ended) reaches 8 of these passages in
-    # 1 s; their batches teach the batcher the real rate and leave time, so later rounds
+    # A rate 16 times too slow (a slow spell just ended) reaches about 8 of these passages
+    # in 1 s; their batches teach the batcher the real rate and leave time, so later rounds
     # read and score more of them.
     slow = CostModel(seconds_per_token=1e-3)
-    first_round = read(searcher_parts[3], texts, reach=int(READ_AHEAD * 1.0 / 1e-3))
+    reach = max(int(1.0 / 1e-3), BatchLimits().max_batch_tokens)  # as _score_within has it
+    first_round = read(searcher_parts[3], texts, reach=reach)
     reachable = sum(1 for windows in first_round if windows is not UNREAD)
     result = rerank(searcher_parts, texts, 1.0, cost=slow)
     scored = {int(hit.id) for hit in result.hits if hit.rerank_score is not None}

@@ -63,11 +63,15 @@ FILTER_OVERFETCH = 4
 EXACT_FILTER_MAX = 50_000
 # A budgeted call reads (tokenizes, cuts into windows) only the candidates its budget could
 # reach: until their first windows hold READ_AHEAD times the tokens the model could score in
-# the time left at its current rate. Those past it would come back unscored anyway, and
-# tokenizing all 890 RAG24 passages of one Rerank took 200 ms on 2 cores, twice the default
-# budget. Twice, because the rate is a moving average that a slow spell inflates, and short
-# pairs run faster per token than the average it was learned on.
+# the time left at its current rate (what is past it would come back unscored anyway, and
+# tokenizing all 890 RAG24 passages of one Rerank took ~240 ms on 2 cores, over twice the
+# default budget). More than once over, because the rate is a moving average that a slow spell
+# inflates, and because near the deadline the batcher fills its last batch with whichever
+# queued pairs still fit: a longer queue gives it more to choose from. A stored candidate
+# whose ids serve as they are costs microseconds to read, so more of those are read: at 2x,
+# Search reranked ~4% fewer than reading all (RESULTS), at 8x as many.
 READ_AHEAD = 2.0
+READ_AHEAD_STORED = 8.0
 # Candidates tokenized at once when reading ahead: few enough that the first chunk stays
 # near what a CPU's budget reaches (about 5 RAG24 passages in 100 ms on 2 cores), enough
 # that the tokenizer's cost per call stays small.
@@ -619,11 +623,13 @@ class Searcher:
         at_least: int = 0,
     ) -> list[Windows]:
         """Tokenizes the query and the texts that need it, then cuts each document into
-        windows (the pairs lane). With ``reach``, candidates are read in order only until
-        their first windows hold that many tokens (and at least ``at_least`` are read); the
-        rest are ``UNREAD``. A stored document keeps at most ``stored_cap`` ids (the
-        collection's ``token_cap``); one cut there is tokenized again whole only when the
-        windows asked for could read past the cut."""
+        windows (the pairs lane). With ``reach`` (the tokens the model could score in the
+        time left), candidates are read in order only until their first windows hold
+        ``READ_AHEAD`` times that many (``READ_AHEAD_STORED`` for stored ids that need no
+        tokenizer), and at least ``at_least`` of them; the rest are ``UNREAD``. A stored
+        document keeps at most ``stored_cap`` ids (the collection's ``token_cap``); one cut
+        there is tokenized again whole only when the windows asked for could read past the
+        cut."""
         tokenize = pairs.tokenize_whole if reading.max_windows > 1 else pairs.tokenize
         query_ids = pairs.tokenize([query])[0]
 
@@ -633,11 +639,11 @@ class Searcher:
             )
 
         read: list[Windows] = []
-        tokens = 0
+        reached = 0.0  # of ``reach``: each first window's tokens over its read-ahead
         while len(read) < len(candidates) and (
-            reach is None or tokens < reach or len(read) < at_least
+            reach is None or reached < reach or len(read) < at_least
         ):
-            size = _chunk(len(candidates), len(read), tokens, reach, at_least)
+            size = _chunk(len(candidates), len(read), reached, reach, at_least)
             chunk = range(len(read), len(read) + size)
             again = [i for i in chunk if needs_text(i)]
             texts = tokenize([candidates[i].text for i in again]) if again else []
@@ -651,7 +657,8 @@ class Searcher:
                     overlap=reading.overlap,
                 )
                 read.append(windows)
-                tokens += len(windows.pairs[0])
+                ahead = READ_AHEAD if i in tokenized else READ_AHEAD_STORED
+                reached += len(windows.pairs[0]) / ahead
         return read + [UNREAD] * (len(candidates) - len(read))
 
     @staticmethod
@@ -750,7 +757,7 @@ class Searcher:
         timings: dict[str, float],
     ) -> tuple[list[Windows], list[DocumentScore]]:
         """Reads the candidates in order and scores their pairs by the deadline, in rounds:
-        each reads what the time left can reach (``READ_AHEAD``) and scores it, and one
+        each reads what the time left can reach (``_windows``) and scores it, and one
         whose pairs all scored with time to spare (the rate was overestimated) reads on.
         Returns each candidate's windows (``UNREAD`` past the last round) and best score.
 
@@ -768,7 +775,8 @@ class Searcher:
                 within = slot.batcher.tokens_within(deadline - started)
                 if read and within * len(read) < sum(len(w.pairs[0]) for w in read):
                     break  # not one more pair of the mean length fits
-                reach = max(int(READ_AHEAD * within), slot.batcher.limits.max_batch_tokens)
+                # At least one batch, whatever the rate says.
+                reach = max(within, slot.batcher.limits.max_batch_tokens)
             done = len(read)
             more = await self.lanes.run(
                 "pairs", self._windows, slot.pairs, query, candidates[done:], sent[done:],
@@ -812,16 +820,16 @@ class Searcher:
         return read, best_per_document(counts, order, joined, ~np.isnan(joined))
 
 
-def _chunk(total: int, done: int, tokens: int, reach: int | None, at_least: int) -> int:
+def _chunk(total: int, done: int, reached: float, reach: int | None, at_least: int) -> int:
     """How many candidates to read next: all that are left without a reach; else as many as
-    the tokens still wanted take at the mean pair length read so far, and at least
-    ``READ_CHUNK`` (or what ``at_least`` still asks for)."""
+    the rest of it takes at the mean read so far, and at least ``READ_CHUNK`` (or what
+    ``at_least`` still asks for)."""
     left = total - done
     if reach is None:
         return left
     wanted = max(at_least - done, READ_CHUNK)
     if done:
-        wanted = max(wanted, math.ceil((reach - tokens) / (tokens / done)))
+        wanted = max(wanted, math.ceil((reach - reached) / (reached / done)))
     return min(left, wanted)
 
 
