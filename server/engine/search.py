@@ -64,12 +64,13 @@ EXACT_FILTER_MAX = 50_000
 # A budgeted call reads (tokenizes, cuts into windows) only the candidates its budget could
 # reach: until their first windows hold READ_AHEAD times the tokens the model could score in
 # the time left at its current rate (what is past it would come back unscored anyway, and
-# tokenizing all 890 RAG24 passages of one Rerank took ~240 ms on 2 cores, over twice the
+# tokenizing all 890 RAG24 passages of one Rerank took 220-250 ms on 2 cores, over twice the
 # default budget). More than once over, because the rate is a moving average that a slow spell
 # inflates, and because near the deadline the batcher fills its last batch with whichever
 # queued pairs still fit: a longer queue gives it more to choose from. A stored candidate
 # whose ids serve as they are costs microseconds to read, so more of those are read: at 2x,
-# Search reranked ~4% fewer than reading all (RESULTS), at 8x as many.
+# Search reranked fewer than reading every candidate (2% on an idle machine, ~10% on a busy
+# one; RESULTS), at 8x as many.
 READ_AHEAD = 2.0
 READ_AHEAD_STORED = 8.0
 # Candidates tokenized at once when reading ahead: few enough that the first chunk stays
