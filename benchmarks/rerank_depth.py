@@ -89,6 +89,7 @@ def start(args: argparse.Namespace, folder: Path, name: str, tree: Path | None) 
 
 
 Calls = dict[str, dict[str, dict[str, list[dict[str, float]]]]]  # server, RPC, count: rows
+Summary = dict[str, dict[str, dict[str, dict[str, float]]]]  # server, RPC, count: figures
 
 
 async def measure(
@@ -167,6 +168,36 @@ def table(rpc: str, summary: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def plot(summary: Summary, labels: dict[str, str], path: Path, *, budget_ms: int) -> None:
+    """Reranked (mean) and p50 latency against candidates offered, per RPC and server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (depth, latency) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, by_rpc in summary.items():
+        for rpc, rows in by_rpc.items():
+            offered = [int(sent) for sent in rows]
+            style = "-" if rpc == "Rerank" else "--"
+            label = f"{rpc}, {labels[name]}"
+            depth.plot(offered, [r["reranked_mean"] for r in rows.values()], style, marker="o",
+                       label=label)  # fmt: skip
+            latency.plot(offered, [r["latency_p50_ms"] for r in rows.values()], style,
+                         marker="o", label=label)  # fmt: skip
+    latency.axhline(budget_ms, color="grey", linewidth=0.8, label=f"budget {budget_ms} ms")
+    for axis in (depth, latency):
+        axis.set_xscale("log")
+        axis.set_xlabel("candidates offered (Rerank: passages sent; Search: recall_k)")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    depth.set_ylabel("candidates reranked (mean)")
+    latency.set_ylabel("latency p50 (ms)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bi-encoder", type=Path, default=Path("artifacts/bi-encoder"))
     parser.add_argument("--reranker", type=Path, default=Path("artifacts/cross-encoder"))
@@ -211,7 +242,7 @@ def main(args: argparse.Namespace) -> int:
         finally:
             for server in servers.values():
                 server.stop()
-    summary = {
+    summary: Summary = {
         name: {
             rpc: {sent: summarize(rows) for sent, rows in by_sent.items()}
             for rpc, by_sent in by_rpc.items()
@@ -235,6 +266,8 @@ def main(args: argparse.Namespace) -> int:
     if not args.smoke:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")
+        labels = {name: f"{name} ({commit})" for name, commit in commits.items()}
+        plot(summary, labels, args.out.with_suffix(".png"), budget_ms=args.budget_ms)
     for rpc in summary["this"]:
         print(table(rpc, {name: by_rpc[rpc] for name, by_rpc in summary.items()}))
     return 0
