@@ -30,7 +30,8 @@ import grpc
 
 from tandem import rag24
 from tandem.benchmarks.encoders import machine
-from tandem.benchmarks.serving import Process, git_commit
+from tandem.benchmarks.load import milliseconds_quantiles
+from tandem.benchmarks.serving import Process, git_commit, start_tandem
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
 
@@ -79,13 +80,7 @@ def start(args: argparse.Namespace, folder: Path, name: str, tree: Path | None) 
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
-    command = [
-        sys.executable, "-m", "tandem.cli", "serve", "--port", "0", "--metrics-port", "-1",
-        "--http-port", "-1", "--collection", str(collection),
-        "--bi-encoder", str(args.bi_encoder.resolve()),
-        "--reranker", str(args.reranker.resolve()), "--threads", str(args.threads),
-    ]  # fmt: skip
-    return Process(command, folder / f"{name}.log", '"msg": "serving"', env=env, cwd=tree)
+    return start_tandem(args, folder / f"{name}.log", collection=collection, env=env, cwd=tree)
 
 
 Calls = dict[str, dict[str, dict[str, list[dict[str, float]]]]]  # server, RPC, count: rows
@@ -138,13 +133,13 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
     def median(name: str) -> float:
         return round(statistics.median(row.get(name, 0.0) for row in rows), 2)
 
-    latencies = sorted(row["latency_ms"] for row in rows)
+    latency = milliseconds_quantiles([row["latency_ms"] / 1000 for row in rows])
     return {
         "calls": len(rows),
         "reranked_mean": round(statistics.fmean(row["reranked"] for row in rows), 2),
         "reranked_min": min(row["reranked"] for row in rows),
-        "latency_p50_ms": median("latency_ms"),
-        "latency_p90_ms": round(latencies[int(0.9 * (len(latencies) - 1))], 2),
+        "latency_p50_ms": round(latency["p50"], 2),
+        "latency_p90_ms": round(latency["p90"], 2),
         "tokenize_p50_ms": median("tokenize_ms"),
         "queue_p50_ms": median("queue_ms"),
         "rerank_p50_ms": median("rerank_ms"),

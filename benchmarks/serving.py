@@ -149,14 +149,17 @@ def start_tandem(
     *,
     collection: Path | None = None,
     extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Process:
+    """A Tandem server on ``args``' models; paths absolute, so that it may run from ``cwd``."""
     command = [
         sys.executable, "-m", "tandem.cli", "serve", "--port", "0", "--metrics-port", "-1",
-        "--http-port", "-1",
-        "--collection", str(collection or args.collection), "--bi-encoder", str(args.bi_encoder),
-        "--reranker", str(args.reranker), "--threads", str(args.threads), *extra,
+        "--http-port", "-1", "--collection", str(Path(collection or args.collection).resolve()),
+        "--bi-encoder", str(Path(args.bi_encoder).resolve()),
+        "--reranker", str(Path(args.reranker).resolve()), "--threads", str(args.threads), *extra,
     ]  # fmt: skip
-    return Process(command, log, '"msg": "serving"')
+    return Process(command, log, '"msg": "serving"', env=env, cwd=cwd)
 
 
 def start_baseline(args: argparse.Namespace, log: Path) -> Process:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import itertools
 import math
 import time
 from collections import OrderedDict
@@ -627,7 +626,8 @@ class Searcher:
         windows (the pairs lane). With ``reach`` (the tokens the model could score in the
         time left), candidates are read in order only until their first windows hold
         ``READ_AHEAD`` times that many (``READ_AHEAD_STORED`` for stored ids that need no
-        tokenizer), and at least ``at_least`` of them; the rest are ``UNREAD``. A stored
+        tokenizer), and at least ``at_least`` of them: returns the windows of the read ones,
+        a prefix of ``candidates``. A stored
         document keeps at most ``stored_cap`` ids (the collection's ``token_cap``); one cut
         there is tokenized again whole only when the windows asked for could read past the
         cut."""
@@ -660,7 +660,7 @@ class Searcher:
                 read.append(windows)
                 ahead = READ_AHEAD if i in tokenized else READ_AHEAD_STORED
                 reached += len(windows.pairs[0]) / ahead
-        return read + [UNREAD] * (len(candidates) - len(read))
+        return read
 
     @staticmethod
     def _passages(
@@ -783,7 +783,6 @@ class Searcher:
                 "pairs", self._windows, slot.pairs, query, candidates[done:], sent[done:],
                 document_cap, reading, self.collection.token_cap, reach, min_rerank - done,
             )  # fmt: skip
-            more = list(itertools.takewhile(lambda windows: windows is not UNREAD, more))
             timings["tokenize"] += ms_since(started)
             cut = [done + i for i, windows in enumerate(more) if windows.cut]
             if cut and not truncate:
