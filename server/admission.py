@@ -15,6 +15,13 @@ that had drifted up to its maximum through a quiet spell would let a sudden burs
 For the same reason the server starts at ``INITIAL_LIMIT``, not at its maximum; a busy
 server raises it by about one per round of calls.
 
+A limit is only as current as the calls that set it. Calls without a target still count
+against it but never move it, so after an overload a server doing only such work
+(unbudgeted Searches and Reranks, a query's Embeds) would keep refusing at the cut limit
+for good, idle cores and all. So once no call with a target has ended for ``QUIET_S``, a limit
+below ``INITIAL_LIMIT`` goes back to it, as if the server had just started: the next
+latency-bound calls measure it afresh.
+
 The controller is deliberately pure (no clock, no I/O) so tests can drive it call by call.
 """
 
@@ -38,6 +45,8 @@ Reply = TypeVar("Reply")
 
 # Calls in flight when 2 cores run at capacity: ~130-190 QPS x a 100 ms budget (RESULTS).
 INITIAL_LIMIT = 16
+# A hundred budgets: long past any burst that cut the limit, short against a bulk job's run.
+QUIET_S = 10.0
 
 
 @dataclass
@@ -56,6 +65,14 @@ class AdaptiveLimit:
             self.limit = max(self.minimum, self.limit * self.backoff)
         elif 2 * running >= self.limit:
             self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
+
+    def restore(self, to: float) -> bool:
+        """Raises a limit below ``to`` back to it (evidence gone stale); whether it moved."""
+        restored = min(self.maximum, to)
+        if self.limit >= restored:
+            return False
+        self.limit = restored
+        return True
 
 
 class LoopLag:
@@ -124,8 +141,9 @@ class Admitted:
 
 class Gate:
     """Admission, the same for every transport. Three checks, cheapest first: the
-    ``max_in_flight`` cap; the adaptive limit on calls that queue for the engine's threads
-    (Search, Rerank, Embed); and the wait those threads predict for a newcomer.
+    ``max_in_flight`` cap; the adaptive limit on calls that queue for the threads a search
+    waits on (Search, Rerank, a query's Embed: "queued"); and the wait those threads
+    predict for a newcomer. An indexing job's Embed, like an Upsert, meets only the cap.
 
     Only the event loop's thread calls it, so its counters need no lock."""
 
@@ -146,13 +164,16 @@ class Gate:
         self.loop_lag = loop_lag or LoopLag()
         self.in_flight = 0
         self.queued_in_flight = 0
-        self.limit = AdaptiveLimit(
-            limit=min(INITIAL_LIMIT, settings.max_in_flight), maximum=settings.max_in_flight
-        )
+        self.initial_limit = min(INITIAL_LIMIT, settings.max_in_flight)
+        self.limit = AdaptiveLimit(limit=self.initial_limit, maximum=settings.max_in_flight)
+        self.observed_at = time.perf_counter()  # when a call with a target last ended
 
-    def admit(self, *, queued: bool, expected_wait_s: float) -> Admitted:
-        """Lets the call in, or raises ``Refused``; an admitted call must be ``release``d."""
+    def admit(self, *, queued: bool, expected_wait_s: float, now: float) -> Admitted:
+        """Lets the call in, or raises ``Refused``; an admitted call must be ``release``d.
+        ``now``: ``time.perf_counter()`` at the call's arrival."""
         settings = self.settings
+        if queued and now - self.observed_at >= QUIET_S:
+            self._restore_stale_limit(quiet_s=now - self.observed_at)
         if self.in_flight >= settings.max_in_flight:
             raise Refused(
                 f"{self.in_flight} calls are in flight, the limit is {settings.max_in_flight}; "
@@ -190,7 +211,7 @@ class Gate:
         """Admits the call (or raises ``Refused``), runs it, and releases it with how it
         ended, which the adaptive limit learns from. Every transport runs calls through here."""
         try:
-            admitted = self.admit(queued=queued, expected_wait_s=expected_wait_s)
+            admitted = self.admit(queued=queued, expected_wait_s=expected_wait_s, now=call.arrived)
         except Refused as refusal:
             self._refused(refusal.reason, call.arrived)
             raise
@@ -210,7 +231,8 @@ class Gate:
         finally:
             self.release(
                 admitted,
-                seconds=time.perf_counter() - call.arrived,
+                arrived=call.arrived,
+                now=time.perf_counter(),
                 target_s=call.latency_target_s,
                 outcome=outcome,
             )
@@ -221,19 +243,40 @@ class Gate:
             self.on_refused(reason)
 
     def release(
-        self, admitted: Admitted, *, seconds: float, target_s: float | None, outcome: Outcome
+        self,
+        admitted: Admitted,
+        *,
+        arrived: float,
+        now: float,
+        target_s: float | None,
+        outcome: Outcome,
     ) -> None:
-        """The call is over after ``seconds``. ``outcome``: "ok" (it was answered),
-        "overloaded" (the engine refused it for overload: as late as a call can be), or
-        "failed" (any other error, which says nothing about latency)."""
+        """The call that arrived at ``arrived`` is over at ``now`` (``time.perf_counter()``).
+        ``outcome``: "ok" (it was answered), "overloaded" (the engine refused it for
+        overload: as late as a call can be), or "failed" (any other error, which says
+        nothing about latency)."""
         self.in_flight -= 1
         self.queued_in_flight -= admitted.queued
         if target_s is None or outcome == "failed":
             return
         # The loop's lag stands for the waits the handler cannot see: before it ran, and
         # for the reply to be sent.
-        late = outcome == "overloaded" or seconds + 2 * self.loop_lag.seconds > target_s
+        late = outcome == "overloaded" or now - arrived + 2 * self.loop_lag.seconds > target_s
         self.limit.observe(late=late, running=admitted.running)
+        self.observed_at = now
+        self._limit_changed()
+
+    def _restore_stale_limit(self, *, quiet_s: float) -> None:
+        before = self.limit.limit
+        if self.limit.restore(self.initial_limit):
+            log.info(
+                "adaptive limit back from %d to %d: no call with a latency target has "
+                "ended for %.0f s",
+                before, self.limit.limit, quiet_s,
+            )  # fmt: skip
+            self._limit_changed()
+
+    def _limit_changed(self) -> None:
         if self.on_limit is not None:
             self.on_limit(self.limit.limit)
 

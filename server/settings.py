@@ -241,6 +241,14 @@ class Settings:
         default=1000, metadata=_doc("documents per Rerank call (no small fixed cap: raise it)")
     )
     max_embed_texts: int = field(default=256, metadata=_doc("texts per Embed call"))
+    bulk_embed_texts: int = field(
+        default=5,
+        metadata=_doc(
+            "an Embed of this many texts or more is index-time work: it runs beside upserts "
+            "and waits its turn rather than being refused under load (only max_in_flight "
+            "refuses it); fewer texts are a query's, admitted as a search is"
+        ),
+    )
     max_upsert_documents: int = field(
         default=1000, metadata=_doc("documents per streamed Upsert message")
     )
@@ -523,7 +531,8 @@ def validate(settings: Settings) -> None:
         problems.append(f"log_format {settings.log_format!r} is not json or text")
     positive = (
         "threads", "max_in_flight", "max_message_bytes", "max_recall_k", "max_top_n",
-        "max_rerank_documents", "max_embed_texts", "max_upsert_documents", "max_id_bytes",
+        "max_rerank_documents", "max_embed_texts", "bulk_embed_texts", "max_upsert_documents",
+        "max_id_bytes",
         "default_recall_k", "default_top_n", "max_queued_pairs", "compact_min_removed",
         "rrf_k", "max_chunks_per_doc", "max_chunks_per_doc_limit",
     )  # fmt: skip

@@ -90,6 +90,58 @@ def test_in_flight_cap_answers_resource_exhausted(collection, bi_int8, ce_int8, 
         running.stop()
 
 
+def test_an_indexing_jobs_embeds_wait_their_turn_where_a_querys_are_refused(
+    collection, bi_int8, ce_int8, data
+):
+    # A server as busy as its adaptive limit allows refuses a query's Embed at once (its
+    # caller waits on it), but an Embed of bulk_embed_texts or more is index-time work: it
+    # is let in, runs on the ingest lane beside upserts, and is answered, on every door.
+    from serving import post
+
+    from tandem.server.admission import AdaptiveLimit
+
+    running = ServerThread(settings_for(collection, bi_int8[0], ce_int8[0], bulk_embed_texts=4))
+    try:
+        gate = running.running.gate
+        gate.limit = AdaptiveLimit(limit=1, minimum=1, maximum=1)
+
+        async def occupy():  # one call in flight, taken on the loop that owns the gate
+            return gate.admit(queued=True, expected_wait_s=0.0, now=time.perf_counter())
+
+        held = running.call(occupy())
+        few = [s.text for s in data.segments[:3]]
+        many = [s.text for s in data.segments[:4]]
+        http = f"http://127.0.0.1:{running.running.http_port}"
+        stub = running.stub()
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Embed(pb.EmbedRequest(texts=few))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "as many as it now admits" in caught.value.details()
+        assert post(f"{http}/v1/embeddings", json={"model": "m", "input": few}).status_code == 429
+        assert post(f"{http}/embed", json={"inputs": few}).status_code == 429
+
+        ingest_before = running.running.engine.lanes.service_seconds["ingest"]
+        assert len(stub.Embed(pb.EmbedRequest(texts=many)).embeddings) == 4
+        openai_reply = post(f"{http}/v1/embeddings", json={"model": "m", "input": many})
+        assert openai_reply.status_code == 200, openai_reply.text
+        assert len(openai_reply.json()["data"]) == 4
+        tei_reply = post(f"{http}/embed", json={"inputs": many, "truncate": True})
+        assert tei_reply.status_code == 200, tei_reply.text
+        assert len(tei_reply.json()) == 4
+        assert running.running.engine.lanes.service_seconds["ingest"] != ingest_before
+
+        async def free():
+            now = time.perf_counter()
+            gate.release(held, arrived=now, now=now, target_s=None, outcome="ok")
+
+        running.call(free())
+        assert len(stub.Embed(pb.EmbedRequest(texts=few)).embeddings) == 3  # room again
+        text = running.running.metrics.exposition().decode()
+        assert 'tandem_rejections_total{reason="concurrency_limit"} 3.0' in text
+    finally:
+        running.stop()
+
+
 def test_full_rerank_queue_answers_resource_exhausted(collection, bi_int8, ce_int8, data):
     running = ServerThread(settings_for(collection, bi_int8[0], ce_int8[0], max_queued_pairs=10))
     try:

@@ -32,6 +32,7 @@ from tandem.server.engine.requests import (
     RerankRequest,
     SearchRequest,
     UpsertBatch,
+    bulk_embed,
 )
 from tandem.server.engine.search import DocumentRef, Hit, Mode, Result
 from tandem.server.engine.store import NewDocument
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Response = TypeVar("Response")
 
-# Calls that queue for the engine's threads; shedding them protects admitted latency.
+# Calls that queue for the threads a search waits on; shedding them protects admitted
+# latency. An Embed of many texts is index-time work instead (requests.bulk_embed).
 QUEUED_METHODS = frozenset({"Search", "Rerank", "Embed"})
 MODES = {
     pb.SEARCH_MODE_UNSPECIFIED: None,
@@ -114,8 +116,15 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         self.metrics = metrics
 
     async def _serve(
-        self, method: str, context: Context, run: Callable[[Call], Awaitable[Response]]
+        self,
+        method: str,
+        context: Context,
+        run: Callable[[Call], Awaitable[Response]],
+        *,
+        queued: bool | None = None,
     ) -> Response:
+        """``queued``: whether admission treats the call as one a caller waits on (by
+        default, by its method)."""
         call = Call(client_remaining_s=context.time_remaining())
         code = grpc.StatusCode.OK
         quiet = True
@@ -123,7 +132,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
             return await self.gate.run(
                 call,
                 run,
-                queued=method in QUEUED_METHODS,
+                queued=method in QUEUED_METHODS if queued is None else queued,
                 expected_wait_s=self.engine.expected_wait(),
             )
         except asyncio.CancelledError:
@@ -269,7 +278,9 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                 truncated=bool(embedded.truncated.any()),
             )
 
-        return await self._serve("Embed", context, run)
+        texts = 0 if isinstance(request, Undecodable) else len(request.texts)
+        queued = not bulk_embed(texts, self.engine.settings)
+        return await self._serve("Embed", context, run, queued=queued)
 
     async def Upsert(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.UpsertRequest], context: Context

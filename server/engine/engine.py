@@ -46,6 +46,7 @@ from tandem.server.engine.requests import (
     SearchRequest,
     UpsertBatch,
     budget_seconds,
+    bulk_embed,
     check_batch,
     check_embed,
     check_feedback,
@@ -396,8 +397,9 @@ class Engine:
         check_embed(request, self.settings)
         embedder = self.searcher.embedder
         started = time.perf_counter()
+        lane = "ingest" if bulk_embed(len(request.texts), self.settings) else "query"
         vectors, truncated, tokens = await self.lanes.run(
-            "query", embedder.encode_counted, list(request.texts)
+            lane, embedder.encode_counted, list(request.texts)
         )
         if not request.truncate and truncated.any():
             raise InvalidArgument(

@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from tandem.server.engine.engine import Call, Engine
 from tandem.server.engine.errors import InvalidArgument
-from tandem.server.engine.requests import EmbedRequest, RerankRequest
+from tandem.server.engine.requests import EmbedRequest, RerankRequest, bulk_embed
 from tandem.server.engine.search import DocumentRef, Result
 from tandem.server.http import schemas as s
 from tandem.server.http.calls import Calls
@@ -151,7 +151,8 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
             embedded = await engine.embed(EmbedRequest(texts, truncate=request.truncate), call)
             return [vector.tolist() for vector in embedded.vectors]
 
-        return await calls.run(Dialect.TEI, work, queued=True)
+        queued = not bulk_embed(len(texts), engine.settings)
+        return await calls.run(Dialect.TEI, work, queued=queued)
 
     async def openai(request: s.OpenAIEmbeddingRequest) -> Response:
         async def work(call: Call) -> s.OpenAIEmbeddingResponse:
@@ -169,7 +170,9 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
             usage = s.OpenAIUsage(prompt_tokens=embedded.tokens, total_tokens=embedded.tokens)
             return s.OpenAIEmbeddingResponse(data=data, model=request.model, usage=usage)
 
-        return await calls.run(Dialect.OPENAI, work, queued=True)
+        texts = 1 if isinstance(request.input, str) else len(request.input)
+        queued = not bulk_embed(texts, engine.settings)
+        return await calls.run(Dialect.OPENAI, work, queued=queued)
 
     @routes.post(
         "/v1/embeddings",
