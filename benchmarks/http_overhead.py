@@ -25,7 +25,7 @@ import httpx
 
 from tandem import rag24
 from tandem.benchmarks.encoders import machine
-from tandem.benchmarks.serving import Process, git_commit
+from tandem.benchmarks.serving import Process, git_commit, http_address
 from tandem.server.api.status import retry_delay
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
@@ -353,12 +353,7 @@ def main(args: argparse.Namespace) -> int:
         ]  # fmt: skip
         server = Process(command, log, '"msg": "serving"')
         try:
-            serving = next(
-                json.loads(line)
-                for line in log.read_text().splitlines()
-                if '"msg": "serving"' in line
-            )
-            rounds, paired = asyncio.run(measure(server.port, serving["http"], work, args))
+            rounds, paired = asyncio.run(measure(server.port, http_address(server), work, args))
         finally:
             server.stop()
     summary = summarize(rounds)

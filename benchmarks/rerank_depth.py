@@ -17,21 +17,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import grpc
 
 from tandem import rag24
+from tandem.benchmarks.against import add_against_argument, commits, servers
 from tandem.benchmarks.encoders import machine
 from tandem.benchmarks.load import milliseconds_quantiles
-from tandem.benchmarks.serving import Process, git_commit, start_tandem
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
 
@@ -68,19 +64,6 @@ def request(query: str, passages: list[str], budget_ms: int) -> pb.RerankRequest
 
 def search(query: str, recall_k: int, budget_ms: int) -> pb.SearchRequest:
     return pb.SearchRequest(query=query, recall_k=recall_k, top_n=TOP_N, rerank_budget_ms=budget_ms)
-
-
-def start(args: argparse.Namespace, folder: Path, name: str, tree: Path | None) -> Process:
-    """A server of this checkout, or of ``tree``: run from there, since ``python -m`` puts
-    the working directory ahead of ``PYTHONPATH``. Each serves a copy of ``--collection``
-    (or an empty one)."""
-    collection = folder / f"collection-{name}"
-    if args.collection is not None:
-        shutil.copytree(args.collection, collection, ignore=shutil.ignore_patterns("*.lock"))
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
-    return start_tandem(args, folder / f"{name}.log", collection=collection, env=env, cwd=tree)
 
 
 Calls = dict[str, dict[str, dict[str, list[dict[str, float]]]]]  # server, RPC, count: rows
@@ -208,11 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calls", type=int, default=20, help="calls per count and server")
     parser.add_argument("--budget-ms", type=int, default=BUDGET_MS)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--against", type=Path, default=None,
-        help="another checkout to serve beside this one, e.g. `git worktree add DIR COMMIT`, "
-        "with its tandem/v1 generated (copy this checkout's where protos/ is unchanged)",
-    )  # fmt: skip
+    add_against_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/rerank_depth.json"))
     parser.add_argument("--smoke", action="store_true", help="seconds, not minutes")
 
@@ -220,23 +199,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.smoke:
         args.passages, args.topics, args.calls = [3, 12], 2, 2
-    if args.against is not None and not (args.against / "tandem" / "v1").is_dir():
-        raise SystemExit(
-            f"{args.against}/tandem/v1 is missing: copy this checkout's tandem/v1 there if "
-            "protos/ is the same in both, else install that checkout once to generate it"
-        )
     work = topics_with_passages(args.topics, max(args.passages))
-    trees = {"this": None} | ({} if args.against is None else {"against": args.against})
-    with tempfile.TemporaryDirectory() as folder:
-        servers: dict[str, Process] = {}
-        try:
-            for name, tree in trees.items():
-                servers[name] = start(args, Path(folder), name, tree)
-            ports = {name: server.port for name, server in servers.items()}
-            calls = asyncio.run(measure(ports, work, args))
-        finally:
-            for server in servers.values():
-                server.stop()
+    with servers(args) as started:
+        calls = asyncio.run(measure({name: s.port for name, s in started.items()}, work, args))
     summary: Summary = {
         name: {
             rpc: {sent: summarize(rows) for sent, rows in by_sent.items()}
@@ -244,15 +209,9 @@ def main(args: argparse.Namespace) -> int:
         }
         for name, by_rpc in calls.items()
     }
-    commits = {"this": git_commit()}
-    if args.against is not None:
-        commits["against"] = subprocess.run(
-            ["git", "-C", str(args.against), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=False,
-        ).stdout.strip()  # fmt: skip
     out = {
         "machine": machine(),
-        "commits": commits,
+        "commits": commits(args),
         "command": " ".join(sys.argv),
         "budget_ms": args.budget_ms,
         "summary": summary,
@@ -261,7 +220,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.smoke:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")
-        labels = {name: f"{name} ({commit})" for name, commit in commits.items()}
+        labels = {name: f"{name} ({commit})" for name, commit in out["commits"].items()}
         plot(summary, labels, args.out.with_suffix(".png"), budget_ms=args.budget_ms)
     for rpc in summary["this"]:
         print(table(rpc, {name: by_rpc[rpc] for name, by_rpc in summary.items()}))

@@ -137,6 +137,16 @@ class Process:
         self.handle.close()
 
 
+def http_address(server: Process) -> str:
+    """The HTTP base address a Tandem server's "serving" log line gives (--http-port)."""
+    serving = next(
+        json.loads(line)
+        for line in server.log.read_text().splitlines()
+        if '"msg": "serving"' in line
+    )
+    return str(serving["http"])
+
+
 def _port_of(line: str) -> int:
     if line.startswith("READY"):
         return int(line.split()[1])
@@ -302,13 +312,21 @@ def plot_throughput(out: dict[str, Any], path: Path, recall_ks: Sequence[int]) -
     plt.close(figure)
 
 
-def git_commit() -> str:
+def git_commit(tree: Path | None = None) -> str:
+    """The checkout's commit, marked "+uncommitted" where tracked files differ from it: a
+    figure measured on a working tree is not that commit's."""
+    git = ["git", "-C", str(tree or ".")]
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        commit = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
+        changed = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{commit}+uncommitted" if changed else commit
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

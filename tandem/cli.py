@@ -47,6 +47,7 @@ BENCHES = {
     "swap": "a new reranker published to a server under Search load: failed calls, the switch",
     "long_documents": "whole RAG24 documents reranked by their first window or all (MaxP)",
     "rerank_depth": "passages a budgeted Rerank scores, by how many it sends (--against: A/B)",
+    "bulk_embed": "an indexing job's Embed calls (OpenAI SDK) beside Searches (--against: A/B)",
 }
 
 

@@ -14,6 +14,7 @@ import pytest
 from tandem import relevance
 from tandem.benchmarks import (
     batcher,
+    bulk_embed,
     encoders,
     http_overhead,
     load,
@@ -171,6 +172,29 @@ def test_rerank_depth_benchmark_smoke(small_collection, bi_int8, ce_int8, capsys
     assert search_head.startswith("| Search: recall_k | this: reranked (mean) |")
     assert "against: tokenize ms" in rerank_head
     assert [line.split(" | ")[0] for line in lines if line[2:3].isdigit()] == ["| 3", "| 12"] * 2
+
+
+def test_bulk_embed_benchmark_smoke(
+    tmp_path, small_collection, bi_int8, ce_int8, data, capsys
+) -> None:
+    import gzip
+
+    corpus = tmp_path / "corpus.jsonl.gz"
+    with gzip.open(corpus, "wt", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({"text": s.text}) + "\n" for s in data.segments[:40])
+    argv = ["--smoke", "--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0]),
+            "--collection", str(small_collection), "--corpus", str(corpus)]  # fmt: skip
+    assert bulk_embed.main(bench_args(bulk_embed, argv)) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| this |")]  # fmt: skip
+    assert [row[1] for row in rows] == list(bulk_embed.PHASES)
+    searched, beside, embedded = rows
+    assert int(searched[2].split(" / ")[0]) > 0  # searches answered alone
+    for row in (beside, embedded):
+        answered, failed = (int(n) for n in row[5].split(" / "))
+        # Index-time Embeds wait their turn: none is refused past the SDK's retries.
+        assert answered > 0
+        assert failed == 0
 
 
 def test_runtimes_benchmark_smoke(tmp_path, bi_int8, ce_int8, capsys) -> None:
