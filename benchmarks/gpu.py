@@ -53,6 +53,7 @@ TARGET_P50_MS = 10.0
 BUDGET_MS = 100
 DEEP = 1000
 SHED = {"RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+REFUSED_BACKOFF_S = 0.1  # where a refusal names no delay (UNAVAILABLE)
 
 
 def prepare(args: argparse.Namespace) -> int:
@@ -324,6 +325,8 @@ async def closed_loop(
 ) -> dict[str, Any]:
     import grpc
 
+    from tandem.server.api.status import retry_delay
+
     stop = time.perf_counter() + seconds
     latencies: list[float] = []
     scored: list[int] = []
@@ -341,7 +344,11 @@ async def closed_loop(
                 if error.code().name not in SHED:
                     raise
                 refused += 1
-                await asyncio.sleep(0.01)
+                # Back off as the server asks (RetryInfo), as its clients do: retrying at
+                # once would count one refusal many times over.
+                details = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
+                await asyncio.sleep(retry_delay(details if isinstance(details, bytes) else None)
+                                    or REFUSED_BACKOFF_S)  # fmt: skip
                 continue
             latencies.append(time.perf_counter() - started)
             scored.append(reply.reranked_count)
