@@ -111,6 +111,29 @@ def test_window_spans_are_the_characters_of_their_tokens(reranker_path: Path, da
     assert pairs.span(text, 5, 9) == (offsets[5][0], offsets[8][1])
 
 
+def test_a_span_read_from_a_prefix_is_the_span_of_the_whole_text(reranker_path: Path, data) -> None:
+    # A window deep in a 10,000-word document, early in it, at its very end, and texts
+    # whose spaces come doubled, after newlines, or not at all for a long stretch.
+    reference = load_tokenizer(reranker_path, max_length=512)
+    pairs = PairTokenizer(reference, max_length=512)
+    reference.no_truncation()
+    long = " ".join(segment.text for segment in data.segments[:60])
+    texts = [
+        long,
+        "Café  naïve,\n\nstraße — " + data.segments[1].text.replace(" ", "  "),
+        "x" * 5000 + " " + data.segments[2].text,
+        "数据" * 300 + " " + data.segments[3].text,
+    ]
+    for text in texts:
+        offsets = reference.encode(text, add_special_tokens=False).offsets
+        count = len(offsets)
+        ends = [(0, 1), (0, 510), (5, 9), (count // 2, count // 2 + 510), (count - 510, count),
+                (count - 1, count), (count - 3, count + 40)]  # fmt: skip
+        for start, end in ((max(0, start), end) for start, end in ends):
+            expected = (offsets[start][0], offsets[min(end, count) - 1][1])
+            assert pairs.span(text, start, end) == expected, (text[:30], start, end)
+
+
 @pytest.mark.parametrize("max_windows", [1, 2, 3, 10])
 @pytest.mark.parametrize("document_cap", [None, 40, 90])
 def test_stored_ids_complete_enough_give_the_windows_of_the_whole(
