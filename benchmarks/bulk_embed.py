@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import statistics
 import sys
 import threading
@@ -31,10 +32,12 @@ from tandem.benchmarks.against import add_against_argument, commits, servers
 from tandem.benchmarks.encoders import machine
 from tandem.benchmarks.load import milliseconds_quantiles
 from tandem.benchmarks.serving import http_address
+from tandem.server.api.status import retry_delay_of
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
 
 PHASES = ("search alone", "search beside embedding", "embedding alone")
+COUNTS = ("searches_refused", "searches_failed", "embeds_answered", "embeds_failed")
 RECALL_K = 100
 TOP_N = 5
 
@@ -53,15 +56,15 @@ class Phase:
         import openai
 
         self.openai = openai
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = tandem_pb2_grpc.RetrievalStub(channel)  # type: ignore[no-untyped-call]
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = tandem_pb2_grpc.RetrievalStub(self.channel)  # type: ignore[no-untyped-call]
         self.client = openai.OpenAI(base_url=f"{http}/v1", api_key="unused")
         self.queries, self.texts, self.args = queries, texts, args
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.search_seconds: list[float] = []
         self.reranked: list[int] = []
-        self.counts = {"searches_refused": 0, "embeds_answered": 0, "embeds_failed": 0}
+        self.counts = dict.fromkeys(COUNTS, 0)
 
     def _count(self, name: str) -> None:
         with self.lock:
@@ -78,10 +81,9 @@ class Phase:
                     pb.SearchRequest(query=query, recall_k=RECALL_K, top_n=TOP_N), timeout=60
                 )
             except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise
-                self._count("searches_refused")
-                time.sleep(0.1)  # the server's RetryInfo delay
+                refused = error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                self._count("searches_refused" if refused else "searches_failed")
+                time.sleep(retry_delay_of(error) or 0.1)
                 continue
             self.search_seconds.append(time.perf_counter() - started)
             self.reranked.append(reply.reranked_count)
@@ -96,7 +98,7 @@ class Phase:
             try:
                 self.client.embeddings.create(model="tandem", input=texts)
                 self._count("embeds_answered")
-            except self.openai.APIStatusError:  # refused past the SDK's own retries
+            except self.openai.APIError:  # refused (or cut off) past the SDK's own retries
                 self._count("embeds_failed")
 
     def run(self, *, search: bool, workers: int) -> dict[str, Any]:
@@ -108,6 +110,8 @@ class Phase:
         self.stop.set()
         for thread in threads:
             thread.join()
+        self.channel.close()
+        self.client.close()
         seconds = self.args.seconds
         figures: dict[str, Any] = dict(self.counts)
         figures["texts_per_second"] = round(self.counts["embeds_answered"] * self.args.batch
@@ -147,7 +151,7 @@ def measure(
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Medians over rounds, counts summed."""
-    summed = ("searches_answered", "searches_refused", "embeds_answered", "embeds_failed")
+    summed = ("searches_answered", *COUNTS)
     out: dict[str, float] = {name: sum(row[name] for row in rows) for name in summed}
     for name in ("search_p50_ms", "search_p90_ms", "search_p99_ms", "reranked_mean",
                  "texts_per_second"):  # fmt: skip
@@ -159,23 +163,31 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
     lines = [
-        "| server | phase | searches answered / refused | search p50 / p99 ms | reranked "
-        "| embeds answered / failed | texts/s |",
+        "| server | phase | searches answered / refused / failed | search p50 / p99 ms "
+        "| reranked | embeds answered / failed | texts/s |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, phases in summary.items():
         for phase, row in phases.items():
-            searched = "search" in phase
-            lines.append(
-                f"| {name} | {phase} | "
-                + (f"{row['searches_answered']:.0f} / {row['searches_refused']:.0f} | "
-                   f"{row.get('search_p50_ms', float('nan')):.0f} / "
-                   f"{row.get('search_p99_ms', float('nan')):.0f} | "
-                   f"{row.get('reranked_mean', 0.0):.2f} | " if searched else "- | - | - | ")
-                + ("- | - |" if phase == PHASES[0] else
-                   f"{row['embeds_answered']:.0f} / {row['embeds_failed']:.0f} | "
-                   f"{row['texts_per_second']:.1f} |")
-            )  # fmt: skip
+            cells = [name, phase]
+            if phase == "embedding alone":
+                cells += ["-", "-", "-"]
+            else:
+                cells += [
+                    f"{row['searches_answered']:.0f} / {row['searches_refused']:.0f} / "
+                    f"{row['searches_failed']:.0f}",
+                    f"{row.get('search_p50_ms', math.nan):.0f} / "
+                    f"{row.get('search_p99_ms', math.nan):.0f}",
+                    f"{row.get('reranked_mean', math.nan):.2f}",
+                ]
+            if phase == "search alone":
+                cells += ["-", "-"]
+            else:
+                cells += [
+                    f"{row['embeds_answered']:.0f} / {row['embeds_failed']:.0f}",
+                    f"{row['texts_per_second']:.1f}",
+                ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

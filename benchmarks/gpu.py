@@ -325,7 +325,7 @@ async def closed_loop(
 ) -> dict[str, Any]:
     import grpc
 
-    from tandem.server.api.status import retry_delay
+    from tandem.server.api.status import retry_delay_of
 
     stop = time.perf_counter() + seconds
     latencies: list[float] = []
@@ -346,9 +346,7 @@ async def closed_loop(
                 refused += 1
                 # Back off as the server asks (RetryInfo), as its clients do: retrying at
                 # once would count one refusal many times over.
-                details = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-                await asyncio.sleep(retry_delay(details if isinstance(details, bytes) else None)
-                                    or REFUSED_BACKOFF_S)  # fmt: skip
+                await asyncio.sleep(retry_delay_of(error) or REFUSED_BACKOFF_S)
                 continue
             latencies.append(time.perf_counter() - started)
             scored.append(reply.reranked_count)

@@ -26,7 +26,7 @@ import httpx
 from tandem import rag24
 from tandem.benchmarks.encoders import machine
 from tandem.benchmarks.serving import Process, git_commit, http_address
-from tandem.server.api.status import retry_delay
+from tandem.server.api.status import retry_delay_of
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
 
@@ -46,9 +46,7 @@ def refusal(error: grpc.aio.AioRpcError) -> Exception:
     """RESOURCE_EXHAUSTED as ``Refused``, with the server's retry delay; anything else as is."""
     if error.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
         return error
-    details = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-    delay = retry_delay(details if isinstance(details, bytes) else None)
-    return Refused(delay or 0.1)
+    return Refused(retry_delay_of(error) or 0.1)
 
 
 @dataclass(frozen=True)

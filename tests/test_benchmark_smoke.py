@@ -190,6 +190,8 @@ def test_bulk_embed_benchmark_smoke(
     assert [row[1] for row in rows] == list(bulk_embed.PHASES)
     searched, beside, embedded = rows
     assert int(searched[2].split(" / ")[0]) > 0  # searches answered alone
+    for row in (searched, beside):  # answered / refused / failed: none failed
+        assert row[2].endswith(" / 0")
     for row in (beside, embedded):
         answered, failed = (int(n) for n in row[5].split(" / "))
         # Index-time Embeds wait their turn: none is refused past the SDK's retries.

@@ -272,6 +272,7 @@ def test_min_rerank_refuses_a_call_its_budget_cannot_rerank_deeply_enough(stub, 
     assert "min_rerank=50" in caught.value.details()
     details = dict(caught.value.trailing_metadata())["grpc-status-details-bin"]
     assert status.retry_delay(details) is not None  # retryable, with a delay to wait
+    assert status.retry_delay_of(caught.value) == status.retry_delay(details)  # as clients read it
     texts = [pb.RerankDocument(text=s.text) for s in data.segments[:60]]
     with pytest.raises(grpc.RpcError) as caught:
         stub.Rerank(pb.RerankRequest(query=query, documents=texts, rerank_budget_ms=5,

@@ -102,6 +102,13 @@ def rich_status(error: BaseException) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+def retry_delay_of(error: grpc.RpcError) -> float | None:
+    """``retry_delay`` of a failed call as a client holds it (grpc's or grpc.aio's error)."""
+    trailing = getattr(error, "trailing_metadata", None)
+    details = dict(trailing() or ()).get("grpc-status-details-bin") if trailing else None
+    return retry_delay(details if isinstance(details, bytes) else None)
+
+
 def retry_delay(details: bytes | None) -> float | None:
     """The RetryInfo delay (seconds) in a status's ``grpc-status-details-bin``, if any: what
     a client reads to tell a retryable RESOURCE_EXHAUSTED from one that waiting won't cure."""
