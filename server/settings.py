@@ -211,8 +211,9 @@ class Settings:
     adaptive_limit: bool = field(
         default=True,
         metadata=_doc(
-            "adapt how many Search/Rerank/Embed calls run at once (up to max_in_flight) to "
-            "the lateness of recent ones; refused calls get RESOURCE_EXHAUSTED"
+            "adapt how many Search, Rerank and query-sized Embed calls run at once (up to "
+            "max_in_flight) to the lateness of recent ones; refused calls get "
+            "RESOURCE_EXHAUSTED"
         ),
     )
     latency_slack_ms: int = field(
