@@ -131,11 +131,15 @@ def test_a_budgeted_rerank_tokenizes_only_what_it_can_score(
     assert tokenized < len(texts)
     scored = {int(hit.id): hit.rerank_score for hit in result.hits if hit.rerank_score is not None}
     assert max(scored) < tokenized
-    # What was scored is what scoring those passages with no budget gives.
+    # What was scored is what scoring those passages with no budget gives, within what a
+    # pair's INT8 score moves with the pairs it is batched with (the budget forms other
+    # batches; 0.0011 was seen on OpenVINO static INT8, up to ~0.1 on onnxruntime's
+    # dynamic INT8: test_http_api). A passage scored as another would be off by logits.
     alone = rerank(searcher_parts, texts[:tokenized], None)
     expected = {int(hit.id): hit.rerank_score for hit in alone.hits}
     for position, score in scored.items():
-        assert score == pytest.approx(expected[position], abs=1e-3)
+        assert score == pytest.approx(expected[position], abs=0.1)
+    assert np.ptp(list(expected.values())) > 1.0  # scores that a swap would give away
     # Without truncate every passage is read, since one cut anywhere refuses the call.
     sizes.clear()
     rerank(searcher_parts, texts, 0.5, truncate=False)
