@@ -15,7 +15,15 @@ from pathlib import Path
 from tandem.benchmarks.serving import Process, git_commit, start_tandem
 
 
-def add_against_argument(parser: argparse.ArgumentParser) -> None:
+def add_server_arguments(
+    parser: argparse.ArgumentParser, *, collection: Path | None, collection_help: str
+) -> None:
+    """What ``servers`` reads: the models, the collection each server copies, the threads,
+    and the other checkout."""
+    parser.add_argument("--bi-encoder", type=Path, default=Path("artifacts/bi-encoder"))
+    parser.add_argument("--reranker", type=Path, default=Path("artifacts/cross-encoder"))
+    parser.add_argument("--collection", type=Path, default=collection, help=collection_help)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--against", type=Path, default=None,
         help="another checkout to serve beside this one, e.g. `git worktree add DIR COMMIT`, "

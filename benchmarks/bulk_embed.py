@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import math
 import statistics
@@ -28,7 +29,7 @@ from typing import Any
 import grpc
 
 from tandem import rag24
-from tandem.benchmarks.against import add_against_argument, commits, servers
+from tandem.benchmarks.against import add_server_arguments, commits, servers
 from tandem.benchmarks.encoders import machine
 from tandem.benchmarks.load import milliseconds_quantiles
 from tandem.benchmarks.serving import http_address
@@ -71,7 +72,7 @@ class Phase:
             self.counts[name] += 1
 
     def searches(self) -> None:
-        for number in range(sys.maxsize):
+        for number in itertools.count():
             if self.stop.is_set():
                 return
             query = self.queries[number % len(self.queries)]
@@ -90,7 +91,7 @@ class Phase:
 
     def embeds(self, worker: int) -> None:
         batch, workers = self.args.batch, self.args.workers
-        for number in range(sys.maxsize):
+        for number in itertools.count():
             if self.stop.is_set():
                 return
             first = (number * workers + worker) * batch
@@ -192,11 +193,9 @@ def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bi-encoder", type=Path, default=Path("artifacts/bi-encoder"))
-    parser.add_argument("--reranker", type=Path, default=Path("artifacts/cross-encoder"))
-    parser.add_argument(
-        "--collection", type=Path, default=Path("artifacts/demo"),
-        help="a collection (make demo's) to copy for each server, for the searches",
+    add_server_arguments(
+        parser, collection=Path("artifacts/demo"),
+        collection_help="a collection (make demo's) to copy for each server, for the searches",
     )  # fmt: skip
     parser.add_argument(
         "--corpus", type=Path, default=Path("artifacts/demo-corpus.jsonl.gz"),
@@ -206,8 +205,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=32, help="texts per embedding call")
     parser.add_argument("--seconds", type=float, default=30.0, help="per phase")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    add_against_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bulk_embed.json"))
     parser.add_argument("--smoke", action="store_true", help="seconds, not minutes")
 

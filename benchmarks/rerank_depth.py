@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 
 from tandem import rag24
-from tandem.benchmarks.against import add_against_argument, commits, servers
+from tandem.benchmarks.against import add_server_arguments, commits, servers
 from tandem.benchmarks.encoders import machine
 from tandem.benchmarks.load import milliseconds_quantiles
 from tandem.v1 import tandem_pb2 as pb
@@ -177,11 +177,10 @@ def plot(summary: Summary, labels: dict[str, str], path: Path, *, budget_ms: int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bi-encoder", type=Path, default=Path("artifacts/bi-encoder"))
-    parser.add_argument("--reranker", type=Path, default=Path("artifacts/cross-encoder"))
-    parser.add_argument(
-        "--collection", type=Path, default=None,
-        help="a collection (make demo's) to copy for each server: Search is measured too",
+    add_server_arguments(
+        parser, collection=None,
+        collection_help="a collection (make demo's) to copy for each server: Search is "
+        "measured too",
     )  # fmt: skip
     parser.add_argument(
         "--passages", type=int, nargs="+", default=[10, 25, 50, 100, 200, 400, 890],
@@ -190,8 +189,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topics", type=int, default=20, help="RAG24 topics, cycled")
     parser.add_argument("--calls", type=int, default=20, help="calls per count and server")
     parser.add_argument("--budget-ms", type=int, default=BUDGET_MS)
-    parser.add_argument("--threads", type=int, default=2)
-    add_against_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/rerank_depth.json"))
     parser.add_argument("--smoke", action="store_true", help="seconds, not minutes")
 

@@ -67,7 +67,8 @@ class AdaptiveLimit:
             self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
 
     def restore(self, to: float) -> bool:
-        """Raises a limit below ``to`` back to it (evidence gone stale); whether it moved."""
+        """Raises a limit below ``to`` (at most ``maximum``) back to it (evidence gone stale);
+        whether it moved."""
         restored = min(self.maximum, to)
         if self.limit >= restored:
             return False
@@ -164,8 +165,9 @@ class Gate:
         self.loop_lag = loop_lag or LoopLag()
         self.in_flight = 0
         self.queued_in_flight = 0
-        self.initial_limit = min(INITIAL_LIMIT, settings.max_in_flight)
-        self.limit = AdaptiveLimit(limit=self.initial_limit, maximum=settings.max_in_flight)
+        self.limit = AdaptiveLimit(
+            limit=min(INITIAL_LIMIT, settings.max_in_flight), maximum=settings.max_in_flight
+        )
         self.observed_at = time.perf_counter()  # when a call with a target last ended
 
     def admit(self, *, queued: bool, expected_wait_s: float, now: float) -> Admitted:
@@ -268,7 +270,7 @@ class Gate:
 
     def _restore_stale_limit(self, *, quiet_s: float) -> None:
         before = self.limit.limit
-        if self.limit.restore(self.initial_limit):
+        if self.limit.restore(INITIAL_LIMIT):
             log.info(
                 "adaptive limit back from %d to %d: no call with a latency target has "
                 "ended for %.0f s",
