@@ -119,6 +119,7 @@ def test_an_indexing_jobs_embeds_wait_their_turn_where_a_querys_are_refused(
         assert "as many as it now admits" in caught.value.details()
         assert post(f"{http}/v1/embeddings", json={"model": "m", "input": few}).status_code == 429
         assert post(f"{http}/embed", json={"inputs": few}).status_code == 429
+        assert post(f"{http}/v2/embed", json={"texts": few}).status_code == 429
 
         ingest_before = running.running.engine.lanes.service_seconds["ingest"]
         assert len(stub.Embed(pb.EmbedRequest(texts=many)).embeddings) == 4
@@ -128,6 +129,9 @@ def test_an_indexing_jobs_embeds_wait_their_turn_where_a_querys_are_refused(
         tei_reply = post(f"{http}/embed", json={"inputs": many, "truncate": True})
         assert tei_reply.status_code == 200, tei_reply.text
         assert len(tei_reply.json()) == 4
+        cohere_reply = post(f"{http}/v2/embed", json={"texts": many})
+        assert cohere_reply.status_code == 200, cohere_reply.text
+        assert len(cohere_reply.json()["embeddings"]["float"]) == 4
         assert running.running.engine.lanes.service_seconds["ingest"] != ingest_before
 
         async def free():
@@ -137,7 +141,7 @@ def test_an_indexing_jobs_embeds_wait_their_turn_where_a_querys_are_refused(
         running.call(free())
         assert len(stub.Embed(pb.EmbedRequest(texts=few)).embeddings) == 3  # room again
         text = running.running.metrics.exposition().decode()
-        assert 'tandem_rejections_total{reason="concurrency_limit"} 3.0' in text
+        assert 'tandem_rejections_total{reason="concurrency_limit"} 4.0' in text
     finally:
         running.stop()
 

@@ -1,9 +1,10 @@
 """The HTTP door, through the clients users point at it (the Cohere and OpenAI SDKs, LangChain,
-plain HTTP for TEI and Jina), each compared with the gRPC call of the same request, on real
-weights and RAG24 text."""
+huggingface_hub's InferenceClient, plain HTTP for TEI and Jina), each compared with the gRPC
+call of the same request, on real weights and RAG24 text."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import ssl
@@ -16,10 +17,12 @@ import numpy as np
 import openai
 import pytest
 from google.protobuf import struct_pb2
+from huggingface_hub import InferenceClient, get_session
+from huggingface_hub.errors import HfHubHTTPError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain_classic.retrievers import ContextualCompressionRetriever
-from langchain_cohere import CohereRerank
+from langchain_cohere import CohereEmbeddings, CohereRerank
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
@@ -222,6 +225,96 @@ def test_tei_rerank_and_embed_match_grpc(server, base, case, data) -> None:
     assert len(one[0]) == want.dimension
 
 
+def test_huggingface_inference_client_embeds_and_reranks_at_the_root(
+    server, base, case, data, request
+) -> None:
+    # Haystack's and LlamaIndex's TEI embedders call InferenceClient(url).feature_extraction,
+    # which posts TEI's embed body to the URL itself, with its options under "parameters".
+    texts = [segment.text for segment in data.segments[:3]]
+    expected = server.stub().Embed(pb.EmbedRequest(texts=texts))
+    client = InferenceClient(base)
+    request.addfinalizer(get_session().close)  # the thread's pooled session, kept by the hub
+    vectors = client.feature_extraction(texts, truncate=True, normalize=True)
+    assert vectors.shape == (len(texts), expected.dimension)
+    for got, want in zip(vectors, expected.embeddings, strict=True):
+        np.testing.assert_allclose(got, want.values, atol=1e-6)
+    one = client.feature_extraction("a single input")
+    assert one.shape == (1, expected.dimension)
+    with pytest.raises(HfHubHTTPError) as refused:  # the artifact's vectors are unit length
+        client.feature_extraction("x", normalize=False)
+    assert refused.value.response.status_code == 400
+    assert "normalize" in refused.value.response.json()["error"]
+    # TEI's default is truncate=false there too: a text past the model's length is refused.
+    overlong = post(f"{base}/", json={"inputs": "word " * 2000})
+    assert overlong.status_code == 400
+    assert overlong.json()["error_type"] == "validation"
+
+    query, documents = case
+    at_root = post(f"{base}/", json={"query": query, "texts": documents, "truncate": True})
+    assert at_root.status_code == 200, at_root.text
+    ranks = post(f"{base}/rerank", json={"query": query, "texts": documents, "truncate": True})
+    assert [r["index"] for r in at_root.json()] == [r["index"] for r in ranks.json()]
+    assert [r["score"] for r in at_root.json()] == pytest.approx(
+        [r["score"] for r in ranks.json()], rel=1e-6
+    )
+
+
+def test_cohere_sdk_embed_v1_and_v2_match_grpc(server, base, data, request) -> None:
+    texts = [segment.text for segment in data.segments[:4]]
+    expected = server.stub().Embed(pb.EmbedRequest(texts=texts))
+    want = np.array([list(vector.values) for vector in expected.embeddings], dtype=np.float32)
+    v1 = cohere.Client(api_key="unused", base_url=base)
+    v2 = cohere.ClientV2(api_key="unused", base_url=base)
+    for client in (v1, v2):
+        request.addfinalizer(client._client_wrapper.httpx_client.httpx_client.close)
+
+    floats = v1.embed(texts=texts, model="embed-english-v3.0", input_type="search_document")
+    assert floats.response_type == "embeddings_floats"
+    np.testing.assert_allclose(floats.embeddings, want, atol=1e-6)
+    assert floats.texts == texts
+    assert floats.meta.api_version.version == "1"
+    assert floats.meta.billed_units.input_tokens > len(texts) * 10
+
+    kinds = ["float", "int8", "uint8", "binary", "ubinary", "base64"]
+    typed = v2.embed(texts=texts, model="m", input_type="search_query", embedding_types=kinds)
+    assert typed.response_type == "embeddings_by_type"
+    by_type = typed.embeddings
+    np.testing.assert_allclose(by_type.float_, want, atol=1e-6)
+    decoded = [np.frombuffer(base64.b64decode(item), dtype="<f4") for item in by_type.base64]
+    np.testing.assert_allclose(decoded, want, atol=1e-6)
+    # Signs and scaled components, as the index stores the same vectors.
+    np.testing.assert_array_equal(np.unpackbits(np.array(by_type.ubinary, np.uint8), axis=1),
+                                  (want > 0).astype(np.uint8))  # fmt: skip
+    np.testing.assert_array_equal(np.array(by_type.binary) + 128, by_type.ubinary)
+    assert np.abs(np.array(by_type.int8) / 127 - want).max() <= 0.5 / 127 + 1e-6
+    np.testing.assert_array_equal(np.array(by_type.uint8) - 128, by_type.int8)
+
+    inputs = [{"content": [{"type": "text", "text": text}]} for text in texts[:2]]
+    from_inputs = v2.embed(inputs=inputs, model="m", input_type="search_document",
+                           embedding_types=["float"])  # fmt: skip
+    np.testing.assert_allclose(from_inputs.embeddings.float_, want[:2], atol=1e-6)
+    with pytest.raises(cohere.errors.BadRequestError) as refused:
+        v2.embed(texts=texts, model="m", input_type="search_query", output_dimension=256)
+    assert "output_dimension" in refused.value.body["message"]
+
+
+# langchain-cohere 0.6.0 reads the reply through pydantic's deprecated .dict() and
+# parse_obj: its warnings, not ours (the suite turns warnings into errors).
+@pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince20")
+@pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")
+def test_langchain_cohere_embeddings_match_grpc(server, base, data, request) -> None:
+    texts = [segment.text for segment in data.segments[5:8]]
+    expected = server.stub().Embed(pb.EmbedRequest(texts=texts))
+    embeddings = CohereEmbeddings(model="embed-english-v3.0", base_url=base,
+                                  cohere_api_key="unused", max_retries=0)  # fmt: skip
+    request.addfinalizer(embeddings.client._client_wrapper.httpx_client.httpx_client.close)
+    documents = embeddings.embed_documents(texts)
+    for got, want in zip(documents, expected.embeddings, strict=True):
+        np.testing.assert_allclose(got, want.values, atol=1e-6)
+    query = embeddings.embed_query(texts[0])
+    np.testing.assert_allclose(query, expected.embeddings[0].values, atol=1e-6)
+
+
 def test_tei_refuses_an_overlong_pair_unless_told_to_truncate(base) -> None:
     # TEI's default is truncate=false: a pair past the model's length is an error, not cut.
     reply = post(f"{base}/rerank", json={"query": "q", "texts": ["word " * 2000]})
@@ -404,6 +497,21 @@ def test_every_reply_says_the_servers_own_time(base, case) -> None:
         ("/rerank", {"query": "q", "texts": [1, 2]}, "error"),
         ("/embed", {"inputs": []}, "error"),
         ("/embed", {"inputs": "x", "normalize": False}, "error"),
+        ("/embed", {"inputs": "x", "prompt_name": "query"}, "error"),
+        ("/", {"inputs": "x", "parameters": {"normalize": False}}, "error"),
+        ("/", {"inputs": "x", "parameters": {"truncation_direction": "Left"}}, "error"),
+        ("/", {"input": "x"}, "error"),
+        ("/", ["x"], "error"),
+        ("/", {"query": "q"}, "error"),
+        ("/v1/embed", {"model": "m"}, "message"),
+        ("/v1/embed", {"texts": []}, "message"),
+        ("/v2/embed", {"texts": ["x"], "embedding_types": ["float16"]}, "message"),
+        ("/v2/embed", {"texts": ["x"], "truncate": "START"}, "message"),
+        ("/v2/embed", {"texts": ["x"], "output_dimension": 1024}, "message"),
+        ("/v2/embed", {"texts": ["x"], "max_tokens": 16}, "message"),
+        ("/v2/embed", {"images": ["data:image/png;base64,AAAA"]}, "message"),
+        ("/v2/embed", {"inputs": [{"content": [{"type": "image_url"}]}]}, "message"),
+        ("/v2/embed", {"texts": ["word " * 2000], "truncate": "NONE"}, "message"),
         ("/v1/search", {"query": "q", "recall_k": "many"}, "error"),
         ("/v1/search", {"query": "q", "mode": "sideways"}, "error"),
         ("/v1/search", {"query": "q", "first_stage": "sparse"}, "error"),
@@ -504,6 +612,10 @@ def test_token_tls_and_overload_refusals(tmp_path, bi_int8, ce_int8, data) -> No
             verify=ssl.create_default_context(cafile=str(cert)), timeout=HTTP_TIMEOUT
         ) as client:
             assert client.get(f"{url}/health").status_code == 200  # open, as gRPC health is
+            assert client.get(f"{url}/").status_code == 200  # the search page
+            root = client.post(f"{url}/", json={"inputs": "x"})  # TEI's embed: not open
+            assert root.status_code == 401
+            assert "Authorization: Bearer" in root.json()["error"]
             refused = client.post(f"{url}/v2/rerank", json={"query": "q", "documents": ["d"]})
             assert refused.status_code == 401
             assert refused.headers["www-authenticate"] == "Bearer"
@@ -579,8 +691,9 @@ bodies = st.one_of(
     st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6),
     json_values,
 )
-ROUTES = ["/v1/rerank", "/v2/rerank", "/rerank", "/embed", "/v1/embeddings", "/v1/search",
-          "/v1/upsert", "/v1/get", "/v1/delete", "/v1/feedback"]  # fmt: skip
+ROUTES = ["/v1/rerank", "/v2/rerank", "/rerank", "/embed", "/", "/v1/embed", "/v2/embed",
+          "/v1/embeddings", "/v1/search", "/v1/upsert", "/v1/get", "/v1/delete",
+          "/v1/feedback"]  # fmt: skip
 
 
 FUZZ = settings(

@@ -245,9 +245,9 @@ def check_rerank(request: RerankRequest, settings: Settings) -> int | None:
 
 def bulk_embed(texts: int, settings: Settings) -> bool:
     """Whether an Embed of ``texts`` texts is index-time work: a pipeline embedding its
-    documents through the OpenAI or TEI door, with no deadline. Refused for load as a query
-    is, such calls failed outright once an SDK's retries ran out (4 workers on 2 cores lost
-    38% of their calls, for no more throughput: RESULTS), and on the query lane they held
+    documents through the OpenAI, Cohere or TEI door, with no deadline. Refused for load as a
+    query is, such calls failed outright once an SDK's retries ran out (4 workers on 2 cores
+    lost 38% of their calls, for no more throughput: RESULTS), and on the query lane they held
     back every search's query. So they wait their turn on the ingest lane, beside upserts.
     An Embed of a few texts is a query a caller waits on: admitted and run as a search's."""
     return texts >= settings.bulk_embed_texts

@@ -33,10 +33,15 @@ from tandem.server.settings import Settings
 
 log = logging.getLogger(__name__)
 DOCS_STATIC = "/static-docs"
+# Pages and probes, open to a GET without the token (a POST to / is TEI's API, and is not).
 OPEN_PATHS = frozenset({"/", "/health", "/docs", "/openapi.json"})
+OPEN_METHODS = frozenset({"GET", "HEAD"})
 DIALECTS = {
     "/v1/rerank": Dialect.COHERE,
     "/v2/rerank": Dialect.COHERE,
+    "/v1/embed": Dialect.COHERE,
+    "/v2/embed": Dialect.COHERE,
+    "/": Dialect.TEI,  # a GET is the search page; a POST is TEI's embed or rerank
     "/rerank": Dialect.TEI,
     "/embed": Dialect.TEI,
     "/v1/embeddings": Dialect.OPENAI,
@@ -234,7 +239,7 @@ class Door:
         headers = dict(scope["headers"])
         if (
             self.expected is not None
-            and path not in OPEN_PATHS
+            and not (path in OPEN_PATHS and scope["method"] in OPEN_METHODS)
             and not path.startswith(DOCS_STATIC)
         ):
             sent = headers.get(b"authorization", b"")

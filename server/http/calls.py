@@ -51,7 +51,7 @@ class Calls:
             return timed(reply, took_ms)
         if isinstance(reply, BaseModel):
             # Fields left unset are left out, as the originals do (Cohere's `document`).
-            reply = reply.model_dump(mode="json", exclude_none=True)
+            reply = reply.model_dump(mode="json", exclude_none=True, by_alias=True)
         return timed(JSONResponse(reply), took_ms)
 
 

@@ -1,5 +1,6 @@
-"""The rerank ecosystem's shapes over the engine: Cohere v1 and v2 and Jina rerank, TEI's
-rerank and embed, and OpenAI's embeddings.
+"""The rerank ecosystem's shapes over the engine: Cohere v1 and v2 rerank and embed, Jina
+rerank, TEI's rerank and embed (also at the root, where huggingface_hub's InferenceClient
+posts), and OpenAI's embeddings.
 
 These clients expect every document scored, so these routes rerank without a budget (the
 native ``/v1/search`` takes one). Scores are the sigmoid of the reranker's logit, in [0, 1],
@@ -9,12 +10,14 @@ default; TEI's ``raw_scores`` returns the logit.
 
 from __future__ import annotations
 
-import base64
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Body
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.responses import Response
 
 from tandem.server.engine.engine import Call, Engine
@@ -23,11 +26,30 @@ from tandem.server.engine.requests import EmbedRequest, RerankRequest, bulk_embe
 from tandem.server.engine.search import DocumentRef, Result
 from tandem.server.http import schemas as s
 from tandem.server.http.calls import Calls
+from tandem.server.http.encodings import UNIT_TYPES, base64_floats, encoded
 from tandem.server.http.errors import Dialect
 from tandem.server.http.native import passage_body
 
 NO_BUDGET_MS = 0
 JINA_PREFIX = "jina"
+ROOT_BODIES = 'send {"inputs": ...} to embed, or {"query": ..., "texts": [...]} to rerank'
+# The root route's body is TEI's embed or its rerank; the schema says so (the route itself
+# reads a plain object and picks).
+_ONE_OF_TEI_BODIES: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/TeiEmbedRequest"},
+                        {"$ref": "#/components/schemas/TeiRerankRequest"},
+                    ]
+                }
+            }
+        },
+    }
+}
 
 
 def _scored(result: Result) -> None:
@@ -111,7 +133,6 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
     async def rerank_v2(request: s.CohereRerankRequest) -> Response:
         return await cohere(request, "2")
 
-    @routes.post("/rerank", response_model=list[s.TeiRank], tags=["rerank"], summary="TEI rerank")
     async def tei_rerank(request: s.TeiRerankRequest) -> Response:
         async def work(call: Call) -> list[dict[str, Any]]:
             result = await engine.rerank(
@@ -137,22 +158,90 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
 
         return await calls.run(Dialect.TEI, work, queued=True)
 
-    @routes.post("/embed", response_model=list[list[float]], tags=["embed"], summary="TEI embed")
     async def tei_embed(request: s.TeiEmbedRequest) -> Response:
         texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
 
         async def work(call: Call) -> list[list[float]]:
-            pooling = engine.models.bi_encoder.pooling
-            if not request.normalize and pooling is not None and pooling.normalize:
-                raise InvalidArgument(
-                    "normalize=false: this bi-encoder's artifact returns unit vectors only; "
-                    "send normalize=true"
-                )
-            embedded = await engine.embed(EmbedRequest(texts, truncate=request.truncate), call)
+            _check_tei_embed(request, engine)
+            truncate = bool(request.option("truncate"))
+            embedded = await engine.embed(EmbedRequest(texts, truncate=truncate), call)
             return [vector.tolist() for vector in embedded.vectors]
 
         queued = not bulk_embed(len(texts), engine.settings)
         return await calls.run(Dialect.TEI, work, queued=queued)
+
+    @routes.post("/rerank", response_model=list[s.TeiRank], tags=["rerank"], summary="TEI rerank")
+    async def tei_rerank_route(request: s.TeiRerankRequest) -> Response:
+        return await tei_rerank(request)
+
+    @routes.post("/embed", response_model=list[list[float]], tags=["embed"], summary="TEI embed")
+    async def tei_embed_route(request: s.TeiEmbedRequest) -> Response:
+        return await tei_embed(request)
+
+    @routes.post(
+        "/",
+        response_model=list[list[float]] | list[s.TeiRank],
+        tags=["embed", "rerank"],
+        summary="TEI at the root: embed ({inputs}) or rerank ({query, texts})",
+        description="Where huggingface_hub's InferenceClient (Haystack's and LlamaIndex's "
+        "Hugging Face API embedders) posts when given this server's URL. TEI answers here "
+        "for the one model it serves; Tandem serves two, so the body's fields choose.",
+        openapi_extra=_ONE_OF_TEI_BODIES,
+    )
+    async def tei_root(payload: dict[str, Any] = Body()) -> Response:  # noqa: B008
+        request = _tei_root_request(payload)
+        if isinstance(request, s.TeiRerankRequest):
+            return await tei_rerank(request)
+        return await tei_embed(request)
+
+    async def cohere_embed(request: s.CohereEmbedRequest, version: str) -> Response:
+        async def work(call: Call) -> s.CohereEmbedResponse:
+            texts = _cohere_texts(request)
+            kinds = request.embedding_types or (["float"] if version == "2" else None)
+            _check_cohere_embed(request, kinds, engine)
+            embedded = await engine.embed(
+                EmbedRequest(texts, truncate=request.truncate != "NONE"), call
+            )
+            vectors = np.asarray(embedded.vectors, dtype=np.float32)
+            meta = s.CohereEmbedMeta(
+                api_version=s.ApiVersion(version=version),
+                billed_units=s.CohereEmbedUnits(input_tokens=embedded.tokens),
+            )
+            if kinds is None:  # v1's plain reply: float vectors, not keyed by type
+                return s.CohereEmbedResponse(
+                    response_type="embeddings_floats", id=str(uuid.uuid4()),
+                    embeddings=encoded(vectors, "float"), texts=texts, meta=meta,
+                )  # fmt: skip
+            by_type = {kind: encoded(vectors, kind) for kind in dict.fromkeys(kinds)}
+            return s.CohereEmbedResponse(
+                response_type="embeddings_by_type", id=str(uuid.uuid4()),
+                embeddings=s.CohereEmbeddingsByType.model_validate(by_type), texts=texts,
+                meta=meta,
+            )  # fmt: skip
+
+        count = len(request.texts or request.inputs or ())
+        queued = not bulk_embed(count, engine.settings)
+        return await calls.run(Dialect.COHERE, work, queued=queued)
+
+    @routes.post(
+        "/v1/embed",
+        response_model=s.CohereEmbedResponse,
+        response_model_exclude_none=True,
+        tags=["embed"],
+        summary="Cohere v1 embed",
+    )
+    async def embed_v1(request: s.CohereEmbedRequest) -> Response:
+        return await cohere_embed(request, "1")
+
+    @routes.post(
+        "/v2/embed",
+        response_model=s.CohereEmbedResponse,
+        response_model_exclude_none=True,
+        tags=["embed"],
+        summary="Cohere v2 embed",
+    )
+    async def embed_v2(request: s.CohereEmbedRequest) -> Response:
+        return await cohere_embed(request, "2")
 
     async def openai(request: s.OpenAIEmbeddingRequest) -> Response:
         async def work(call: Call) -> s.OpenAIEmbeddingResponse:
@@ -212,5 +301,80 @@ def _openai_texts(value: str | list[str] | list[int] | list[list[int]]) -> list[
 
 def _encoded(vector: np.ndarray[Any, Any], encoding_format: str) -> list[float] | str:
     if encoding_format == "base64":
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+        return base64_floats(vector)
     return [float(value) for value in vector]
+
+
+def _check_tei_embed(request: s.TeiEmbedRequest, engine: Engine) -> None:
+    pooling = engine.models.bi_encoder.pooling
+    normalize = request.option("normalize")
+    if normalize is False and pooling is not None and pooling.normalize:
+        raise InvalidArgument(
+            "normalize=false: this bi-encoder's artifact returns unit vectors only; "
+            "send normalize=true"
+        )
+    if request.option("prompt_name") is not None:
+        raise InvalidArgument(
+            f"prompt_name={request.option('prompt_name')!r}: this bi-encoder's artifact "
+            "carries no prompts; leave prompt_name out"
+        )
+    if str(request.option("truncation_direction") or "right").lower() != "right":
+        raise InvalidArgument(
+            "truncation_direction=Left: a long text loses its end here; send Right or leave it out"
+        )
+
+
+def _tei_root_request(payload: dict[str, Any]) -> s.TeiRerankRequest | s.TeiEmbedRequest:
+    try:
+        if "query" in payload or "texts" in payload:
+            return s.TeiRerankRequest.model_validate(payload)
+        if "inputs" in payload:
+            return s.TeiEmbedRequest.model_validate(payload)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from error
+    raise RequestValidationError([{"type": "value_error", "loc": (), "msg": ROOT_BODIES}])
+
+
+def _cohere_texts(request: s.CohereEmbedRequest) -> list[str]:
+    if request.images:
+        raise InvalidArgument("images: Tandem embeds text only; send texts")
+    if request.texts is not None:
+        return request.texts
+    if request.inputs is None:
+        raise InvalidArgument("texts is required: the strings to embed")
+    texts = []
+    for i, item in enumerate(request.inputs):
+        part = item.content[0] if len(item.content) == 1 else None
+        if part is None or part.type != "text" or part.text is None:
+            raise InvalidArgument(
+                f"inputs[{i}]: Tandem embeds one text part per input (no images); send "
+                "each text as its own input, or in texts"
+            )
+        texts.append(part.text)
+    return texts
+
+
+def _check_cohere_embed(
+    request: s.CohereEmbedRequest, kinds: Sequence[str] | None, engine: Engine
+) -> None:
+    dimension = engine_dimension(engine)
+    if request.output_dimension is not None and request.output_dimension != dimension:
+        raise InvalidArgument(
+            f"output_dimension={request.output_dimension}: this model's embeddings have "
+            f"{dimension}; leave output_dimension out"
+        )
+    length = engine.models.bi_encoder.max_length
+    if request.max_tokens is not None and request.max_tokens < length:
+        raise InvalidArgument(
+            f"max_tokens={request.max_tokens}: this bi-encoder reads up to {length} tokens "
+            f"a text and cannot cut shorter; send at least {length} or leave max_tokens out"
+        )
+    if request.truncate == "START":
+        raise InvalidArgument("truncate=START: a long text loses its end here; send END or NONE")
+    pooling = engine.models.bi_encoder.pooling
+    unit = pooling is not None and pooling.normalize
+    if not unit and UNIT_TYPES.intersection(kinds or ()):
+        raise InvalidArgument(
+            "embedding_types int8 and uint8 scale unit vectors, and this bi-encoder's are "
+            "not normalized; ask for float, base64, binary or ubinary"
+        )

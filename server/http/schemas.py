@@ -118,11 +118,118 @@ class TeiRank(BaseModel):
     text: str | None = None
 
 
+TeiDirection = Literal["Right", "right", "Left", "left"]
+
+
+class TeiEmbedOptions(BaseModel):
+    """What huggingface_hub's ``InferenceClient.feature_extraction`` nests under
+    ``parameters``: TEI itself reads them at the top level only (and ignores them here)."""
+
+    model_config = Lenient
+    truncate: bool | None = None
+    normalize: bool | None = None
+    prompt_name: str | None = None
+    truncation_direction: TeiDirection | None = None
+
+
 class TeiEmbedRequest(BaseModel):
     model_config = Lenient
     inputs: str | list[str]
-    truncate: bool = False
-    normalize: bool = Field(default=True, description="all-MiniLM vectors are unit length")
+    truncate: bool | None = Field(default=None, description="default false: too long is a 400")
+    normalize: bool | None = Field(default=None, description="default true (unit vectors)")
+    prompt_name: str | None = Field(
+        default=None, description="refused: the artifact carries no prompts"
+    )
+    truncation_direction: TeiDirection | None = Field(
+        default=None, description="Right only: a long text loses its end"
+    )
+    parameters: TeiEmbedOptions | None = Field(
+        default=None,
+        description="the same options as huggingface_hub's InferenceClient sends them; a "
+        "top-level field wins",
+    )
+
+    def option(self, name: str) -> Any:
+        """A field at the top level, else under ``parameters``; None where neither sets it."""
+        value = getattr(self, name)
+        if value is None and self.parameters is not None:
+            value = getattr(self.parameters, name)
+        return value
+
+
+# Cohere's embed, v1 and v2
+
+
+CohereEmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+
+
+class CohereContent(BaseModel):
+    model_config = Lenient
+    type: str
+    text: str | None = None
+
+
+class CohereEmbedInput(BaseModel):
+    """v2's ``inputs``: each a list of content parts; Tandem embeds one text part."""
+
+    model_config = Lenient
+    content: list[CohereContent]
+
+
+class CohereEmbedRequest(BaseModel):
+    model_config = Lenient
+    texts: list[str] | None = None
+    inputs: list[CohereEmbedInput] | None = Field(
+        default=None, description="v2: one text part per input (images are refused)"
+    )
+    images: list[str] | None = Field(default=None, description="refused: Tandem embeds text")
+    model: str | None = Field(default=None, description="accepted; the server's model answers")
+    input_type: str | None = Field(
+        default=None,
+        description="accepted: the bi-encoder embeds queries and documents alike (no prompts)",
+    )
+    embedding_types: list[CohereEmbeddingType] | None = Field(
+        default=None,
+        description="float, base64 (float32 bytes), binary/ubinary (sign bits, packed), "
+        "int8/uint8 (a unit vector's components times 127, as the index stores them)",
+    )
+    truncate: Literal["NONE", "START", "END"] | None = Field(
+        default=None, description="END (the default) cuts a long text's end; NONE refuses it"
+    )
+    output_dimension: int | None = Field(default=None, description="the model's dimension only")
+    max_tokens: int | None = Field(
+        default=None, description="at least the bi-encoder's own length (it cannot cut shorter)"
+    )
+
+
+class CohereEmbeddingsByType(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    float_: list[list[float]] | None = Field(default=None, alias="float")
+    int8: list[list[int]] | None = None
+    uint8: list[list[int]] | None = None
+    binary: list[list[int]] | None = None
+    ubinary: list[list[int]] | None = None
+    base64: list[str] | None = None
+
+
+class CohereEmbedUnits(BaseModel):
+    input_tokens: int
+
+
+class CohereEmbedMeta(BaseModel):
+    api_version: ApiVersion
+    billed_units: CohereEmbedUnits
+
+
+class CohereEmbedResponse(BaseModel):
+    """v1 without ``embedding_types``: ``embeddings_floats``, a list of float vectors;
+    otherwise (and always on v2) ``embeddings_by_type``, one list per type asked for."""
+
+    response_type: Literal["embeddings_floats", "embeddings_by_type"]
+    id: str
+    embeddings: list[list[float]] | CohereEmbeddingsByType
+    texts: list[str]
+    meta: CohereEmbedMeta
 
 
 # OpenAI
