@@ -153,6 +153,14 @@ class Settings:
             "0: equal): reranking is elastic under a budget, the rest is on every call's path"
         ),
     )
+    ingest_nice: int = field(
+        default=10,
+        metadata=_doc(
+            "how much lower the ingest thread (upserts, and Embeds of --bulk-embed-texts or "
+            "more) runs than the query path (Linux nice increment; 0: equal): index-time work "
+            "has no deadline, so beside searches it yields as the reranker does"
+        ),
+    )
     device: str = field(
         default="cpu",
         metadata=_doc(
@@ -547,6 +555,7 @@ def validate(settings: Settings) -> None:
         "max_batch_tokens", "max_batch_pairs",
         "checkpoint_seconds",
         "drain_seconds", "max_queue_wait_ms", "latency_slack_ms", "reranker_nice",
+        "ingest_nice",
         "compact_removed_fraction", "dense_weight", "lexical_weight", "window_overlap",
     ):  # fmt: skip
         if getattr(settings, name) < 0:

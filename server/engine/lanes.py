@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from tandem.server.engine.priority import lower_this_thread
+
 T = TypeVar("T")
 
 # - query: the bi-encoder for queries and Embed calls;
@@ -33,8 +35,21 @@ class Lanes:
         self.service_seconds = dict.fromkeys(LANE_NAMES, 0.0)
 
     @classmethod
-    def threaded(cls) -> Lanes:
-        return cls({name: ThreadPoolExecutor(1, thread_name_prefix=name) for name in LANE_NAMES})
+    def threaded(cls, lowered: Mapping[str, int] | None = None) -> Lanes:
+        """One thread per lane; ``lowered`` names lanes whose thread runs that much lower in
+        CPU priority (a nice increment)."""
+        lowered = lowered or {}
+        return cls(
+            {
+                name: ThreadPoolExecutor(
+                    1,
+                    thread_name_prefix=name,
+                    initializer=lower_this_thread,
+                    initargs=(lowered.get(name, 0),),
+                )
+                for name in LANE_NAMES
+            }
+        )
 
     async def run(self, lane: str, function: Callable[..., T], *args: Any) -> T:
         executor = self.executors.get(lane)
