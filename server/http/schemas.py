@@ -123,7 +123,8 @@ TeiDirection = Literal["Right", "right", "Left", "left"]
 
 class TeiEmbedOptions(BaseModel):
     """What huggingface_hub's ``InferenceClient.feature_extraction`` nests under
-    ``parameters``: TEI itself reads them at the top level only (and ignores them here)."""
+    ``parameters``. TEI reads these options at the top level only and ignores them there;
+    Tandem honours both places."""
 
     model_config = Lenient
     truncate: bool | None = None
@@ -191,7 +192,7 @@ class CohereEmbedRequest(BaseModel):
     embedding_types: list[CohereEmbeddingType] | None = Field(
         default=None,
         description="float, base64 (float32 bytes), binary/ubinary (sign bits, packed), "
-        "int8/uint8 (a unit vector's components times 127, as the index stores them)",
+        "int8/uint8 (a unit vector's components times 127, rounded)",
     )
     truncate: Literal["NONE", "START", "END"] | None = Field(
         default=None, description="END (the default) cuts a long text's end; NONE refuses it"
