@@ -306,9 +306,8 @@ async def _one_at_a_time(
     candidates reranked."""
     seconds, scored, stages = [], [], []
     for request in list(requests) * 3:
-        started = time.perf_counter()
-        reply = await call(request)
-        seconds.append(time.perf_counter() - started)
+        reply, took = await _answered(call, request)
+        seconds.append(took)
         scored.append(reply.reranked_count)
         stages.append({field.name: value for field, value in reply.timings.ListFields()})
     warm = len(requests) // 2
@@ -318,6 +317,24 @@ async def _one_at_a_time(
         for name in sorted({name for stage in stages for name in stage})
     }
     return latency, scored
+
+
+async def _answered(call: Callable[[Any], Awaitable[Any]], request: Any) -> tuple[Any, float]:
+    """The reply and the seconds its answered attempt took. A call shed for load waits as
+    the refusal asks and goes again, as a client does: even one call at a time can meet a
+    server still busy with the work before it, and a lent GPU's minutes are few."""
+    import grpc
+
+    from tandem.server.api.status import retry_delay_of
+
+    while True:
+        started = time.perf_counter()
+        try:
+            return await call(request), time.perf_counter() - started
+        except grpc.aio.AioRpcError as error:
+            if error.code().name not in SHED:
+                raise
+            await asyncio.sleep(retry_delay_of(error) or REFUSED_BACKOFF_S)
 
 
 async def closed_loop(
