@@ -325,24 +325,29 @@ async def _answered(call: Callable[[Any], Awaitable[Any]], request: Any) -> tupl
     server still busy with the work before it, and a lent GPU's minutes are few."""
     import grpc
 
-    from tandem.server.api.status import retry_delay_of
-
     while True:
         started = time.perf_counter()
         try:
             return await call(request), time.perf_counter() - started
         except grpc.aio.AioRpcError as error:
-            if error.code().name not in SHED:
-                raise
-            await asyncio.sleep(retry_delay_of(error) or REFUSED_BACKOFF_S)
+            await _wait_out(error)
+
+
+async def _wait_out(error: Any) -> None:
+    """Raises ``error`` unless the server shed the call for load; then waits as its
+    RetryInfo asks, as its clients do (retrying at once would count one refusal many times
+    over)."""
+    from tandem.server.api.status import retry_delay_of
+
+    if error.code().name not in SHED:
+        raise error
+    await asyncio.sleep(retry_delay_of(error) or REFUSED_BACKOFF_S)
 
 
 async def closed_loop(
     stub: Any, requests: list[Any], callers: int, seconds: float, *, method: str = "Rerank"
 ) -> dict[str, Any]:
     import grpc
-
-    from tandem.server.api.status import retry_delay_of
 
     stop = time.perf_counter() + seconds
     latencies: list[float] = []
@@ -358,12 +363,8 @@ async def closed_loop(
                 reply = await getattr(stub, method)(requests[position % len(requests)])
             except grpc.aio.AioRpcError as error:
                 # Shed load is a figure of this run, not the end of the lent GPU's minutes.
-                if error.code().name not in SHED:
-                    raise
+                await _wait_out(error)
                 refused += 1
-                # Back off as the server asks (RetryInfo), as its clients do: retrying at
-                # once would count one refusal many times over.
-                await asyncio.sleep(retry_delay_of(error) or REFUSED_BACKOFF_S)
                 continue
             latencies.append(time.perf_counter() - started)
             scored.append(reply.reranked_count)

@@ -26,7 +26,7 @@ from tandem.server.engine.requests import EmbedRequest, RerankRequest, bulk_embe
 from tandem.server.engine.search import DocumentRef, Result
 from tandem.server.http import schemas as s
 from tandem.server.http.calls import Calls
-from tandem.server.http.encodings import UNIT_TYPES, base64_floats, encoded
+from tandem.server.http.encodings import UNIT_TYPES, encoded
 from tandem.server.http.errors import Dialect
 from tandem.server.http.native import passage_body
 
@@ -252,9 +252,9 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
                     f"{engine_dimension(engine)}; leave dimensions out"
                 )
             embedded = await engine.embed(EmbedRequest(texts), call)
+            vectors = encoded(embedded.vectors, request.encoding_format)
             data = [
-                s.OpenAIEmbedding(embedding=_encoded(vector, request.encoding_format), index=i)
-                for i, vector in enumerate(embedded.vectors)
+                s.OpenAIEmbedding(embedding=vector, index=i) for i, vector in enumerate(vectors)
             ]
             usage = s.OpenAIUsage(prompt_tokens=embedded.tokens, total_tokens=embedded.tokens)
             return s.OpenAIEmbeddingResponse(data=data, model=request.model, usage=usage)
@@ -297,12 +297,6 @@ def _openai_texts(value: str | list[str] | list[int] | list[list[int]]) -> list[
         "input holds token ids; this server tokenizes itself: send the text (a string or a "
         "list of strings)"
     )
-
-
-def _encoded(vector: np.ndarray[Any, Any], encoding_format: str) -> list[float] | str:
-    if encoding_format == "base64":
-        return base64_floats(vector)
-    return [float(value) for value in vector]
 
 
 def _check_tei_embed(request: s.TeiEmbedRequest, engine: Engine) -> None:
