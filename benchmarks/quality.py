@@ -145,14 +145,14 @@ def run_reference(
     else:
         vectors = reference.embed(
             Path(bi_encoder), [text for _, text in corpus], max_length=max_lengths[0],
-            threads=threads,
+            threads=threads, role="document",
         )  # fmt: skip
         cache.mkdir(parents=True, exist_ok=True)
         np.save(vectors_path, vectors)
     vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     queries = reference.embed(
         Path(bi_encoder), [query for _, query in topics], max_length=max_lengths[0],
-        threads=threads,
+        threads=threads, role="query",
     )  # fmt: skip
     queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     cases = []

@@ -77,7 +77,8 @@ def bare_session_pairs_per_second(
         store.close()
     batches = []
     for query in queries:
-        similarities = (matrix @ embedder.embed([query])[0]).astype(np.float32)
+        vector = embedder.embed([query], prompt=embedder.prompt(role="query"))[0]
+        similarities = (matrix @ vector).astype(np.float32)
         nearest = fold_passages(all_keys, similarities).keys[:recall_k]
         candidates = [texts[int(key)] for key in nearest]
         # Sorted by pair length: the bare session at its best, with the least padding.

@@ -94,6 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="passages embedded per segment past the bi-encoder's window (the collection's "
         "max_passages); 1: one vector each, as collections were built before passages",
     )
+    parser.add_argument(
+        "--baseline-bi-encoder",
+        type=Path,
+        help="another bi-encoder export (the same model without prompts, a stock one against "
+        "a fine-tuned one): its dense stage is run too, and compared with a paired test",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/stage1.json"))
     parser.add_argument("--smoke", action="store_true", help="200 segments, 8 topics")
 
@@ -147,17 +153,22 @@ def main(args: argparse.Namespace) -> int:
         }
         for split, ids in (("held_out", held_out), ("all", order))
     }
-    hybrid = systems["hybrid"]
-    tests = {
-        source: {
-            measure: paired_test(
-                scored(dense, dense, qrels, held_out)[measure],
-                scored(hybrid, hybrid, qrels, held_out)[measure],
-            )
-            for measure in ("ndcg@10", f"recall@{depth}")
+
+    def compared(before: Rankings, after: Rankings) -> dict[str, dict[str, Any]]:
+        """Paired tests of ``after`` against ``before`` on the held-out topics."""
+        return {
+            source: {
+                measure: paired_test(
+                    scored(before, before, qrels, held_out)[measure],
+                    scored(after, after, qrels, held_out)[measure],
+                )
+                for measure in ("ndcg@10", f"recall@{depth}")
+            }
+            for source, qrels in judgements.items()
         }
-        for source, qrels in judgements.items()
-    }
+
+    hybrid = systems["hybrid"]
+    tests = compared(dense, hybrid)
     report: dict[str, Any] = {
         "machine": machine(),
         "command": " ".join(sys.argv),
@@ -184,6 +195,14 @@ def main(args: argparse.Namespace) -> int:
         "latency_ms": measured["latency"],
         "index_bytes": measured["sizes"],
     }
+    if args.baseline_bi_encoder is not None:
+        report["baseline"] = baseline_rankings(args, folder, corpus, topics)
+        baseline_dense = report["baseline"].pop("dense")
+        report["dense_vs_baseline_held_out"] = compared(baseline_dense, dense)
+        report["baseline"]["dense_held_out"] = {
+            source: means(scored(baseline_dense, baseline_dense, qrels, held_out))
+            for source, qrels in judgements.items()
+        }
     if not args.no_rerank:
         scores = asyncio.run(rerank_pools(args, folder, topics, systems, held_out))
         after = {name: reranked({t: r[t] for t in held_out}, scores) for name, r in systems.items()}
@@ -206,11 +225,31 @@ def main(args: argparse.Namespace) -> int:
     shown = {key: report[key] for key in ("fusion_chosen", "latency_ms", "index_bytes")}
     shown["held_out_umbrela"] = alone["held_out"]["umbrela"]
     shown["hybrid_vs_dense_held_out_umbrela"] = tests["umbrela"]
+    if "baseline" in report:
+        shown["baseline_dense_held_out_umbrela"] = report["baseline"]["dense_held_out"]["umbrela"]
+        shown["dense_vs_baseline_held_out_umbrela"] = report["dense_vs_baseline_held_out"][
+            "umbrela"
+        ]
     if "reranked_held_out" in report:
         shown["reranked_held_out_umbrela"] = report["reranked_held_out"]["umbrela"]
     print(json.dumps(shown, indent=2))
     print(f"wrote {target}")
     return 0
+
+
+def baseline_rankings(
+    args: argparse.Namespace, folder: Path, corpus: Sequence[tuple[str, str]],
+    topics: Sequence[tuple[str, str]],
+) -> dict[str, Any]:  # fmt: skip
+    """The baseline bi-encoder's dense rankings, from a collection of its own."""
+    baseline = argparse.Namespace(**{**vars(args), "bi_encoder": args.baseline_bi_encoder})
+    measured = asyncio.run(run_stages(baseline, folder.with_name(f"baseline-{folder.name}"),
+                                      corpus, topics))  # fmt: skip
+    return {
+        "bi_encoder": str(args.baseline_bi_encoder),
+        "vectors": measured["vectors"],
+        "dense": measured["dense"],
+    }
 
 
 async def run_stages(

@@ -65,14 +65,17 @@ def real_vectors(artifacts: Path) -> tuple[NDArray[np.float32], NDArray[np.float
     data = rag24.load()
     encoder = BiEncoder(folder)
     texts = snippets(data)
+    documents = encoder.prompt(role="document")
     print(f"embedding {len(texts):,} real snippets (cached afterwards)", file=sys.stderr)
     corpus = np.concatenate(
         [
-            encoder.embed(texts[start : start + 4096], batch_size=64)
+            encoder.embed(texts[start : start + 4096], batch_size=64, prompt=documents)
             for start in range(0, len(texts), 4096)
         ]
     )
-    queries = encoder.embed([topic.query for topic in data.topics])
+    queries = encoder.embed(
+        [topic.query for topic in data.topics], prompt=encoder.prompt(role="query")
+    )
     np.savez(cache, corpus=corpus, queries=queries)
     return corpus, queries
 

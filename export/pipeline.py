@@ -26,11 +26,13 @@ from tandem.artifact import (
     Kind,
     Manifest,
     Precision,
+    Prompts,
+    Role,
     hash_folder,
     write_manifest,
 )
 from tandem.cpu import cpu_flags, has_int8_dot_product, is_x86
-from tandem.encoders import BiEncoder, CrossEncoder, TokenBatch
+from tandem.encoders import BiEncoder, CrossEncoder, TokenBatch, load_tokenizer
 from tandem.export.checkpoint import keep_checkpoint
 from tandem.export.errors import OutputConflict, ParityFailure, UsageError
 from tandem.export.graph import DEFAULT_OPSET, export_fp32, optimize
@@ -58,6 +60,7 @@ from tandem.export.source import (
     default_max_length,
     resolve,
     sentence_transformers_pooling,
+    sentence_transformers_prompts,
 )
 from tandem.export.texts import passages, rerank_cases
 from tandem.export.verify import Sample, verify_folder
@@ -91,6 +94,9 @@ class ExportRequest:
     sample: Sample = field(default_factory=Sample)
     threads: int = 2
     runtime: GraphRuntime | None = None  # None: default_runtime(precision)
+    # A bi-encoder's prompts by name, over the checkpoint's own, and the one used by default.
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
 
 
 def default_runtime(precision: Precision, flags: frozenset[str] | None = None) -> GraphRuntime:
@@ -126,15 +132,17 @@ def export_model(request: ExportRequest, data: Rag24) -> Manifest:
     source = resolve(request.model)
     check_kind(source, request.kind)
     check_output(request.out, source, force=request.force)
+    prompts = _prompts(request, source)
     max_length = request.max_length or default_max_length(source, request.kind)
     if not 1 <= max_length <= source.max_positions:
         raise UsageError(
             f"--max-length {max_length} is outside 1..{source.max_positions} for this model"
         )
+    _check_prompts_fit(source, prompts, max_length=max_length)
     request.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{request.out.name}.partial-", dir=request.out.parent))
     try:
-        _build(request, source, staging, data, max_length=max_length)
+        _build(request, source, staging, data, max_length=max_length, prompts=prompts)
         _publish(staging / "artifact", request.out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -147,8 +155,37 @@ def export_model(request: ExportRequest, data: Rag24) -> Manifest:
         raise
 
 
+def _prompts(request: ExportRequest, source: ModelSource) -> Prompts:
+    if request.kind == "bi-encoder":
+        return sentence_transformers_prompts(source, request.prompts, request.default_prompt_name)
+    if request.prompts or request.default_prompt_name is not None:
+        raise UsageError("prompts are a bi-encoder's; a cross-encoder reads (query, document)")
+    return Prompts()
+
+
+def _check_prompts_fit(source: ModelSource, prompts: Prompts, *, max_length: int) -> None:
+    """Refuses, before any work, a prompt that would leave no room for text (the server
+    would refuse to open the artifact)."""
+    tokenizer = load_tokenizer(source.path, max_length=max_length)
+    room = max_length - len(tokenizer.encode("").ids)
+    tokenizer.no_truncation()
+    for name, text in sorted(prompts.texts.items()):
+        tokens = len(tokenizer.encode(text, add_special_tokens=False).ids)
+        if tokens >= room:
+            raise UsageError(
+                f"prompt {name!r} takes {tokens} of the {max_length} tokens the model reads, "
+                "leaving none for the text: shorten it, or raise --max-length"
+            )
+
+
 def _build(
-    request: ExportRequest, source: ModelSource, staging: Path, data: Rag24, *, max_length: int
+    request: ExportRequest,
+    source: ModelSource,
+    staging: Path,
+    data: Rag24,
+    *,
+    max_length: int,
+    prompts: Prompts,
 ) -> Manifest:
     raw_dir = staging / "raw"
     log.info("exporting %s (%s) to ONNX, opset %d", source.spec, request.kind, request.opset)
@@ -186,6 +223,7 @@ def _build(
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         extra={"source_revision": source.revision} if source.revision else {},
         runtime=runtime,
+        prompts=prompts,
     )
     # The FP32 graph is written first: calibration compares INT8 candidates with it.
     if runtime == "openvino":
@@ -316,7 +354,7 @@ class _Calibration:
 
     def _embed(self) -> NDArray[np.float32]:
         encoder = BiEncoder(self.artifact, threads=self.threads, check_hashes=False)
-        return encoder.embed(self.texts)
+        return encoder.embed(self.texts, prompt=encoder.prompt(role="document"))
 
     def _score(self) -> list[NDArray[np.float32]]:
         scorer = CrossEncoder(self.artifact, threads=self.threads, check_hashes=False)
@@ -326,8 +364,10 @@ class _Calibration:
         batches: list[TokenBatch]
         if self.kind == "bi-encoder":
             encoder = BiEncoder(self.artifact, threads=self.threads, check_hashes=False)
+            prompt = encoder.prompt(role="document")
             batches = [
-                encoder.tokenize(self.texts[start : start + 16]) for start in (0, 32, 64, 96)
+                encoder.tokenize(self.texts[start : start + 16], prompt=prompt)
+                for start in (0, 32, 64, 96)
             ]
             names = encoder.input_names
         else:
@@ -345,10 +385,15 @@ class _Calibration:
         if self.kind == "bi-encoder":
             # Queries too: a served bi-encoder embeds short queries far more often than
             # passages, and their activations fall outside ranges fixed on passages alone.
-            texts = [*self.texts, *self.queries]
+            # Each with the prompt it is served with.
             encoder = BiEncoder(self.artifact, threads=self.threads, check_hashes=False)
+            served: list[tuple[list[str], Role]] = [
+                (self.texts, "document"),
+                (self.queries, "query"),
+            ]
             batches = [
-                encoder.tokenize(texts[start : start + rows])
+                encoder.tokenize(texts[start : start + rows], prompt=encoder.prompt(role=role))
+                for texts, role in served
                 for start in range(0, len(texts), rows)
             ]
             names = encoder.input_names

@@ -112,7 +112,8 @@ def bars_of(manifest: Manifest) -> Thresholds:
 def probe_parity(encoder: Encoder, probe: Probe, bars: Thresholds) -> tuple[dict[str, float], bool]:
     """``encoder``'s agreement with the probe's FP32 reference, and whether it clears ``bars``."""
     if isinstance(encoder, BiEncoder):
-        metrics = embedding_metrics(encoder.embed(list(probe.texts)), probe.reference[0])
+        vectors = encoder.embed(list(probe.texts), prompt=encoder.prompt(role="document"))
+        metrics = embedding_metrics(vectors, probe.reference[0])
         return _rounded(metrics), embedding_passes(metrics, bars)
     assert isinstance(encoder, CrossEncoder)
     got = [encoder.score(case.query, case.documents) for case in probe.cases]

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from tandem.artifact import Role
+
 
 def _torch_threads(threads: int) -> None:
     import torch
@@ -16,9 +18,17 @@ def _torch_threads(threads: int) -> None:
 
 
 def embed(
-    model_path: Path, texts: Sequence[str], *, max_length: int, threads: int = 2
+    model_path: Path,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    threads: int = 2,
+    prompt: str | None = None,
+    role: Role | None = None,
 ) -> NDArray[np.float32]:
-    """Sentence embeddings from SentenceTransformer.encode in FP32 on the CPU."""
+    """Sentence embeddings from SentenceTransformer in FP32 on the CPU. ``prompt``: the text
+    put before each ("" for none); else ``role`` picks ``encode_query`` or
+    ``encode_document`` (each with the checkpoint's prompt for it); else ``encode``."""
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -27,8 +37,11 @@ def embed(
         str(model_path), device="cpu", model_kwargs={"torch_dtype": torch.float32}
     )
     model.max_seq_length = max_length
-    vectors = model.encode(
-        list(texts), batch_size=32, convert_to_numpy=True, show_progress_bar=False
+    encode = model.encode
+    if prompt is None and role is not None:
+        encode = model.encode_query if role == "query" else model.encode_document
+    vectors = encode(
+        list(texts), batch_size=32, convert_to_numpy=True, show_progress_bar=False, prompt=prompt
     )
     return np.asarray(vectors, dtype=np.float32)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tandem.artifact import Kind, Pooling, PoolingMode
+from tandem.artifact import Kind, Pooling, PoolingMode, Prompts
 from tandem.export.errors import InvalidSource, UnsupportedModel
 
 # Families whose ONNX export, tokenizer and transformer fusion we know. Each entry is the
@@ -25,6 +25,9 @@ SUPPORTED_MODEL_TYPES = (
 )
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HUB_IGNORED = ["*.h5", "*.msgpack", "*.ot", "*.tflite", "onnx/*", "openvino/*", "coreml/*"]
+# The sentence-transformers modules Tandem reproduces: the transformer in the graph, pooling
+# and normalisation in the runtime. Any other (Dense, Router, ...) changes the vectors.
+SERVED_MODULES = (".Transformer", ".Pooling", ".Normalize")
 # Cross-encoders rarely set a sentence-transformers max length; 512 is BERT's position limit
 # and what CrossEncoder itself uses when the config is silent.
 DEFAULT_MAX_LENGTH = 512
@@ -160,14 +163,55 @@ def sentence_transformers_pooling(source: ModelSource) -> Pooling:
         return Pooling(mode="mean", normalize=True)
     modules = json.loads(modules_path.read_text(encoding="utf-8"))
     types = [str(module.get("type", "")) for module in modules]
+    unserved = [kind for kind in types if not kind.endswith(SERVED_MODULES)]
+    if unserved:
+        raise UnsupportedModel(
+            f"{source.spec}: modules.json holds {', '.join(unserved)}; Tandem serves a "
+            "Transformer followed by Pooling and optionally Normalize, and any other module "
+            "would change the vectors"
+        )
     normalize = any(kind.endswith(".Normalize") for kind in types)
     mode: PoolingMode = "mean"
+    include_prompt = True
     for module in modules:
         if str(module.get("type", "")).endswith(".Pooling"):
             config_path = source.path / module.get("path", "") / "config.json"
             if config_path.is_file():
-                mode = _pooling_mode(json.loads(config_path.read_text(encoding="utf-8")))
-    return Pooling(mode=mode, normalize=normalize)
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+                mode = _pooling_mode(config)
+                include_prompt = bool(config.get("include_prompt", True))
+    return Pooling(mode=mode, normalize=normalize, include_prompt=include_prompt)
+
+
+def sentence_transformers_prompts(
+    source: ModelSource, overrides: dict[str, str], default_name: str | None
+) -> Prompts:
+    """The checkpoint's prompts (``config_sentence_transformers.json``), with the export's
+    ``--prompt`` and ``--default-prompt-name`` laid over them."""
+    texts: dict[str, str] = {}
+    configured_default = None
+    config_path = source.path / "config_sentence_transformers.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidSource(f"{config_path} is not valid JSON ({exc})") from exc
+        raw = config.get("prompts") or {}
+        if not isinstance(raw, dict) or not all(
+            isinstance(name, str) and isinstance(text, str) for name, text in raw.items()
+        ):
+            raise InvalidSource(f"{config_path}: prompts must map each name to a text")
+        texts.update(raw)
+        configured_default = config.get("default_prompt_name")
+    texts.update(overrides)
+    chosen_default = default_name if default_name is not None else configured_default
+    if chosen_default is not None and chosen_default not in texts:
+        raise InvalidSource(
+            f"{source.spec}: the default prompt {chosen_default!r} is not one of its prompts "
+            f"({', '.join(sorted(texts)) or 'none'}); add it with --prompt "
+            f"{chosen_default}=TEXT"
+        )
+    return Prompts(texts=texts, default_name=chosen_default)
 
 
 def _pooling_mode(config: dict[str, Any]) -> PoolingMode:

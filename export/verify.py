@@ -62,8 +62,12 @@ def measure(
     if manifest.kind == "bi-encoder":
         texts = passages(data, count=sample.texts, part="verify")
         encoder = BiEncoder(folder, threads=threads, device=device, backend=backend)
-        got = encoder.embed(texts)
-        want = reference.embed(source.path, texts, max_length=manifest.max_length, threads=threads)
+        # Passages, so with the document prompt the server stores them with.
+        prompt = encoder.prompt(role="document")
+        got = encoder.embed(texts, prompt=prompt)
+        want = reference.embed(
+            source.path, texts, max_length=manifest.max_length, threads=threads, prompt=prompt
+        )
         metrics = embedding_metrics(got, want)
         passed = embedding_passes(metrics, bars)
         thresholds = {"min_mean_cosine": bars.min_mean_cosine, "min_cosine": bars.min_cosine}

@@ -27,6 +27,8 @@ FORMAT_VERSION = 1
 Kind = Literal["bi-encoder", "cross-encoder"]
 Precision = Literal["int8", "fp16", "fp32"]
 PoolingMode = Literal["mean", "cls", "max", "lasttoken"]
+# What a bi-encoder's input is for: sentence-transformers' encode_query and encode_document.
+Role = Literal["query", "document"]
 # Which runtime the artifact's graph is for; the checkpoint, when kept, serves PyTorch.
 GraphRuntime = Literal["onnxruntime", "openvino"]
 
@@ -34,6 +36,11 @@ KINDS: tuple[Kind, ...] = ("bi-encoder", "cross-encoder")
 PRECISIONS: tuple[Precision, ...] = ("int8", "fp16", "fp32")
 POOLING_MODES: tuple[PoolingMode, ...] = ("mean", "cls", "max", "lasttoken")
 GRAPH_RUNTIMES: tuple[GraphRuntime, ...] = ("onnxruntime", "openvino")
+# The prompt names encode_query and encode_document look for, in their order of preference.
+ROLE_PROMPT_NAMES: dict[Role, tuple[str, ...]] = {
+    "query": ("query",),
+    "document": ("document", "passage", "corpus"),
+}
 GRAPH_FILES: dict[GraphRuntime, tuple[str, ...]] = {
     "onnxruntime": (MODEL_NAME,),
     "openvino": (OPENVINO_XML, OPENVINO_BIN),
@@ -44,6 +51,10 @@ class ArtifactError(Exception):
     """The folder is not a usable Tandem artifact (missing, malformed or altered files)."""
 
 
+class UnknownPrompt(ValueError):
+    """A caller named a prompt the bi-encoder's artifact does not carry."""
+
+
 @dataclass(frozen=True)
 class Pooling:
     """How token states become one sentence vector; ``applied_in`` says who does it."""
@@ -51,6 +62,63 @@ class Pooling:
     mode: PoolingMode
     normalize: bool
     applied_in: Literal["runtime"] = "runtime"
+    # sentence-transformers' Pooling(include_prompt=False): the prompt's tokens (and the
+    # leading special token) are left out of the pool, though the model still reads them.
+    include_prompt: bool = True
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Text sentence-transformers puts before an input, by name, as the checkpoint's
+    ``config_sentence_transformers.json`` (or the export's ``--prompt``) sets it.
+
+    Models such as e5, bge, nomic-embed and arctic-embed were trained with a query prompt
+    (and some with a document one); embedding without it costs them recall."""
+
+    texts: dict[str, str] = field(default_factory=dict)
+    default_name: str | None = None
+
+    def resolve(self, name: str | None = None, *, role: Role | None = None) -> str | None:
+        """The name of the prompt that applies, picked as sentence-transformers does: the one
+        named; else the role's (encode_query's ``query``; encode_document's first of
+        ``document``, ``passage``, ``corpus``); else the default; else None.
+
+        sentence-transformers 5.7 loads an empty ``document`` placeholder into every model,
+        so its encode_document never reaches ``passage``; Tandem keeps the order its
+        docstring gives, which configs shaped like e5's (``query``, ``passage``) need."""
+        if name is not None:
+            if name not in self.texts:
+                raise UnknownPrompt(self.unknown(name))
+            return name
+        for candidate in ROLE_PROMPT_NAMES[role] if role is not None else ():
+            if candidate in self.texts:
+                return candidate
+        return self.default_name if self.default_name in self.texts else None
+
+    def text(self, name: str | None = None, *, role: Role | None = None) -> str:
+        """The text of the prompt that applies; empty where none does."""
+        chosen = self.resolve(name, role=role)
+        return "" if chosen is None else self.texts[chosen]
+
+    def chosen_names(self) -> dict[str, str]:
+        """The names Info reports: the default, and the ones Search (a query) and Upsert (a
+        document) use; "" where none applies."""
+        return {
+            "default_prompt_name": self.default_name or "",
+            "query_prompt_name": self.resolve(role="query") or "",
+            "document_prompt_name": self.resolve(role="document") or "",
+        }
+
+    def unknown(self, name: str) -> str:
+        if not self.texts:
+            return (
+                f"prompt {name!r}: this bi-encoder's artifact carries no prompts; leave the "
+                "prompt name out (or export the model with --prompt NAME=TEXT)"
+            )
+        return (
+            f"prompt {name!r} is not one of this bi-encoder's prompts "
+            f"({', '.join(sorted(self.texts))}); send one of those, or leave it out"
+        )
 
 
 @dataclass(frozen=True)
@@ -91,6 +159,7 @@ class Manifest:
     runtime: GraphRuntime = "onnxruntime"
     # The checkpoint's folder inside the artifact (fp16 safetensors), or None when not kept.
     checkpoint: str | None = None
+    prompts: Prompts = field(default_factory=Prompts)
 
     @property
     def verified(self) -> bool:
@@ -142,7 +211,11 @@ def _manifest_from_dict(raw: dict[str, Any]) -> Manifest:
         if pooling_raw is not None:
             if pooling_raw["mode"] not in POOLING_MODES:
                 raise ArtifactError(f"manifest pooling mode {pooling_raw['mode']!r} is unknown")
-            pooling = Pooling(mode=pooling_raw["mode"], normalize=bool(pooling_raw["normalize"]))
+            pooling = Pooling(
+                mode=pooling_raw["mode"],
+                normalize=bool(pooling_raw["normalize"]),
+                include_prompt=bool(pooling_raw.get("include_prompt", True)),
+            )
         runtime = raw.get("runtime", "onnxruntime")
         if runtime not in GRAPH_RUNTIMES:
             raise ArtifactError(f"manifest runtime {runtime!r} is not one of {GRAPH_RUNTIMES}")
@@ -168,9 +241,25 @@ def _manifest_from_dict(raw: dict[str, Any]) -> Manifest:
             extra=dict(raw.get("extra", {})),
             runtime=cast(GraphRuntime, runtime),
             checkpoint=None if checkpoint is None else str(checkpoint),
+            prompts=_prompts_from_dict(raw.get("prompts")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"manifest.json is missing or has a malformed field: {exc}") from exc
+
+
+def _prompts_from_dict(raw: Any) -> Prompts:
+    """Manifests written before prompts existed have none."""
+    if raw is None:
+        return Prompts()
+    texts = raw.get("texts", {})
+    default = raw.get("default_name")
+    if not isinstance(texts, dict) or not all(
+        isinstance(name, str) and isinstance(text, str) for name, text in texts.items()
+    ):
+        raise ArtifactError("manifest prompts.texts must map each prompt name to its text")
+    if default is not None and default not in texts:
+        raise ArtifactError(f"manifest prompts.default_name {default!r} names no prompt")
+    return Prompts(texts=dict(texts), default_name=default)
 
 
 def hash_folder(folder: Path) -> dict[str, str]:

@@ -86,6 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
             help="token limit; default: the model's sentence-transformers setting",
         )
         sub.add_argument("--force", action="store_true", help="replace a non-empty --out")
+        if kind == "bi-encoder":
+            sub.add_argument(
+                "--prompt",
+                action="append",
+                default=[],
+                type=_prompt_flag,
+                metavar="NAME=TEXT",
+                help="text put before an input, by name (repeatable), over the checkpoint's "
+                "config_sentence_transformers.json: `query` goes before Search queries and "
+                '`document` before stored documents, e.g. --prompt "query=query: " for e5',
+            )
+            sub.add_argument(
+                "--default-prompt-name",
+                metavar="NAME",
+                help="the prompt an Embed with neither a role nor a name gets; default: the "
+                "checkpoint's default_prompt_name, else none",
+            )
         _add_verification_flags(sub)
     verify = kinds.add_parser("verify", help="re-measure an artifact's parity")
     verify.add_argument("folder", type=Path, help="artifact folder holding manifest.json")
@@ -290,6 +307,15 @@ def _run_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_flag(value: str) -> tuple[str, str]:
+    name, equals, text = value.partition("=")
+    if not equals or not name.strip():
+        raise argparse.ArgumentTypeError(
+            f'{value!r}: write NAME=TEXT, e.g. "query=query: " (the text keeps its spaces)'
+        )
+    return name.strip(), text
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from tandem import rag24
     from tandem.export.errors import ExportError
@@ -332,6 +358,8 @@ def _run_export(args: argparse.Namespace) -> int:
                     sample=sample,
                     threads=args.threads,
                     runtime=args.runtime,
+                    prompts=dict(getattr(args, "prompt", [])),
+                    default_prompt_name=getattr(args, "default_prompt_name", None),
                 ),
                 data,
             )

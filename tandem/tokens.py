@@ -21,12 +21,15 @@ from tandem.artifact import ArtifactError
 
 @dataclass(frozen=True)
 class TokenBatch:
-    """Padded model inputs for one session run; ``truncated`` marks inputs that were cut."""
+    """Padded model inputs for one session run; ``truncated`` marks inputs that were cut.
+    Pooling leaves out the positions before ``pooled_from`` (a bi-encoder's prompt, where
+    its Pooling excludes it); the model reads them all."""
 
     input_ids: NDArray[np.int64]
     attention_mask: NDArray[np.int64]
     token_type_ids: NDArray[np.int64]
     truncated: NDArray[np.bool_]
+    pooled_from: int = 0
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

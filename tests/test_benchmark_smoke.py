@@ -287,7 +287,8 @@ def test_quality_benchmark_smoke(tmp_path, bi_int8, ce_int8, reranker_path, mini
 
 def test_stage1_benchmark_smoke(tmp_path, bi_int8, ce_int8) -> None:
     argv = ["--smoke", "--bi-encoder", str(bi_int8[0]), "--reranker", str(ce_int8[0]),
-            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "stage1.json")]  # fmt: skip
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "stage1.json"),
+            "--baseline-bi-encoder", str(bi_int8[0])]  # fmt: skip
     assert stage1.main(bench_args(stage1, argv)) == 0
     result = json.loads((tmp_path / "stage1_smoke.json").read_text())
     assert result["served_hybrid_matches_offline_fusion"] is True
@@ -298,6 +299,12 @@ def test_stage1_benchmark_smoke(tmp_path, bi_int8, ce_int8) -> None:
     assert result["index_bytes"]["lexical"] > 0
     assert 0 <= result["reranked_held_out"]["umbrela"]["hybrid"]["ndcg@10"] <= 1
     assert 0 <= result["hybrid_vs_dense_held_out"]["umbrela"]["ndcg@10"]["p_value"] <= 1
+    # The same bi-encoder as its own baseline, in a collection of its own: the same rankings.
+    against_itself = result["dense_vs_baseline_held_out"]["umbrela"]
+    assert against_itself["recall@20"]["mean_difference"] == 0
+    assert result["baseline"]["dense_held_out"] == {
+        source: result["alone"]["held_out"][source]["dense"] for source in ("umbrela", "nist")
+    }
 
 
 def test_paired_test_finds_a_consistent_difference_and_not_noise() -> None:

@@ -105,3 +105,28 @@ def test_unknown_precision_is_an_argparse_error(capsys, tmp_path: Path) -> None:
         main(["export", "bi-encoder", "--model", "x", "--out", "y", "--precision", "int4"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_a_default_prompt_the_model_lacks(capsys, tmp_path: Path, minilm_path: Path) -> None:
+    code, err = run_cli(
+        capsys, "bi-encoder", "--model", str(minilm_path), "--out", str(tmp_path / "out"),
+        "--prompt", "query=query: ", "--default-prompt-name", "summary",
+    )  # fmt: skip
+    assert_usage_error(code, err, "the default prompt 'summary' is not one of its prompts")
+    assert_nothing_written(tmp_path)
+
+
+def test_a_prompt_that_leaves_no_room_for_text(capsys, tmp_path: Path, minilm_path: Path) -> None:
+    code, err = run_cli(
+        capsys, "bi-encoder", "--model", str(minilm_path), "--out", str(tmp_path / "out"),
+        "--prompt", "query=" + "represent this question " * 8, "--max-length", "16",
+    )  # fmt: skip
+    assert_usage_error(code, err, "prompt 'query' takes 24 of the 16 tokens")
+    assert_nothing_written(tmp_path)
+
+
+def test_a_prompt_flag_without_a_name_is_an_argparse_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "bi-encoder", "--model", "x", "--out", "y", "--prompt", "query: "])
+    assert exit_info.value.code == 2
+    assert "write NAME=TEXT" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
-from tandem.artifact import Manifest
+from tandem.artifact import Manifest, Role
 from tandem.runtimes import RuntimeFit
 from tandem.server.admission import Gate
 from tandem.server.api.status import rich_status
@@ -58,6 +58,11 @@ FIRST_STAGES = {
     pb.FIRST_STAGE_DENSE: FirstStage.DENSE,
     pb.FIRST_STAGE_LEXICAL: FirstStage.LEXICAL,
     pb.FIRST_STAGE_HYBRID: FirstStage.HYBRID,
+}
+ROLES: dict[int, Role | None] = {
+    pb.INPUT_TYPE_UNSPECIFIED: None,
+    pb.INPUT_TYPE_QUERY: "query",
+    pb.INPUT_TYPE_DOCUMENT: "document",
 }
 FIRST_STAGE_ENUM = {stage: number for number, stage in FIRST_STAGES.items() if stage is not None}
 
@@ -264,7 +269,12 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         async def run(call: Call) -> pb.EmbedResponse:
             message = _decoded(request)
             embedded = await self.engine.embed(
-                EmbedRequest(list(message.texts), truncate=_get(message, "truncate") is not False),
+                EmbedRequest(
+                    list(message.texts),
+                    truncate=_get(message, "truncate") is not False,
+                    prompt_name=_get(message, "prompt_name"),
+                    role=_role(message.input_type),
+                ),
                 call,
             )
             self.metrics.observe_stages(embedded.timings_ms)
@@ -368,6 +378,12 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
 async def _abort(context: Context, status: grpc.Status) -> None:
     """Ends the call with ``status``, its details (RetryInfo) included; raises."""
     await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _role(input_type: int) -> Role | None:
+    if input_type not in ROLES:
+        raise InvalidArgument(f"input_type {input_type} is not an InputType this server knows")
+    return ROLES[input_type]
 
 
 def _get(message: Any, name: str) -> Any:
@@ -475,7 +491,10 @@ def _model_info(manifest: Manifest, fit: RuntimeFit | None) -> pb.ModelInfo:
         max_length=manifest.max_length,
         verified=manifest.verified,
         manifest_json=manifest.to_json(),
+        prompts=manifest.prompts.texts,
     )
+    for name, value in manifest.prompts.chosen_names().items():
+        setattr(info, name, value)
     if fit is not None:
         info.runtime, info.inference_precision = fit.backend, fit.precision
         info.runtime_choice = fit.reason

@@ -196,15 +196,16 @@ class Collection:
         return len(self.store)
 
     def _check_embedder(self) -> None:
-        fingerprint = self.embedder.manifest.weights_sha256
+        fingerprint = self.embedder.fingerprint
         recorded = self.store.get_meta(EMBEDDER_KEY)
         if recorded is None:
             if not self.read_only:
                 self.store.set_meta(EMBEDDER_KEY, fingerprint)
         elif recorded != fingerprint:
             raise CollectionError(
-                f"{self.paths.folder} was embedded with another bi-encoder (model sha256 "
-                f"{recorded[:12]}…); serve that model, or rebuild the collection with this one"
+                f"{self.paths.folder} was embedded with another bi-encoder, or with another "
+                f"document prompt (model sha256 {recorded[:12]}…); serve that model, or "
+                "rebuild the collection with this one"
             )
 
     def _tokenizer_fingerprint(self) -> str:
@@ -306,6 +307,7 @@ class Collection:
             max_passages=settings.max_passages,
             overlap=settings.passage_overlap,
             batch_size=batch_size,
+            prompt=self.embedder.prompt(role="document"),
         )
         if self.pairs is not None:
             token_ids = self.pairs.tokenize_stored(texts)

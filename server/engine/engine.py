@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from tandem import __version__
-from tandem.artifact import Manifest
+from tandem.artifact import Manifest, UnknownPrompt
 from tandem.runtimes import RuntimeFit
 from tandem.server.engine.batcher import RerankBatcher
 from tandem.server.engine.collection import Collection
@@ -397,9 +397,13 @@ class Engine:
         check_embed(request, self.settings)
         embedder = self.searcher.embedder
         started = time.perf_counter()
+        try:
+            prompt = embedder.prompt(request.prompt_name, role=request.role)
+        except UnknownPrompt as error:
+            raise InvalidArgument(str(error)) from error
         lane = "ingest" if bulk_embed(len(request.texts), self.settings) else "query"
         vectors, truncated, tokens = await self.lanes.run(
-            lane, embedder.encode_counted, list(request.texts)
+            lane, lambda: embedder.encode_counted(list(request.texts), prompt=prompt)
         )
         if not request.truncate and truncated.any():
             raise InvalidArgument(

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tandem.artifact import Role
 from tandem.server.engine.errors import InvalidArgument
 from tandem.server.engine.fusion import FirstStage, Fusion
 from tandem.server.engine.search import DocumentRef, Mode
@@ -62,6 +63,10 @@ class RerankRequest:
 class EmbedRequest:
     texts: Sequence[str]
     truncate: bool = True
+    # Which of the bi-encoder's prompts goes before each text: the one named, else the
+    # role's (query or document), else its default (artifact.Prompts.resolve).
+    prompt_name: str | None = None
+    role: Role | None = None
 
 
 @dataclass(frozen=True)

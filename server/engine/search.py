@@ -297,7 +297,7 @@ class Searcher:
         """(vector, truncated); runs on the query lane, which also owns the cache."""
         entry = self.cache.get(query)
         if entry is None:
-            batch = self.embedder.tokenize([query])
+            batch = self.embedder.tokenize([query], prompt=self.embedder.prompt(role="query"))
             entry = (self.embedder.forward(batch)[0], bool(batch.truncated[0]))
             self.cache.put(query, entry)
         return entry

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from tandem.artifact import Role
 from tandem.server.engine.engine import Call, Engine
 from tandem.server.engine.errors import InvalidArgument
 from tandem.server.engine.requests import EmbedRequest, RerankRequest, bulk_embed
@@ -32,6 +33,12 @@ from tandem.server.http.native import passage_body
 
 NO_BUDGET_MS = 0
 JINA_PREFIX = "jina"
+# Cohere's input types that are a query or a document; the tasks are prompt names in
+# models trained with one per task (nomic-embed: classification, clustering).
+COHERE_ROLES: dict[str, Role] = {"search_query": "query", "search_document": "document"}
+COHERE_TASKS = ("classification", "clustering")
+# OpenAI's embeddings have no input_type; Voyage's and NVIDIA NIM's, on the same path, do.
+OPENAI_ROLES: dict[str, Role] = {"query": "query", "document": "document", "passage": "document"}
 ROOT_BODIES = 'send {"inputs": ...} to embed, or {"query": ..., "texts": [...]} to rerank'
 # The root route's body is TEI's embed or its rerank; the schema says so (the route itself
 # reads a plain object and picks).
@@ -164,7 +171,10 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
         async def work(call: Call) -> list[list[float]]:
             _check_tei_embed(request, engine)
             truncate = bool(request.option("truncate"))
-            embedded = await engine.embed(EmbedRequest(texts, truncate=truncate), call)
+            prompt_name = request.option("prompt_name")
+            embedded = await engine.embed(
+                EmbedRequest(texts, truncate=truncate, prompt_name=prompt_name), call
+            )
             return [vector.tolist() for vector in embedded.vectors]
 
         queued = not bulk_embed(len(texts), engine.settings)
@@ -199,8 +209,12 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
             texts = _cohere_texts(request)
             kinds = request.embedding_types or (["float"] if version == "2" else None)
             _check_cohere_embed(request, kinds, engine)
+            prompt_name, role = _cohere_prompt(request.input_type, engine)
             embedded = await engine.embed(
-                EmbedRequest(texts, truncate=request.truncate != "NONE"), call
+                EmbedRequest(
+                    texts, truncate=request.truncate != "NONE", prompt_name=prompt_name, role=role
+                ),
+                call,
             )
             vectors = np.asarray(embedded.vectors, dtype=np.float32)
             meta = s.CohereEmbedMeta(
@@ -251,7 +265,8 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
                     f"dimensions={request.dimensions}: this model's embeddings have "
                     f"{engine_dimension(engine)}; leave dimensions out"
                 )
-            embedded = await engine.embed(EmbedRequest(texts), call)
+            role = OPENAI_ROLES[request.input_type] if request.input_type is not None else None
+            embedded = await engine.embed(EmbedRequest(texts, role=role), call)
             vectors = encoded(embedded.vectors, request.encoding_format)
             data = [
                 s.OpenAIEmbedding(embedding=vector, index=i) for i, vector in enumerate(vectors)
@@ -307,11 +322,6 @@ def _check_tei_embed(request: s.TeiEmbedRequest, engine: Engine) -> None:
             "normalize=false: this bi-encoder's artifact returns unit vectors only; "
             "send normalize=true"
         )
-    if request.option("prompt_name") is not None:
-        raise InvalidArgument(
-            f"prompt_name={request.option('prompt_name')!r}: this bi-encoder's artifact "
-            "carries no prompts; leave prompt_name out"
-        )
     if str(request.option("truncation_direction") or "right").lower() != "right":
         raise InvalidArgument(
             "truncation_direction=Left: a long text loses its end here; send Right or leave it out"
@@ -346,6 +356,23 @@ def _cohere_texts(request: s.CohereEmbedRequest) -> list[str]:
             )
         texts.append(part.text)
     return texts
+
+
+def _cohere_prompt(input_type: str | None, engine: Engine) -> tuple[str | None, Role | None]:
+    """Cohere's input_type as (prompt name, role): search_query and search_document are the
+    query and document roles; classification and clustering name the artifact's prompt of
+    that name where it has one (nomic-embed's do), else its default."""
+    if input_type is None:
+        return None, None
+    if input_type in COHERE_ROLES:
+        return None, COHERE_ROLES[input_type]
+    if input_type in COHERE_TASKS:
+        known = input_type in engine.models.bi_encoder.prompts.texts
+        return (input_type if known else None), None
+    raise InvalidArgument(
+        f"input_type={input_type!r}: send one of {', '.join([*COHERE_ROLES, *COHERE_TASKS])} "
+        "(Tandem embeds text, not images)"
+    )
 
 
 def _check_cohere_embed(

@@ -227,4 +227,6 @@ def _model(manifest: Manifest, fit: RuntimeFit | None) -> dict[str, Any]:
         "parity_thresholds": manifest.parity.thresholds if manifest.parity else {},
         # What `tandem train` measured on its held-out queries, for a reranker it trained.
         "held_out": manifest.extra.get("training", {}).get("held_out"),
+        "prompts": manifest.prompts.texts,
+        **manifest.prompts.chosen_names(),
     }

@@ -139,7 +139,8 @@ class TeiEmbedRequest(BaseModel):
     truncate: bool | None = Field(default=None, description="default false: too long is a 400")
     normalize: bool | None = Field(default=None, description="default true (unit vectors)")
     prompt_name: str | None = Field(
-        default=None, description="refused: the artifact carries no prompts"
+        default=None,
+        description="one of the bi-encoder's prompts (GET /info); default: its default prompt",
     )
     truncation_direction: TeiDirection | None = Field(
         default=None, description="Right only: a long text loses its end"
@@ -187,7 +188,9 @@ class CohereEmbedRequest(BaseModel):
     model: str | None = Field(default=None, description="accepted; the server's model answers")
     input_type: str | None = Field(
         default=None,
-        description="accepted: the bi-encoder embeds queries and documents alike (no prompts)",
+        description="search_query and search_document get the bi-encoder's query and "
+        "document prompts (as Search and Upsert do); classification and clustering its prompt "
+        "of that name, where it has one",
     )
     embedding_types: list[CohereEmbeddingType] | None = Field(
         default=None,
@@ -243,6 +246,11 @@ class OpenAIEmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    input_type: Literal["query", "document", "passage"] | None = Field(
+        default=None,
+        description="not OpenAI's: Voyage's and NVIDIA NIM's; picks the bi-encoder's query "
+        "or document prompt. Default: its default prompt",
+    )
 
 
 class OpenAIEmbedding(BaseModel):
