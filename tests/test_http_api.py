@@ -29,6 +29,7 @@ from langchain_core.retrievers import BaseRetriever
 from serving import HTTP_TIMEOUT, ServerThread, document, get, post, settings_for, upsert
 
 from tandem.benchmarks.http_overhead import server_timing_ms
+from tandem.tokens import load_tokenizer
 from tandem.v1 import tandem_pb2 as pb
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -223,6 +224,55 @@ def test_tei_rerank_and_embed_match_grpc(server, base, case, data) -> None:
     one = post(f"{base}/embed", json={"inputs": "a single input"}).json()
     assert len(one) == 1
     assert len(one[0]) == want.dimension
+
+
+def test_infinity_rerank_on_the_tei_path_matches_grpc(server, base, case, ce_int8) -> None:
+    """LiteLLM's infinity/ provider posts Cohere's fields to {api_base}/rerank and reads
+    Infinity's reply: scores as sigmoids (logits with raw_scores), documents as strings."""
+    query, texts = case
+    expected = grpc_rerank(server, query, texts)[:5]
+    body = {"model": "infinity/rerank", "query": query, "documents": texts, "top_n": 5}
+    reply = post(f"{base}/rerank", json={**body, "return_documents": True})
+    assert reply.status_code == 200, reply.text
+    answer = reply.json()
+    assert set(answer) == {"object", "results", "model", "usage", "id", "created"}
+    assert (answer["object"], answer["model"]) == ("rerank", "infinity/rerank")
+    assert [r["index"] for r in answer["results"]] == [r.index for r in expected]
+    for got, want in zip(answer["results"], expected, strict=True):
+        assert got["relevance_score"] == pytest.approx(want.probability, rel=1e-6)
+        assert got["document"] == texts[got["index"]]
+    raw = post(f"{base}/rerank", json={**body, "raw_scores": True}).json()["results"]
+    assert [r["relevance_score"] for r in raw] == pytest.approx(
+        [r.relevance_score for r in expected]
+    )
+    assert "document" not in raw[0]
+    # Usage: the tokens of every pair the reranker read, as its own tokenizer counts them.
+    short = ["Paris is the capital of France.", "Berlin is in Germany.", "The sky is blue."]
+    usage = post(f"{base}/rerank", json={"query": "capital of France", "documents": short}).json()[
+        "usage"
+    ]
+    tokenizer = load_tokenizer(ce_int8[0], max_length=ce_int8[1].max_length)
+    pairs = tokenizer.encode_batch([("capital of France", text) for text in short])
+    tokens = sum(len(pair.ids) for pair in pairs)
+    assert usage == {"prompt_tokens": tokens, "total_tokens": tokens}
+    refused = post(f"{base}/rerank", json={"query": query, "documents": texts, "top_n": 0})
+    assert refused.status_code == 400
+    assert "top_n" in refused.text
+
+
+def test_openai_sdk_lists_the_served_models(server, base, bi_int8, ce_int8, request) -> None:
+    client = openai.OpenAI(api_key="unused", base_url=f"{base}/v1")
+    request.addfinalizer(client.close)
+    listed = client.models.list().data
+    assert [(model.id, model.owned_by) for model in listed] == [
+        (bi_int8[1].source, "tandem"),
+        (ce_int8[1].source, "tandem"),
+    ]
+    assert [model.capabilities for model in listed] == [["embed"], ["rerank"]]  # type: ignore[attr-defined]
+    bare = get(f"{base}/models").json()["data"]
+    assert [(model["id"], model["created"]) for model in bare] == [
+        (model.id, model.created) for model in listed
+    ]
 
 
 def test_huggingface_inference_client_embeds_and_reranks_at_the_root(
@@ -499,6 +549,7 @@ def test_every_reply_says_the_servers_own_time(base, case) -> None:
         ("/v2/rerank", {"query": "q", "documents": ["d"], "top_n": 0}, "message"),
         ("/v1/rerank", {"query": "q", "documents": ["d"], "rank_fields": ["title"]}, "message"),
         ("/rerank", {"query": "q", "texts": [1, 2]}, "error"),
+        ("/rerank", {"query": "q", "documents": "one text"}, "error"),
         ("/embed", {"inputs": []}, "error"),
         ("/embed", {"inputs": "x", "normalize": False}, "error"),
         ("/embed", {"inputs": "x", "prompt_name": "query"}, "error"),

@@ -181,6 +181,9 @@ class Result:
     dense_candidates: int = 0  # candidates the dense side found (both sides: counted in each)
     lexical_candidates: int = 0
     reranker_id: str = ""  # the model that scored the hits; "" where none was reranked
+    # Tokens of every pair the reranker scored (query, document and special tokens): what
+    # Infinity's and Jina's shapes report as usage.
+    pair_tokens: int = 0
 
     @property
     def truncated(self) -> bool:
@@ -707,7 +710,7 @@ class Searcher:
             pairs = slot.pairs
             deadline = None if not budget_s else arrived + budget_s
             sent = client_texts if client_texts is not None else [False] * len(candidates)
-            read, best = await self._score_within(
+            read, best, pair_tokens = await self._score_within(
                 slot, query, candidates, sent, deadline=deadline, truncate=truncate,
                 document_cap=document_cap, min_rerank=min_rerank, reading=reading,
                 timings=timings,
@@ -740,7 +743,7 @@ class Searcher:
             cut = any(windows.cut for windows in read)
             return Result(
                 hits, reranked, len(candidates), query_truncated, timings, cut,
-                reranker_id=slot.id,
+                reranker_id=slot.id, pair_tokens=pair_tokens,
             )  # fmt: skip
 
     async def _score_within(
@@ -756,11 +759,12 @@ class Searcher:
         min_rerank: int,
         reading: Reading,
         timings: dict[str, float],
-    ) -> tuple[list[Windows], list[DocumentScore]]:
+    ) -> tuple[list[Windows], list[DocumentScore], int]:
         """Reads the candidates in order and scores their pairs by the deadline, in rounds:
         each reads what the time left can reach (``_windows``) and scores it, and one
         whose pairs all scored with time to spare (the rate was overestimated) reads on.
-        Returns each candidate's windows (``UNREAD`` past the last round) and best score.
+        Returns each candidate's windows (``UNREAD`` past the last round), its best score,
+        and the tokens of the pairs scored.
 
         A later round's documents queue after the earlier rounds' later windows, so under
         MaxP "every first window before any second one" holds within a round."""
@@ -817,7 +821,13 @@ class Searcher:
         read += [UNREAD] * (len(candidates) - len(read))
         joined = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
         counts = [len(windows.pairs) for windows in read]
-        return read, best_per_document(counts, order, joined, ~np.isnan(joined))
+        scored = ~np.isnan(joined)
+        tokens = sum(
+            len(read[document].pairs[window])
+            for (document, window), done in zip(order, scored, strict=True)
+            if done
+        )
+        return read, best_per_document(counts, order, joined, scored), tokens
 
 
 def _chunk(total: int, done: int, reached: float, reach: int | None, at_least: int) -> int:

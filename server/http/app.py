@@ -46,6 +46,8 @@ DIALECTS = {
     "/embed": Dialect.TEI,
     "/v1/embeddings": Dialect.OPENAI,
     "/embeddings": Dialect.OPENAI,
+    "/v1/models": Dialect.OPENAI,
+    "/models": Dialect.OPENAI,
 }
 
 

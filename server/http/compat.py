@@ -10,17 +10,19 @@ default; TEI's ``raw_scores`` returns the logit.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from datetime import datetime
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Body
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
-from tandem.artifact import Role
+from tandem.artifact import Manifest, Role
 from tandem.server.engine.engine import Call, Engine
 from tandem.server.engine.errors import InvalidArgument
 from tandem.server.engine.requests import EmbedRequest, RerankRequest, bulk_embed
@@ -31,6 +33,8 @@ from tandem.server.http.encodings import UNIT_TYPES, encoded
 from tandem.server.http.errors import Dialect
 from tandem.server.http.native import passage_body
 
+Body_T = TypeVar("Body_T", bound=BaseModel)
+
 NO_BUDGET_MS = 0
 JINA_PREFIX = "jina"
 # Cohere's input types that are a query or a document; the tasks are prompt names in
@@ -40,23 +44,19 @@ COHERE_TASKS = ("classification", "clustering")
 # OpenAI's embeddings have no input_type; Voyage's and NVIDIA NIM's, on the same path, do.
 OPENAI_ROLES: dict[str, Role] = {"query": "query", "document": "document", "passage": "document"}
 ROOT_BODIES = 'send {"inputs": ...} to embed, or {"query": ..., "texts": [...]} to rerank'
+
+
 # The root route's body is TEI's embed or its rerank; the schema says so (the route itself
 # reads a plain object and picks).
-_ONE_OF_TEI_BODIES: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "oneOf": [
-                        {"$ref": "#/components/schemas/TeiEmbedRequest"},
-                        {"$ref": "#/components/schemas/TeiRerankRequest"},
-                    ]
-                }
-            }
-        },
+def _one_of_bodies(*schemas: str) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads a plain object and picks its shape."""
+    refs = [{"$ref": f"#/components/schemas/{schema}"} for schema in schemas]
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"oneOf": refs}}},
+        }
     }
-}
 
 
 def _scored(result: Result) -> None:
@@ -68,8 +68,32 @@ def _scored(result: Result) -> None:
 def router(engine: Engine, calls: Calls) -> APIRouter:
     routes = APIRouter()
 
+    async def rerank_documents(
+        request: s.CohereRerankRequest, call: Call, *, return_documents: bool
+    ) -> Result:
+        """Cohere's fields (Jina's and Infinity's are theirs) as the engine's Rerank."""
+        if request.rank_fields not in (None, ["text"]):
+            raise InvalidArgument(
+                f"rank_fields {request.rank_fields} is not supported: Tandem ranks the "
+                "`text` field only"
+            )
+        result = await engine.rerank(
+            RerankRequest(
+                query=request.query,
+                documents=[DocumentRef(text=text) for text in _document_texts(request)],
+                top_n=request.top_n,
+                rerank_budget_ms=NO_BUDGET_MS,
+                return_documents=return_documents,
+                max_tokens_per_doc=request.max_tokens_per_doc,
+                max_chunks_per_doc=request.max_chunks_per_doc,
+            ),
+            call,
+        )
+        _scored(result)
+        return result
+
     async def cohere(request: s.CohereRerankRequest, version: str) -> Response:
-        texts = [d if isinstance(d, str) else d.text for d in request.documents]
+        texts = _document_texts(request)
         model = request.model or ""
         return_documents = (
             request.return_documents
@@ -78,24 +102,7 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
         )
 
         async def work(call: Call) -> s.CohereRerankResponse:
-            if request.rank_fields not in (None, ["text"]):
-                raise InvalidArgument(
-                    f"rank_fields {request.rank_fields} is not supported: Tandem ranks the "
-                    "`text` field only"
-                )
-            result = await engine.rerank(
-                RerankRequest(
-                    query=request.query,
-                    documents=[DocumentRef(text=text) for text in texts],
-                    top_n=request.top_n,
-                    rerank_budget_ms=NO_BUDGET_MS,
-                    return_documents=return_documents,
-                    max_tokens_per_doc=request.max_tokens_per_doc,
-                    max_chunks_per_doc=request.max_chunks_per_doc,
-                ),
-                call,
-            )
-            _scored(result)
+            result = await rerank_documents(request, call, return_documents=return_documents)
             return s.CohereRerankResponse(
                 id=str(uuid.uuid4()),
                 results=[
@@ -180,9 +187,48 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
         queued = not bulk_embed(len(texts), engine.settings)
         return await calls.run(Dialect.TEI, work, queued=queued)
 
-    @routes.post("/rerank", response_model=list[s.TeiRank], tags=["rerank"], summary="TEI rerank")
-    async def tei_rerank_route(request: s.TeiRerankRequest) -> Response:
-        return await tei_rerank(request)
+    async def infinity_rerank(request: s.InfinityRerankRequest) -> Response:
+        texts = _document_texts(request)
+        return_documents = bool(request.return_documents)
+
+        async def work(call: Call) -> s.InfinityRerankResponse:
+            result = await rerank_documents(request, call, return_documents=return_documents)
+            return s.InfinityRerankResponse(
+                results=[
+                    s.InfinityRerankResult(
+                        relevance_score=(
+                            hit.rerank_score if request.raw_scores else hit.probability
+                        )
+                        or 0.0,
+                        index=hit.stage1_rank,
+                        document=texts[hit.stage1_rank] if return_documents else None,
+                    )
+                    for hit in result.hits
+                ],
+                model=request.model or _reranker_name(engine),
+                usage=s.InfinityUsage(
+                    prompt_tokens=result.pair_tokens, total_tokens=result.pair_tokens
+                ),
+                id=f"tandem-{uuid.uuid4()}",
+                created=int(time.time()),
+            )
+
+        return await calls.run(Dialect.OPENAI, work, queued=True)
+
+    @routes.post(
+        "/rerank",
+        response_model=list[s.TeiRank] | s.InfinityRerankResponse,
+        response_model_exclude_none=True,
+        tags=["rerank"],
+        summary="TEI rerank ({query, texts}), or Infinity's ({query, documents})",
+        description="TEI's body answers in TEI's shape; Infinity's (Cohere's fields, which "
+        "LiteLLM's infinity/ provider sends) in Infinity's, documents as strings.",
+        openapi_extra=_one_of_bodies("TeiRerankRequest", "InfinityRerankRequest"),
+    )
+    async def tei_rerank_route(payload: dict[str, Any] = Body()) -> Response:  # noqa: B008
+        if "documents" in payload and "texts" not in payload:
+            return await infinity_rerank(_validated(s.InfinityRerankRequest, payload))
+        return await tei_rerank(_validated(s.TeiRerankRequest, payload))
 
     @routes.post("/embed", response_model=list[list[float]], tags=["embed"], summary="TEI embed")
     async def tei_embed_route(request: s.TeiEmbedRequest) -> Response:
@@ -196,7 +242,7 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
         description="Where huggingface_hub's InferenceClient (Haystack's and LlamaIndex's "
         "Hugging Face API embedders) posts when given this server's URL. TEI answers here "
         "for the one model it serves; Tandem serves two, so the body's fields choose.",
-        openapi_extra=_ONE_OF_TEI_BODIES,
+        openapi_extra=_one_of_bodies("TeiEmbedRequest", "TeiRerankRequest"),
     )
     async def tei_root(payload: dict[str, Any] = Body()) -> Response:  # noqa: B008
         request = _tei_root_request(payload)
@@ -291,7 +337,39 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
     async def openai_bare(request: s.OpenAIEmbeddingRequest) -> Response:
         return await openai(request)
 
+    @routes.get(
+        "/v1/models",
+        response_model=s.OpenAIModelList,
+        tags=["embed", "rerank"],
+        summary="OpenAI model list",
+        description="The bi-encoder and the reranker being served, by source; clients list "
+        "models to check a server, or to offer a choice. Any `model` a call sends is "
+        "accepted: the server's own models answer.",
+    )
+    async def models_v1() -> s.OpenAIModelList:
+        return _model_list(engine)
+
+    @routes.get("/models", response_model=s.OpenAIModelList, include_in_schema=False)
+    async def models_bare() -> s.OpenAIModelList:
+        return _model_list(engine)
+
     return routes
+
+
+def _model_list(engine: Engine) -> s.OpenAIModelList:
+    served: list[tuple[Manifest, s.Capability]] = [(engine.models.bi_encoder, "embed")]
+    if engine.models.reranker is not None:
+        served.append((engine.models.reranker, "rerank"))
+    return s.OpenAIModelList(
+        data=[
+            s.OpenAIModel(
+                id=manifest.source,
+                created=int(datetime.fromisoformat(manifest.created_at).timestamp()),
+                capabilities=[capability],
+            )
+            for manifest, capability in served
+        ]
+    )
 
 
 def engine_dimension(engine: Engine) -> int:
@@ -329,14 +407,23 @@ def _check_tei_embed(request: s.TeiEmbedRequest, engine: Engine) -> None:
 
 
 def _tei_root_request(payload: dict[str, Any]) -> s.TeiRerankRequest | s.TeiEmbedRequest:
+    if "query" in payload or "texts" in payload:
+        return _validated(s.TeiRerankRequest, payload)
+    if "inputs" in payload:
+        return _validated(s.TeiEmbedRequest, payload)
+    raise RequestValidationError([{"type": "value_error", "loc": (), "msg": ROOT_BODIES}])
+
+
+def _validated(schema: type[Body_T], payload: dict[str, Any]) -> Body_T:
+    """``payload`` as ``schema``, refused as FastAPI refuses a body it read itself."""
     try:
-        if "query" in payload or "texts" in payload:
-            return s.TeiRerankRequest.model_validate(payload)
-        if "inputs" in payload:
-            return s.TeiEmbedRequest.model_validate(payload)
+        return schema.model_validate(payload)
     except ValidationError as error:
         raise RequestValidationError(error.errors()) from error
-    raise RequestValidationError([{"type": "value_error", "loc": (), "msg": ROOT_BODIES}])
+
+
+def _document_texts(request: s.CohereRerankRequest) -> list[str]:
+    return [d if isinstance(d, str) else d.text for d in request.documents]
 
 
 def _cohere_texts(request: s.CohereEmbedRequest) -> list[str]:

@@ -52,6 +52,33 @@ class CohereRerankRequest(BaseModel):
     )
 
 
+class InfinityRerankRequest(CohereRerankRequest):
+    """Infinity's rerank (LiteLLM's ``infinity/`` provider posts here): Cohere's fields on
+    ``/rerank``, with ``raw_scores``; documents come back as strings when asked for."""
+
+    raw_scores: bool = Field(default=False, description="the logit instead of the sigmoid")
+
+
+class InfinityRerankResult(BaseModel):
+    relevance_score: float
+    index: int
+    document: str | None = None
+
+
+class InfinityUsage(BaseModel):
+    prompt_tokens: int = Field(description="the tokens of every pair the reranker read")
+    total_tokens: int
+
+
+class InfinityRerankResponse(BaseModel):
+    object: Literal["rerank"] = "rerank"
+    results: list[InfinityRerankResult]
+    model: str
+    usage: InfinityUsage
+    id: str
+    created: int
+
+
 class CohereDocument(BaseModel):
     text: str
 
@@ -401,3 +428,22 @@ class FeedbackBody(BaseModel):
 class FeedbackReply(BaseModel):
     recorded: int
     total: int = Field(description="labels the collection holds in all")
+
+
+# OpenAI's model list (Infinity and vLLM serve it too; clients list models to check a server)
+
+
+Capability = Literal["embed", "rerank"]
+
+
+class OpenAIModel(BaseModel):
+    id: str = Field(description="the model's source, as its manifest records it")
+    object: Literal["model"] = "model"
+    created: int = Field(description="when it was exported (Unix seconds)")
+    owned_by: Literal["tandem"] = "tandem"
+    capabilities: list[Capability]
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
