@@ -65,6 +65,7 @@ from tandem.export.source import (
 from tandem.export.texts import passages, rerank_cases
 from tandem.export.verify import Sample, verify_folder
 from tandem.rag24 import Rag24
+from tandem.tokens import crowding_prompt
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +167,15 @@ def _prompts(request: ExportRequest, source: ModelSource) -> Prompts:
 def _check_prompts_fit(source: ModelSource, prompts: Prompts, *, max_length: int) -> None:
     """Refuses, before any work, a prompt that would leave no room for text (the server
     would refuse to open the artifact)."""
-    tokenizer = load_tokenizer(source.path, max_length=max_length)
-    room = max_length - len(tokenizer.encode("").ids)
-    tokenizer.no_truncation()
-    for name, text in sorted(prompts.texts.items()):
-        tokens = len(tokenizer.encode(text, add_special_tokens=False).ids)
-        if tokens >= room:
-            raise UsageError(
-                f"prompt {name!r} takes {tokens} of the {max_length} tokens the model reads, "
-                "leaving none for the text: shorten it, or raise --max-length"
-            )
+    whole = load_tokenizer(source.path, max_length=max_length)
+    whole.no_truncation()
+    crowded = crowding_prompt(whole, prompts.texts, max_length=max_length)
+    if crowded is not None:
+        name, tokens = crowded
+        raise UsageError(
+            f"prompt {name!r} takes {tokens} of the {max_length} tokens the model reads, "
+            "leaving none for the text: shorten it, or raise --max-length"
+        )
 
 
 def _build(

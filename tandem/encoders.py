@@ -22,6 +22,7 @@ from tandem.devices import BackendChoice, CpuPrecision, DeviceSpec, TorchDtype
 from tandem.runtimes import Runtime, choose_backend, open_runtime, unread_files
 from tandem.tokens import (
     TokenBatch,
+    crowding_prompt,
     load_tokenizer,
     pad_encodings,
     pad_rows,
@@ -107,13 +108,16 @@ class BiEncoder(Encoder):
         self.whole.no_truncation()
         self.width = self.manifest.max_length - len(self.tokenizer.encode("").ids)
         self.prompts = self.manifest.prompts
-        for name, text in self.prompts.texts.items():
-            if (tokens := self._prompt_tokens(text)) >= self.width:
-                raise ArtifactError(
-                    f"prompt {name!r} takes {tokens} of the "
-                    f"{self.manifest.max_length} tokens this bi-encoder reads, leaving none "
-                    "for the text; export it with a larger --max-length or a shorter prompt"
-                )
+        crowded = crowding_prompt(
+            self.whole, self.prompts.texts, max_length=self.manifest.max_length
+        )
+        if crowded is not None:
+            name, tokens = crowded
+            raise ArtifactError(
+                f"prompt {name!r} takes {tokens} of the {self.manifest.max_length} tokens "
+                "this bi-encoder reads, leaving none for the text; export it with a larger "
+                "--max-length or a shorter prompt"
+            )
 
     def prompt(self, name: str | None = None, *, role: Role | None = None) -> str:
         """The text put before each input: the prompt named, else the role's, else the

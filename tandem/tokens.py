@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +62,20 @@ def load_tokenizer(folder: Path, *, max_length: int) -> Tokenizer:
     # sentence-transformers reference on overlong pairs.
     tokenizer.enable_truncation(max_length, strategy="longest_first")
     return tokenizer
+
+
+def crowding_prompt(
+    whole: Tokenizer, prompts: Mapping[str, str], *, max_length: int
+) -> tuple[str, int] | None:
+    """The first prompt (by name) whose tokens leave no room for text within ``max_length``
+    once the special tokens are placed, with its token count; None when every one fits.
+    ``whole`` must not truncate, or a long prompt would be counted short."""
+    room = max_length - len(whole.encode("").ids)
+    for name, text in sorted(prompts.items()):
+        tokens = len(whole.encode(text, add_special_tokens=False).ids)
+        if tokens >= room:
+            return name, tokens
+    return None
 
 
 def pad_rows(

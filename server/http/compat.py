@@ -69,9 +69,10 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
     routes = APIRouter()
 
     async def rerank_documents(
-        request: s.CohereRerankRequest, call: Call, *, return_documents: bool
+        request: s.CohereRerankRequest, texts: list[str], call: Call, *, return_documents: bool
     ) -> Result:
-        """Cohere's fields (Jina's and Infinity's are theirs) as the engine's Rerank."""
+        """Cohere's fields (Jina's and Infinity's are theirs) as the engine's Rerank;
+        ``texts``: the request's documents (``_document_texts``)."""
         if request.rank_fields not in (None, ["text"]):
             raise InvalidArgument(
                 f"rank_fields {request.rank_fields} is not supported: Tandem ranks the "
@@ -80,7 +81,7 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
         result = await engine.rerank(
             RerankRequest(
                 query=request.query,
-                documents=[DocumentRef(text=text) for text in _document_texts(request)],
+                documents=[DocumentRef(text=text) for text in texts],
                 top_n=request.top_n,
                 rerank_budget_ms=NO_BUDGET_MS,
                 return_documents=return_documents,
@@ -102,7 +103,7 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
         )
 
         async def work(call: Call) -> s.CohereRerankResponse:
-            result = await rerank_documents(request, call, return_documents=return_documents)
+            result = await rerank_documents(request, texts, call, return_documents=return_documents)
             return s.CohereRerankResponse(
                 id=str(uuid.uuid4()),
                 results=[
@@ -192,7 +193,7 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
         return_documents = bool(request.return_documents)
 
         async def work(call: Call) -> s.InfinityRerankResponse:
-            result = await rerank_documents(request, call, return_documents=return_documents)
+            result = await rerank_documents(request, texts, call, return_documents=return_documents)
             return s.InfinityRerankResponse(
                 results=[
                     s.InfinityRerankResult(
