@@ -58,12 +58,14 @@ from tandem.export.source import (
     ModelSource,
     check_kind,
     default_max_length,
+    matryoshka_sizes,
     resolve,
     sentence_transformers_pooling,
     sentence_transformers_prompts,
 )
 from tandem.export.texts import passages, rerank_cases
 from tandem.export.verify import Sample, verify_folder
+from tandem.matryoshka import Matryoshka
 from tandem.rag24 import Rag24
 from tandem.tokens import crowding_prompt
 
@@ -98,6 +100,8 @@ class ExportRequest:
     # A bi-encoder's prompts by name, over the checkpoint's own, and the one used by default.
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
+    # The prefix sizes the model was trained to be cut to, over its config.json's.
+    matryoshka: Matryoshka | None = None
 
 
 def default_runtime(precision: Precision, flags: frozenset[str] | None = None) -> GraphRuntime:
@@ -134,6 +138,7 @@ def export_model(request: ExportRequest, data: Rag24) -> Manifest:
     check_kind(source, request.kind)
     check_output(request.out, source, force=request.force)
     prompts = _prompts(request, source)
+    matryoshka = _matryoshka(request, source)
     max_length = request.max_length or default_max_length(source, request.kind)
     if not 1 <= max_length <= source.max_positions:
         raise UsageError(
@@ -143,7 +148,10 @@ def export_model(request: ExportRequest, data: Rag24) -> Manifest:
     request.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{request.out.name}.partial-", dir=request.out.parent))
     try:
-        _build(request, source, staging, data, max_length=max_length, prompts=prompts)
+        _build(
+            request, source, staging, data,
+            max_length=max_length, prompts=prompts, matryoshka=matryoshka,
+        )  # fmt: skip
         _publish(staging / "artifact", request.out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -162,6 +170,14 @@ def _prompts(request: ExportRequest, source: ModelSource) -> Prompts:
     if request.prompts or request.default_prompt_name is not None:
         raise UsageError("prompts are a bi-encoder's; a cross-encoder reads (query, document)")
     return Prompts()
+
+
+def _matryoshka(request: ExportRequest, source: ModelSource) -> Matryoshka | None:
+    if request.kind == "bi-encoder":
+        return matryoshka_sizes(source, request.matryoshka)
+    if request.matryoshka is not None:
+        raise UsageError("Matryoshka sizes are a bi-encoder's; a cross-encoder returns a score")
+    return None
 
 
 def _check_prompts_fit(source: ModelSource, prompts: Prompts, *, max_length: int) -> None:
@@ -186,6 +202,7 @@ def _build(
     *,
     max_length: int,
     prompts: Prompts,
+    matryoshka: Matryoshka | None,
 ) -> Manifest:
     raw_dir = staging / "raw"
     log.info("exporting %s (%s) to ONNX, opset %d", source.spec, request.kind, request.opset)
@@ -224,6 +241,7 @@ def _build(
         extra={"source_revision": source.revision} if source.revision else {},
         runtime=runtime,
         prompts=prompts,
+        matryoshka=matryoshka,
     )
     # The FP32 graph is written first: calibration compares INT8 candidates with it.
     if runtime == "openvino":

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from tandem.artifact import Kind, Pooling, PoolingMode, Prompts
-from tandem.export.errors import InvalidSource, UnsupportedModel
+from tandem.export.errors import InvalidSource, UnsupportedModel, UsageError
+from tandem.matryoshka import Matryoshka, check_sizes
 
 # Families whose ONNX export, tokenizer and transformer fusion we know. Each entry is the
 # `model_type` in config.json.
@@ -212,6 +213,31 @@ def sentence_transformers_prompts(
             f"{chosen_default}=TEXT"
         )
     return Prompts(texts=texts, default_name=chosen_default)
+
+
+def matryoshka_sizes(source: ModelSource, override: Matryoshka | None) -> Matryoshka | None:
+    """The prefix sizes the checkpoint was trained to be cut to, read from ``config.json`` as
+    vLLM reads them (``matryoshka_dimensions``; ``is_matryoshka`` alone: any size), unless the
+    export's ``--matryoshka-dimensions`` gives them. Few checkpoints say so in their config;
+    a model card that does is what the flag is for."""
+    chosen = override
+    if chosen is None:
+        listed = source.config.get("matryoshka_dimensions")
+        if isinstance(listed, list) and listed and all(isinstance(n, int) for n in listed):
+            chosen = Matryoshka(tuple(sorted(set(listed), reverse=True)))
+        elif source.config.get("is_matryoshka") is True:
+            chosen = Matryoshka()
+    if chosen is None:
+        return None
+    dimension = source.config.get("hidden_size")
+    if isinstance(dimension, int):
+        try:
+            check_sizes(chosen, dimension)
+        except ValueError as exc:
+            if override is not None:
+                raise UsageError(f"--matryoshka-dimensions: {exc}") from exc
+            raise InvalidSource(f"{source.spec}/config.json: {exc}") from exc
+    return chosen
 
 
 def _pooling_mode(config: dict[str, Any]) -> PoolingMode:

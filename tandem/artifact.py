@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from tandem.durable import sha256_file, write_text_atomically
+from tandem.matryoshka import Matryoshka
 
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
@@ -160,6 +161,8 @@ class Manifest:
     # The checkpoint's folder inside the artifact (fp16 safetensors), or None when not kept.
     checkpoint: str | None = None
     prompts: Prompts = field(default_factory=Prompts)
+    # The prefix sizes a bi-encoder was trained to be cut to; None: not a Matryoshka model.
+    matryoshka: Matryoshka | None = None
 
     @property
     def verified(self) -> bool:
@@ -242,6 +245,7 @@ def _manifest_from_dict(raw: dict[str, Any]) -> Manifest:
             runtime=cast(GraphRuntime, runtime),
             checkpoint=None if checkpoint is None else str(checkpoint),
             prompts=_prompts_from_dict(raw.get("prompts")),
+            matryoshka=_matryoshka_from_dict(raw.get("matryoshka")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"manifest.json is missing or has a malformed field: {exc}") from exc
@@ -260,6 +264,18 @@ def _prompts_from_dict(raw: Any) -> Prompts:
     if default is not None and default not in texts:
         raise ArtifactError(f"manifest prompts.default_name {default!r} names no prompt")
     return Prompts(texts=dict(texts), default_name=default)
+
+
+def _matryoshka_from_dict(raw: Any) -> Matryoshka | None:
+    """Manifests written before Matryoshka sizes existed have none."""
+    if raw is None:
+        return None
+    sizes = raw.get("sizes")
+    if sizes is None:
+        return Matryoshka()
+    if not isinstance(sizes, list) or not all(isinstance(size, int) for size in sizes):
+        raise ArtifactError("manifest matryoshka.sizes must be a list of integers, or null")
+    return Matryoshka(tuple(sizes))
 
 
 def hash_folder(folder: Path) -> dict[str, str]:

@@ -12,8 +12,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tandem import __version__
+
+if TYPE_CHECKING:
+    from tandem.matryoshka import Matryoshka
 
 EXIT_USAGE = 2
 
@@ -48,6 +52,7 @@ BENCHES = {
     "long_documents": "whole RAG24 documents reranked by their first window or all (MaxP)",
     "rerank_depth": "passages a budgeted Rerank scores, by how many it sends (--against: A/B)",
     "bulk_embed": "an indexing job's Embed calls (OpenAI SDK) beside Searches (--against: A/B)",
+    "dimensions": "a bi-encoder's vectors cut to each prefix size (Matryoshka): RAG24 quality",
 }
 
 
@@ -102,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="NAME",
                 help="the prompt an Embed with neither a role nor a name gets; default: the "
                 "checkpoint's default_prompt_name, else none",
+            )
+            sub.add_argument(
+                "--matryoshka-dimensions",
+                type=_matryoshka_flag,
+                metavar="SIZES",
+                help="the prefix sizes the model was trained to be cut to (512,256,128, or "
+                "'any'), over config.json's matryoshka_dimensions: Embed serves "
+                "dimensions=N only for these. Only for a model trained with Matryoshka loss",
             )
         _add_verification_flags(sub)
     verify = kinds.add_parser("verify", help="re-measure an artifact's parity")
@@ -316,6 +329,15 @@ def _prompt_flag(value: str) -> tuple[str, str]:
     return name.strip(), text
 
 
+def _matryoshka_flag(value: str) -> Matryoshka:
+    from tandem.matryoshka import parse_sizes
+
+    try:
+        return parse_sizes(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from tandem import rag24
     from tandem.export.errors import ExportError
@@ -360,6 +382,7 @@ def _run_export(args: argparse.Namespace) -> int:
                     runtime=args.runtime,
                     prompts=dict(getattr(args, "prompt", [])),
                     default_prompt_name=getattr(args, "default_prompt_name", None),
+                    matryoshka=getattr(args, "matryoshka_dimensions", None),
                 ),
                 data,
             )

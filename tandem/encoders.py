@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from tandem.artifact import ArtifactError, Kind, Manifest, Role, check_files, open_checked
 from tandem.devices import BackendChoice, CpuPrecision, DeviceSpec, TorchDtype
+from tandem.matryoshka import Matryoshka
 from tandem.runtimes import Runtime, choose_backend, open_runtime, unread_files
 from tandem.tokens import (
     TokenBatch,
@@ -260,6 +261,17 @@ class BiEncoder(Encoder):
     @property
     def dimension(self) -> int:
         return self.runtime.output_width
+
+    @property
+    def matryoshka(self) -> Matryoshka | None:
+        """The prefix sizes this model was trained to be cut to; None: it was not."""
+        return self.manifest.matryoshka
+
+    @property
+    def normalizes(self) -> bool:
+        """Its vectors are unit length (sentence-transformers' Normalize)."""
+        pooling = self.manifest.pooling
+        return pooling is not None and pooling.normalize
 
 
 class CrossEncoder(Encoder):

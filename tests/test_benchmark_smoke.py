@@ -15,6 +15,7 @@ from tandem import relevance
 from tandem.benchmarks import (
     batcher,
     bulk_embed,
+    dimensions,
     encoders,
     http_overhead,
     load,
@@ -305,6 +306,21 @@ def test_stage1_benchmark_smoke(tmp_path, bi_int8, ce_int8) -> None:
     assert result["baseline"]["dense_held_out"] == {
         source: result["alone"]["held_out"][source]["dense"] for source in ("umbrela", "nist")
     }
+
+
+def test_dimensions_benchmark_smoke(tmp_path, bi_int8) -> None:
+    argv = ["--smoke", "--bi-encoder", str(bi_int8[0]), "--sizes", "128,64",
+            "--out", str(tmp_path / "dimensions.json")]  # fmt: skip
+    assert dimensions.main(bench_args(dimensions, argv)) == 0
+    result = json.loads((tmp_path / "dimensions_smoke.json").read_text())
+    rows = {(row["dimensions"], row["dtype"]): row for row in result["sizes"]}
+    assert set(rows) == {(size, dtype) for size in (384, 128, 64) for dtype in ("f32", "i8")}
+    assert rows[(128, "i8")]["bytes"] == 128
+    assert rows[(384, "f32")]["bytes"] == 1536
+    # The full f32 vector is the baseline: against itself it differs by exactly 0.
+    against_itself = rows[(384, "f32")]["umbrela"]["against_full_f32"]
+    assert against_itself["ndcg@10"]["mean_difference"] == 0
+    assert 0 <= rows[(64, "i8")]["umbrela"]["recall@20"] <= 1
 
 
 def test_paired_test_finds_a_consistent_difference_and_not_noise() -> None:

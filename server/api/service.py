@@ -20,6 +20,7 @@ from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
 from tandem.artifact import Manifest, Role
+from tandem.matryoshka import advertised
 from tandem.runtimes import RuntimeFit
 from tandem.server.admission import Gate
 from tandem.server.api.status import rich_status
@@ -274,6 +275,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                     truncate=_get(message, "truncate") is not False,
                     prompt_name=_get(message, "prompt_name"),
                     role=_role(message.input_type),
+                    dimensions=_get(message, "dimensions"),
                 ),
                 call,
             )
@@ -495,6 +497,8 @@ def _model_info(manifest: Manifest, fit: RuntimeFit | None) -> pb.ModelInfo:
     )
     for name, value in manifest.prompts.chosen_names().items():
         setattr(info, name, value)
+    sizes, info.matryoshka_any_size = advertised(manifest.matryoshka)
+    info.matryoshka_dimensions.extend(sizes)
     if fit is not None:
         info.runtime, info.inference_precision = fit.backend, fit.precision
         info.runtime_choice = fit.reason

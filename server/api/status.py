@@ -51,6 +51,7 @@ TABLE: tuple[tuple[type[RequestError], grpc.StatusCode], ...] = (
 NOT_ON_REQUEST_PATH: dict[str, str] = {
     "tandem.artifact.ArtifactError": "models are opened at start-up; the server refuses to start",
     "tandem.artifact.UnknownPrompt": "Engine.embed turns it into InvalidArgument",
+    "tandem.matryoshka.UnsupportedDimensions": "Engine.embed turns it into InvalidArgument",
     "tandem.runtimes.RuntimeUnavailable": "the runtime is chosen at start-up, which it stops",
     "tandem.rag24.DataUnavailable": "test data for export and benchmarks only",
     "tandem.server.engine.collection.CollectionError": "checked at start-up",

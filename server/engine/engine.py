@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 
 from tandem import __version__
 from tandem.artifact import Manifest, UnknownPrompt
+from tandem.matryoshka import UnsupportedDimensions, served_dimension, truncated
 from tandem.runtimes import RuntimeFit
 from tandem.server.engine.batcher import RerankBatcher
 from tandem.server.engine.collection import Collection
@@ -399,20 +400,22 @@ class Engine:
         started = time.perf_counter()
         try:
             prompt = embedder.prompt(request.prompt_name, role=request.role)
-        except UnknownPrompt as error:
+            size = served_dimension(request.dimensions, embedder.dimension, embedder.matryoshka)
+        except (UnknownPrompt, UnsupportedDimensions) as error:
             raise InvalidArgument(str(error)) from error
         lane = "ingest" if bulk_embed(len(request.texts), self.settings) else "query"
-        vectors, truncated, tokens = await self.lanes.run(
+        vectors, cut, tokens = await self.lanes.run(
             lane, lambda: embedder.encode_counted(list(request.texts), prompt=prompt)
         )
-        if not request.truncate and truncated.any():
+        if not request.truncate and cut.any():
             raise InvalidArgument(
-                f"texts[{int(np.flatnonzero(truncated)[0])}] is longer than the bi-encoder's "
+                f"texts[{int(np.flatnonzero(cut)[0])}] is longer than the bi-encoder's "
                 f"{embedder.manifest.max_length} tokens; shorten it, or allow truncate"
             )
         return Embedded(
-            vectors, truncated, embedder.dimension, {"embed": ms_since(started)}, tokens
-        )
+            truncated(vectors, size, normalize=embedder.normalizes),
+            cut, size, {"embed": ms_since(started)}, tokens,
+        )  # fmt: skip
 
     async def get(self, ids: list[str], call: Call) -> Fetched:
         wanted = unique_ids(ids, self.settings)

@@ -67,6 +67,8 @@ class EmbedRequest:
     # role's (query or document), else its default (artifact.Prompts.resolve).
     prompt_name: str | None = None
     role: Role | None = None
+    # A Matryoshka bi-encoder's vectors cut to this many components; None: the full size.
+    dimensions: int | None = None
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from tandem.artifact import Manifest, Role
+from tandem.matryoshka import UnsupportedDimensions, served_dimension
 from tandem.server.engine.engine import Call, Engine
 from tandem.server.engine.errors import InvalidArgument
 from tandem.server.engine.requests import EmbedRequest, RerankRequest, bulk_embed
@@ -179,10 +180,13 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
         async def work(call: Call) -> list[list[float]]:
             _check_tei_embed(request, engine)
             truncate = bool(request.option("truncate"))
-            prompt_name = request.option("prompt_name")
             embedded = await engine.embed(
-                EmbedRequest(texts, truncate=truncate, prompt_name=prompt_name), call
-            )
+                EmbedRequest(
+                    texts, truncate=truncate, prompt_name=request.option("prompt_name"),
+                    dimensions=request.option("dimensions"),
+                ),
+                call,
+            )  # fmt: skip
             return [vector.tolist() for vector in embedded.vectors]
 
         queued = not bulk_embed(len(texts), engine.settings)
@@ -259,7 +263,11 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
             prompt_name, role = _cohere_prompt(request.input_type, engine)
             embedded = await engine.embed(
                 EmbedRequest(
-                    texts, truncate=request.truncate != "NONE", prompt_name=prompt_name, role=role
+                    texts,
+                    truncate=request.truncate != "NONE",
+                    prompt_name=prompt_name,
+                    role=role,
+                    dimensions=request.output_dimension,
                 ),
                 call,
             )
@@ -307,13 +315,10 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
     async def openai(request: s.OpenAIEmbeddingRequest) -> Response:
         async def work(call: Call) -> s.OpenAIEmbeddingResponse:
             texts = _openai_texts(request.input)
-            if request.dimensions is not None and request.dimensions != engine_dimension(engine):
-                raise InvalidArgument(
-                    f"dimensions={request.dimensions}: this model's embeddings have "
-                    f"{engine_dimension(engine)}; leave dimensions out"
-                )
             role = OPENAI_ROLES[request.input_type] if request.input_type is not None else None
-            embedded = await engine.embed(EmbedRequest(texts, role=role), call)
+            embedded = await engine.embed(
+                EmbedRequest(texts, role=role, dimensions=request.dimensions), call
+            )
             vectors = encoded(embedded.vectors, request.encoding_format)
             data = [
                 s.OpenAIEmbedding(embedding=vector, index=i) for i, vector in enumerate(vectors)
@@ -371,10 +376,6 @@ def _model_list(engine: Engine) -> s.OpenAIModelList:
             for manifest, capability in served
         ]
     )
-
-
-def engine_dimension(engine: Engine) -> int:
-    return engine.searcher.embedder.dimension
 
 
 def _reranker_name(engine: Engine) -> str:
@@ -466,12 +467,14 @@ def _cohere_prompt(input_type: str | None, engine: Engine) -> tuple[str | None, 
 def _check_cohere_embed(
     request: s.CohereEmbedRequest, kinds: Sequence[str] | None, engine: Engine
 ) -> None:
-    dimension = engine_dimension(engine)
-    if request.output_dimension is not None and request.output_dimension != dimension:
-        raise InvalidArgument(
-            f"output_dimension={request.output_dimension}: this model's embeddings have "
-            f"{dimension}; leave output_dimension out"
-        )
+    embedder = engine.searcher.embedder
+    try:
+        served_dimension(
+            request.output_dimension, embedder.dimension, embedder.matryoshka,
+            field="output_dimension",
+        )  # fmt: skip
+    except UnsupportedDimensions as error:
+        raise InvalidArgument(str(error)) from error
     length = engine.models.bi_encoder.max_length
     if request.max_tokens is not None and request.max_tokens < length:
         raise InvalidArgument(

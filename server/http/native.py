@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from tandem.artifact import Manifest
+from tandem.matryoshka import advertised
 from tandem.runtimes import RuntimeFit
 from tandem.server.engine.engine import Call, Engine, EngineInfo
 from tandem.server.engine.fusion import FirstStage
@@ -213,6 +214,7 @@ def info_body(info: EngineInfo) -> dict[str, Any]:
 
 
 def _model(manifest: Manifest, fit: RuntimeFit | None) -> dict[str, Any]:
+    sizes, any_size = advertised(manifest.matryoshka)
     return {
         "runtime": fit.backend if fit else "",
         "inference_precision": fit.precision if fit else "",
@@ -229,4 +231,6 @@ def _model(manifest: Manifest, fit: RuntimeFit | None) -> dict[str, Any]:
         "held_out": manifest.extra.get("training", {}).get("held_out"),
         "prompts": manifest.prompts.texts,
         **manifest.prompts.chosen_names(),
+        "matryoshka_dimensions": sizes,
+        "matryoshka_any_size": any_size,
     }

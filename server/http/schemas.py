@@ -148,6 +148,12 @@ class TeiRank(BaseModel):
 TeiDirection = Literal["Right", "right", "Left", "left"]
 
 
+MATRYOSHKA = (
+    "a Matryoshka bi-encoder's vectors cut to this many components (GET /info lists the "
+    "sizes it was trained for); default: its full size"
+)
+
+
 class TeiEmbedOptions(BaseModel):
     """What huggingface_hub's ``InferenceClient.feature_extraction`` nests under
     ``parameters``. TEI reads these options at the top level only and ignores them there;
@@ -158,6 +164,7 @@ class TeiEmbedOptions(BaseModel):
     normalize: bool | None = None
     prompt_name: str | None = None
     truncation_direction: TeiDirection | None = None
+    dimensions: int | None = None
 
 
 class TeiEmbedRequest(BaseModel):
@@ -172,6 +179,7 @@ class TeiEmbedRequest(BaseModel):
     truncation_direction: TeiDirection | None = Field(
         default=None, description="Right only: a long text loses its end"
     )
+    dimensions: int | None = Field(default=None, description=MATRYOSHKA)
     parameters: TeiEmbedOptions | None = Field(
         default=None,
         description="the same options as huggingface_hub's InferenceClient sends them; a "
@@ -227,7 +235,7 @@ class CohereEmbedRequest(BaseModel):
     truncate: Literal["NONE", "START", "END"] | None = Field(
         default=None, description="END (the default) cuts a long text's end; NONE refuses it"
     )
-    output_dimension: int | None = Field(default=None, description="the model's dimension only")
+    output_dimension: int | None = Field(default=None, description=MATRYOSHKA)
     max_tokens: int | None = Field(
         default=None, description="at least the bi-encoder's own length (it cannot cut shorter)"
     )
@@ -271,7 +279,7 @@ class OpenAIEmbeddingRequest(BaseModel):
     input: str | list[str] | list[int] | list[list[int]]
     model: str
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: int | None = Field(default=None, description=MATRYOSHKA)
     user: str | None = None
     input_type: Literal["query", "document", "passage"] | None = Field(
         default=None,
