@@ -166,5 +166,43 @@ def main(args: argparse.Namespace) -> int:
                       f"{test['mean_difference']:+.3f} ({test['p_value']:.2g})"]  # fmt: skip
         print(f"| {row['dimensions']} | {row['dtype']} | {row['bytes']} | "
               + " | ".join(cells) + " |")  # fmt: skip
+    if not args.smoke:
+        plot(report, target.with_suffix(".png"))
     print(f"wrote {target}")
     return 0
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Quality against bytes a vector, per dtype: the prefix's cost beside i8's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depth = report["recall_k"]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, measure in zip(axes, ("ndcg@10", f"recall@{depth}"), strict=True):
+        for dtype in DTYPES:
+            rows = sorted(
+                (row for row in report["sizes"] if row["dtype"] == dtype),
+                key=lambda row: row["bytes"],
+            )
+            points = [row["bytes"] for row in rows], [row["umbrela"][measure] for row in rows]
+            axis.plot(*points, marker="o", label=dtype)
+            for row, x, y in zip(rows, *points, strict=True):
+                axis.annotate(str(row["dimensions"]), (x, y), textcoords="offset points",
+                              xytext=(4, -10), fontsize=7)  # fmt: skip
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("bytes a vector (log scale); labels: components kept")
+        judged = report["sizes"][0]["umbrela"]["against_full_f32"][measure]["n"]
+        axis.set_ylabel(f"{measure} (UMBRELA, {judged} judged topics)")
+        axis.legend(fontsize=8, loc="lower right")
+    machine = report["machine"]
+    figure.suptitle(
+        f"{'/'.join(Path(report['source']).parts[-2:])}: prefix size and dtype, exact search "
+        "on RAG24 "
+        f"({machine['cpu']}, {machine['commit']})",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
