@@ -101,11 +101,14 @@ def truncated(vectors: NDArray[np.float32], size: int, *, normalize: bool) -> ND
     if size >= vectors.shape[-1]:
         return vectors
     prefix = np.ascontiguousarray(vectors[..., :size], dtype=np.float32)
-    if not normalize:
-        return prefix
-    norms = np.linalg.norm(prefix, axis=-1, keepdims=True)
-    unit = np.zeros_like(prefix)
-    np.divide(prefix, norms, out=unit, where=norms > 0)
+    return unit_length(prefix) if normalize else prefix
+
+
+def unit_length(vectors: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Each row scaled to unit length; a zero row stays zero."""
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    unit = np.zeros_like(vectors, dtype=np.float32)
+    np.divide(vectors, norms, out=unit, where=norms > 0)
     return unit
 
 

@@ -10,6 +10,7 @@ import math
 import ssl
 import threading
 import time
+from dataclasses import replace
 
 import cohere
 import httpx
@@ -28,6 +29,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from serving import HTTP_TIMEOUT, ServerThread, document, get, post, settings_for, upsert
 
+from tandem.artifact import read_manifest, write_manifest
 from tandem.benchmarks.http_overhead import server_timing_ms
 from tandem.tokens import load_tokenizer
 from tandem.v1 import tandem_pb2 as pb
@@ -392,6 +394,89 @@ def test_jina_rerank_matches_grpc_and_returns_documents_by_default(server, base,
     for got, want in zip(body["results"], expected, strict=True):
         assert got["relevance_score"] == pytest.approx(want.probability, rel=1e-6)
         assert got["document"]["text"] == texts[got["index"]]
+    # Jina's usage: the tokens of every pair read, as Infinity's shape counts them (tested
+    # against the reranker's tokenizer there); a Cohere model's reply has no such field.
+    infinity = post(f"{base}/rerank", json={"query": query, "documents": texts}).json()
+    assert body["usage"] == {"total_tokens": infinity["usage"]["total_tokens"]}
+    assert body["usage"]["total_tokens"] > len(texts) * 10
+    cohere_body = {"model": "rerank-v3.5", "query": query, "documents": texts, "top_n": 4}
+    assert "usage" not in post(f"{base}/v1/rerank", json=cohere_body).json()
+
+
+def test_jina_embeddings_body_matches_grpc(server, base, data) -> None:
+    """What jina-embeddings-v3 clients post to {base}/v1/embeddings: OpenAI's body with
+    Jina's task, embedding_type, normalized, truncate and late_chunking."""
+    texts = [segment.text for segment in data.segments[:3]]
+    expected = server.stub().Embed(pb.EmbedRequest(texts=texts))
+    want = np.array([list(vector.values) for vector in expected.embeddings], dtype=np.float32)
+    jina = {"model": "jina-embeddings-v3", "task": "retrieval.passage", "late_chunking": False,
+            "normalized": True, "truncate": True, "input": texts}  # fmt: skip
+
+    def embedded(kind: str) -> list:
+        reply = post(f"{base}/v1/embeddings", json={**jina, "embedding_type": kind})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["total_tokens"] > len(texts) * 10
+        return [item["embedding"] for item in reply.json()["data"]]
+
+    np.testing.assert_allclose(embedded("float"), want, atol=1e-6)
+    decoded = [np.frombuffer(base64.b64decode(item), dtype="<f4") for item in embedded("base64")]
+    np.testing.assert_allclose(decoded, want, atol=1e-6)
+    ubinary = np.array(embedded("ubinary"), dtype=np.uint8)
+    np.testing.assert_array_equal(np.unpackbits(ubinary, axis=1), (want > 0).astype(np.uint8))
+    np.testing.assert_array_equal(np.array(embedded("binary")) + 128, ubinary)
+    int8 = np.array(embedded("int8"))
+    assert int8.dtype == np.int64  # integers in the JSON, not floats
+    assert np.abs(int8 / 127 - want).max() <= 0.5 / 127 + 1e-6
+    for fields, says in (
+        ({"late_chunking": True}, "late_chunking"),
+        ({"task": "summarization"}, "retrieval.query"),
+        ({"input_type": "query"}, "send one of them"),
+        ({"input": ["word " * 2000], "truncate": False}, "allow truncate"),
+    ):
+        refused = post(f"{base}/v1/embeddings", json={**jina, **fields})
+        assert refused.status_code == 400, fields
+        assert says in refused.json()["error"]["message"]
+
+
+def test_raw_vectors_are_scaled_only_where_a_caller_asks(tmp_path, bi_copy) -> None:
+    """A bi-encoder without Normalize: Jina's normalized=true and TEI's normalize (true by
+    default) scale its vectors to unit length, Jina's allowing int8 so; without it int8 is
+    refused, on Jina's body and Cohere's."""
+    manifest = read_manifest(bi_copy)
+    assert manifest.pooling is not None
+    raw_pooling = replace(manifest.pooling, normalize=False)
+    write_manifest(bi_copy, replace(manifest, pooling=raw_pooling))
+    running = ServerThread(settings_for(tmp_path / "collection", bi_copy, None))
+    try:
+        url = f"http://127.0.0.1:{running.running.http_port}"
+        body = {"model": "jina-embeddings-v3", "input": ["northern lights", "the solar wind"]}
+
+        def vectors(**fields: object) -> np.ndarray:
+            reply = post(f"{url}/v1/embeddings", json={**body, **fields})
+            assert reply.status_code == 200, reply.text
+            return np.array([item["embedding"] for item in reply.json()["data"]])
+
+        raw = vectors()
+        norms = np.linalg.norm(raw, axis=1, keepdims=True)
+        assert np.abs(norms - 1).min() > 0.05  # mean-pooled states are not unit length
+        np.testing.assert_allclose(vectors(normalized=True), raw / norms, atol=1e-6)
+        np.testing.assert_allclose(vectors(normalized=False), raw, atol=1e-6)
+        scaled = vectors(normalized=True, embedding_type="int8")
+        assert np.abs(scaled / 127 - raw / norms).max() <= 0.5 / 127 + 1e-6
+        refused = post(f"{url}/v1/embeddings", json={**body, "embedding_type": "int8"})
+        assert refused.status_code == 400
+        assert "send normalized: true" in refused.json()["error"]["message"]
+        # TEI's normalize defaults to true, as TEI's does; false returns the model's own.
+        tei = post(f"{url}/embed", json={"inputs": body["input"]}).json()
+        np.testing.assert_allclose(tei, raw / norms, atol=1e-6)
+        tei_raw = post(f"{url}/embed", json={"inputs": body["input"], "normalize": False}).json()
+        np.testing.assert_allclose(tei_raw, raw, atol=1e-6)
+        cohere_int8 = {"texts": body["input"], "embedding_types": ["int8"]}
+        refused = post(f"{url}/v2/embed", json=cohere_int8)
+        assert refused.status_code == 400
+        assert "not normalized" in refused.json()["message"]
+    finally:
+        running.stop()
 
 
 def test_native_search_mirrors_grpc_search(server, base, data) -> None:
@@ -734,7 +819,7 @@ def test_drain_finishes_http_requests_in_flight(tmp_path, bi_int8, ce_int8, data
 FIELDS = ["query", "documents", "texts", "inputs", "input", "model", "top_n", "ids", "mode",
           "recall_k", "return_documents", "raw_scores", "truncate", "metadata_filter",
           "max_tokens_per_doc", "rerank_budget_ms", "encoding_format", "dimensions",
-          "items"]  # fmt: skip
+          "task", "embedding_type", "normalized", "late_chunking", "items"]  # fmt: skip
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
               st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40)),

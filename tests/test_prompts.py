@@ -256,6 +256,20 @@ def test_every_door_picks_the_prompt_its_caller_means(server, prompted, request)
             model="m", input=QUERIES, encoding_format="float", extra_body={"input_type": input_type}
         )
         np.testing.assert_allclose([item.embedding for item in reply.data], want[meant], atol=1e-5)
+    # Jina's task: a prompt of the task's name first (jina-embeddings-v3 names its prompts
+    # so; "clustering" stands in for one here), else retrieval.* pick a role, else default.
+    for task, meant in (
+        ("retrieval.query", "query"),
+        ("retrieval.passage", "document"),
+        ("clustering", "clustering"),
+        ("text-matching", "none"),
+    ):
+        reply = httpx.post(
+            f"{base}/v1/embeddings", json={"model": "jina-embeddings-v3", "input": QUERIES,
+                                          "task": task}, timeout=60,
+        )  # fmt: skip
+        got_task = [item["embedding"] for item in reply.json()["data"]]
+        np.testing.assert_allclose(got_task, want[meant], atol=1e-5, err_msg=task)
     for name, vectors in got.items():
         np.testing.assert_allclose(vectors, want[name], atol=1e-5)
     info = stub.Info(pb.InfoRequest()).bi_encoder

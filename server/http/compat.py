@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from tandem.artifact import Manifest, Role
-from tandem.matryoshka import UnsupportedDimensions, served_dimension
+from tandem.matryoshka import UnsupportedDimensions, served_dimension, unit_length
 from tandem.server.engine.engine import Call, Engine
 from tandem.server.engine.errors import InvalidArgument
 from tandem.server.engine.requests import EmbedRequest, RerankRequest, bulk_embed
@@ -44,6 +44,12 @@ COHERE_ROLES: dict[str, Role] = {"search_query": "query", "search_document": "do
 COHERE_TASKS = ("classification", "clustering")
 # OpenAI's embeddings have no input_type; Voyage's and NVIDIA NIM's, on the same path, do.
 OPENAI_ROLES: dict[str, Role] = {"query": "query", "document": "document", "passage": "document"}
+# jina-embeddings-v3's tasks (and jina-embeddings-v2-code's).
+JINA_ROLES: dict[str, Role] = {
+    "retrieval.query": "query", "retrieval.passage": "document",
+    "code.query": "query", "code.passage": "document",
+}  # fmt: skip
+JINA_TASKS = ("text-matching", "classification", "separation")
 ROOT_BODIES = 'send {"inputs": ...} to embed, or {"query": ..., "texts": [...]} to rerank'
 
 
@@ -125,6 +131,11 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
                     billed_units=s.BilledUnits(search_units=1),
                 ),
                 model=model or _reranker_name(engine),
+                usage=(
+                    s.JinaUsage(total_tokens=result.pair_tokens)
+                    if model.startswith(JINA_PREFIX)
+                    else None
+                ),
             )
 
         return await calls.run(Dialect.COHERE, work, queued=True)
@@ -187,7 +198,10 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
                 ),
                 call,
             )  # fmt: skip
-            return [vector.tolist() for vector in embedded.vectors]
+            # TEI's normalize defaults to true: unit vectors, whatever the model's pooling.
+            wanted_unit = request.option("normalize") is not False
+            unit = unit_length(embedded.vectors) if wanted_unit else embedded.vectors
+            return [vector.tolist() for vector in unit]
 
         queued = not bulk_embed(len(texts), engine.settings)
         return await calls.run(Dialect.TEI, work, queued=queued)
@@ -315,11 +329,18 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
     async def openai(request: s.OpenAIEmbeddingRequest) -> Response:
         async def work(call: Call) -> s.OpenAIEmbeddingResponse:
             texts = _openai_texts(request.input)
-            role = OPENAI_ROLES[request.input_type] if request.input_type is not None else None
+            prompt_name, role = _openai_prompt(request, engine)
+            kind = request.embedding_type or request.encoding_format
+            _check_jina_embed(request, kind, engine)
             embedded = await engine.embed(
-                EmbedRequest(texts, role=role, dimensions=request.dimensions), call
-            )
-            vectors = encoded(embedded.vectors, request.encoding_format)
+                EmbedRequest(
+                    texts, truncate=request.truncate is not False, prompt_name=prompt_name,
+                    role=role, dimensions=request.dimensions,
+                ),
+                call,
+            )  # fmt: skip
+            unit = unit_length(embedded.vectors) if request.normalized else embedded.vectors
+            vectors = encoded(unit, kind)
             data = [
                 s.OpenAIEmbedding(embedding=vector, index=i) for i, vector in enumerate(vectors)
             ]
@@ -451,17 +472,72 @@ def _cohere_prompt(input_type: str | None, engine: Engine) -> tuple[str | None, 
     """Cohere's input_type as (prompt name, role): search_query and search_document are the
     query and document roles; classification and clustering name the artifact's prompt of
     that name where it has one (nomic-embed's do), else its default."""
-    if input_type is None:
-        return None, None
-    if input_type in COHERE_ROLES:
-        return None, COHERE_ROLES[input_type]
-    if input_type in COHERE_TASKS:
-        known = input_type in engine.models.bi_encoder.prompts.texts
-        return (input_type if known else None), None
-    raise InvalidArgument(
-        f"input_type={input_type!r}: send one of {', '.join([*COHERE_ROLES, *COHERE_TASKS])} "
-        "(Tandem embeds text, not images)"
+    return _task_prompt(
+        "input_type", input_type, COHERE_ROLES, COHERE_TASKS, _prompt_names(engine),
+        named_first=False, refused="(Tandem embeds text, not images)",
+    )  # fmt: skip
+
+
+def _openai_prompt(
+    request: s.OpenAIEmbeddingRequest, engine: Engine
+) -> tuple[str | None, Role | None]:
+    """Voyage's and NIM's input_type, or Jina's task. jina-embeddings-v3 names its prompts
+    after its tasks, so a prompt of the task's name wins over the task's role."""
+    if request.input_type is not None and request.task is not None:
+        raise InvalidArgument("input_type and task both pick a prompt: send one of them")
+    if request.input_type is not None:
+        return None, OPENAI_ROLES[request.input_type]
+    return _task_prompt(
+        "task", request.task, JINA_ROLES, JINA_TASKS, _prompt_names(engine), named_first=True
     )
+
+
+def _prompt_names(engine: Engine) -> Collection[str]:
+    return engine.models.bi_encoder.prompts.texts.keys()
+
+
+def _task_prompt(
+    field: str, value: str | None, roles: Mapping[str, Role], tasks: Sequence[str],
+    prompts: Collection[str], *, named_first: bool, refused: str = "",
+) -> tuple[str | None, Role | None]:  # fmt: skip
+    """An API's task field as (prompt name, role): the bi-encoder's prompt of that name
+    (among ``prompts``) where ``named_first`` and it has one; else a role; else, for a task,
+    its prompt of that name where it has one, or its default."""
+    if value is None:
+        return None, None
+    known = value in prompts
+    if named_first and known:
+        return value, None
+    if value in roles:
+        return None, roles[value]
+    if value in tasks:
+        return (value if known else None), None
+    raise InvalidArgument(
+        f"{field}={value!r}: send one of {', '.join([*roles, *tasks])} {refused}".rstrip()
+    )
+
+
+def _check_jina_embed(request: s.OpenAIEmbeddingRequest, kind: str, engine: Engine) -> None:
+    if request.late_chunking:
+        raise InvalidArgument(
+            "late_chunking=true: Tandem embeds each input on its own (Upsert embeds a long "
+            "document as overlapping passages); send false or leave it out"
+        )
+    _check_unit_types(
+        kind, engine, normalized=bool(request.normalized), remedy=", or send normalized: true"
+    )
+
+
+def _check_unit_types(
+    kind: str, engine: Engine, *, normalized: bool = False, remedy: str = ""
+) -> None:
+    pooling = engine.models.bi_encoder.pooling
+    unit = normalized or (pooling is not None and pooling.normalize)
+    if kind in UNIT_TYPES and not unit:
+        raise InvalidArgument(
+            f"{kind} scales unit vectors, and this bi-encoder's are not normalized; ask for "
+            f"float, base64, binary or ubinary{remedy}"
+        )
 
 
 def _check_cohere_embed(
@@ -483,10 +559,5 @@ def _check_cohere_embed(
         )
     if request.truncate == "START":
         raise InvalidArgument("truncate=START: a long text loses its end here; send END or NONE")
-    pooling = engine.models.bi_encoder.pooling
-    unit = pooling is not None and pooling.normalize
-    if not unit and UNIT_TYPES.intersection(kinds or ()):
-        raise InvalidArgument(
-            "embedding_types int8 and uint8 scale unit vectors, and this bi-encoder's are "
-            "not normalized; ask for float, base64, binary or ubinary"
-        )
+    for kind in kinds or ():
+        _check_unit_types(kind, engine)

@@ -116,14 +116,19 @@ class CohereMeta(BaseModel):
     billed_units: BilledUnits
 
 
+class JinaUsage(BaseModel):
+    total_tokens: int
+
+
 class CohereRerankResponse(BaseModel):
-    """Cohere's reply; ``model`` is Jina's, which Cohere clients ignore. (Jina's ``usage``
-    is left out: the reranker's token count is not tracked per call.)"""
+    """Cohere's reply; ``model`` and ``usage`` are Jina's, which Cohere clients ignore
+    (``usage`` is sent where ``model`` names a Jina reranker)."""
 
     id: str
     results: list[CohereResult]
     meta: CohereMeta
     model: str
+    usage: JinaUsage | None = None
 
 
 # TEI
@@ -286,11 +291,35 @@ class OpenAIEmbeddingRequest(BaseModel):
         description="not OpenAI's: Voyage's and NVIDIA NIM's; picks the bi-encoder's query "
         "or document prompt. Default: its default prompt",
     )
+    # Jina's embeddings API is OpenAI's with these fields; jina-embeddings-v3 clients send them.
+    task: str | None = Field(
+        default=None,
+        description="Jina's: the bi-encoder's prompt of that name where it has one (as "
+        "jina-embeddings-v3's are named), else retrieval.query and retrieval.passage pick the "
+        "query and document prompts, and text-matching, classification, separation the default",
+    )
+    embedding_type: CohereEmbeddingType | None = Field(
+        default=None,
+        description="Jina's: float, base64, binary, ubinary, int8 or uint8 (as Cohere's "
+        "embedding_types); wins over encoding_format",
+    )
+    normalized: bool | None = Field(
+        default=None,
+        description="Jina's: true scales each vector to unit length; false or unset leaves "
+        "the model's own (unit where it normalizes)",
+    )
+    truncate: bool | None = Field(
+        default=None, description="Jina's: false refuses a text longer than the model reads"
+    )
+    late_chunking: bool | None = Field(
+        default=None, description="Jina's: false only; each input is embedded on its own"
+    )
 
 
 class OpenAIEmbedding(BaseModel):
     object: Literal["embedding"] = "embedding"
-    embedding: list[float] | str
+    # int lists first: Jina's binary and int8 types must not be read back as floats.
+    embedding: list[int] | list[float] | str
     index: int
 
 
