@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from tandem.benchmarks.encoders import machine
-from tandem.matryoshka import prefix_sizes, truncated
+from tandem.matryoshka import truncated
 from tandem.relevance import Qrels, means, paired_test, per_query
 
 Rankings = dict[str, list[str]]
@@ -48,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dimensions.json"))
     parser.add_argument("--smoke", action="store_true", help="200 segments, 8 topics")
+
+
+def prefix_sizes(dimension: int, wanted: Sequence[int]) -> list[int]:
+    """The sizes of ``wanted`` below ``dimension``, largest first, after the full one."""
+    return [dimension, *sorted({size for size in wanted if 0 < size < dimension}, reverse=True)]
 
 
 def ranked(

@@ -12,7 +12,6 @@ only where its export says it was trained for one (``config.json``'s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,8 +109,3 @@ def unit_length(vectors: NDArray[np.float32]) -> NDArray[np.float32]:
     unit = np.zeros_like(vectors, dtype=np.float32)
     np.divide(vectors, norms, out=unit, where=norms > 0)
     return unit
-
-
-def prefix_sizes(dimension: int, wanted: Sequence[int]) -> list[int]:
-    """The sizes of ``wanted`` below ``dimension``, largest first, after the full one."""
-    return [dimension, *sorted({size for size in wanted if 0 < size < dimension}, reverse=True)]

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import APIRouter, Body
 from fastapi.exceptions import RequestValidationError
+from numpy.typing import NDArray
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
@@ -200,8 +201,7 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
             )  # fmt: skip
             # TEI's normalize defaults to true: unit vectors, whatever the model's pooling.
             wanted_unit = request.option("normalize") is not False
-            unit = unit_length(embedded.vectors) if wanted_unit else embedded.vectors
-            return [vector.tolist() for vector in unit]
+            return [vector.tolist() for vector in _unit(embedded.vectors, engine, wanted_unit)]
 
         queued = not bulk_embed(len(texts), engine.settings)
         return await calls.run(Dialect.TEI, work, queued=queued)
@@ -339,7 +339,7 @@ def router(engine: Engine, calls: Calls) -> APIRouter:
                 ),
                 call,
             )  # fmt: skip
-            unit = unit_length(embedded.vectors) if request.normalized else embedded.vectors
+            unit = _unit(embedded.vectors, engine, bool(request.normalized))
             vectors = encoded(unit, kind)
             data = [
                 s.OpenAIEmbedding(embedding=vector, index=i) for i, vector in enumerate(vectors)
@@ -416,9 +416,7 @@ def _openai_texts(value: str | list[str] | list[int] | list[list[int]]) -> list[
 
 
 def _check_tei_embed(request: s.TeiEmbedRequest, engine: Engine) -> None:
-    pooling = engine.models.bi_encoder.pooling
-    normalize = request.option("normalize")
-    if normalize is False and pooling is not None and pooling.normalize:
+    if request.option("normalize") is False and engine.searcher.embedder.normalizes:
         raise InvalidArgument(
             "normalize=false: this bi-encoder's artifact returns unit vectors only; "
             "send normalize=true"
@@ -517,6 +515,13 @@ def _task_prompt(
     )
 
 
+def _unit(vectors: NDArray[np.float32], engine: Engine, wanted: bool) -> NDArray[np.float32]:
+    """``vectors`` at unit length where a caller asks and the model's own are not."""
+    if wanted and not engine.searcher.embedder.normalizes:
+        return unit_length(vectors)
+    return vectors
+
+
 def _check_jina_embed(request: s.OpenAIEmbeddingRequest, kind: str, engine: Engine) -> None:
     if request.late_chunking:
         raise InvalidArgument(
@@ -531,9 +536,7 @@ def _check_jina_embed(request: s.OpenAIEmbeddingRequest, kind: str, engine: Engi
 def _check_unit_types(
     kind: str, engine: Engine, *, normalized: bool = False, remedy: str = ""
 ) -> None:
-    pooling = engine.models.bi_encoder.pooling
-    unit = normalized or (pooling is not None and pooling.normalize)
-    if kind in UNIT_TYPES and not unit:
+    if kind in UNIT_TYPES and not (normalized or engine.searcher.embedder.normalizes):
         raise InvalidArgument(
             f"{kind} scales unit vectors, and this bi-encoder's are not normalized; ask for "
             f"float, base64, binary or ubinary{remedy}"
