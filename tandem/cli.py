@@ -53,6 +53,7 @@ BENCHES = {
     "rerank_depth": "passages a budgeted Rerank scores, by how many it sends (--against: A/B)",
     "bulk_embed": "an indexing job's Embed calls (OpenAI SDK) beside Searches (--against: A/B)",
     "dimensions": "a bi-encoder's vectors cut to each prefix size (Matryoshka): RAG24 quality",
+    "filters": "metadata filters on RAG24: stage-1 latency, recall against exact, post-filtering",
 }
 
 

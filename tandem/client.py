@@ -7,6 +7,7 @@ apply to the rest.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -31,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--budget-ms", type=int, help="rerank budget; 0 for none (server default)")
     parser.add_argument(
+        "--filter",
+        type=filter_json,
+        help='metadata filter as JSON: \'{"lang": "en", "year": {"$gte": 2020}}\' (README: '
+        '"Metadata filters")',
+    )
+    parser.add_argument(
         "--token", help="bearer token, if the server wants one (default: env TANDEM_TOKEN)"
     )
     parser.add_argument("--tls-ca", help="PEM file to trust (turns TLS on)")
@@ -50,7 +57,23 @@ def search_request(args: argparse.Namespace) -> Any:
     ):  # fmt: skip
         if value is not None:
             setattr(request, field, value)
+    if args.filter:
+        from google.protobuf import json_format, struct_pb2
+
+        for key, value in args.filter.items():
+            request.metadata_filter[key].CopyFrom(json_format.ParseDict(value, struct_pb2.Value()))
     return request
+
+
+def filter_json(text: str) -> dict[str, Any]:
+    """``--filter``'s value: a JSON object (the server reads what it means)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of metadata keys: {text!r}")
+    return value
 
 
 def call_metadata(args: argparse.Namespace, environ: Mapping[str, str]) -> list[tuple[str, str]]:

@@ -17,6 +17,7 @@ from tandem.benchmarks import (
     bulk_embed,
     dimensions,
     encoders,
+    filters,
     http_overhead,
     load,
     long_documents,
@@ -321,6 +322,29 @@ def test_dimensions_benchmark_smoke(tmp_path, bi_int8) -> None:
     against_itself = rows[(384, "f32")]["umbrela"]["against_full_f32"]
     assert against_itself["ndcg@10"]["mean_difference"] == 0
     assert 0 <= rows[(64, "i8")]["umbrela"]["recall@20"] <= 1
+
+
+def test_filters_benchmark_smoke(tmp_path, small_collection, bi_int8, ce_int8) -> None:
+    argv = ["--smoke", "--collection", str(small_collection), "--bi-encoder", str(bi_int8[0]),
+            "--reranker", str(ce_int8[0]), "--work", str(tmp_path / "work"), "--scans", "2",
+            "--out", str(tmp_path / "filters.json")]  # fmt: skip
+    assert filters.main(bench_args(filters, argv)) == 0
+    result = json.loads((tmp_path / "filters_smoke.json").read_text())
+    rows = result["rows"]
+    assert set(rows) == {"none", *filters.FILTERS}
+    assert rows["none"]["matching"] == result["documents"] == 60
+    assert rows["none"]["dense"]["p50_ratio"] == 1
+    for name, row in rows.items():
+        assert 0 <= row["matching"] <= 60, name
+        assert 0 <= row["dense"]["recall"] <= 1, name
+    # The source collection keeps its own metadata: the bench rewrote only its copy.
+    from tandem.server.engine.store import DocumentStore
+
+    store = DocumentStore(small_collection / "documents.sqlite", read_only=True)
+    try:
+        assert all(not d.metadata for d in store.by_keys(store.keys().tolist()).values())
+    finally:
+        store.close()
 
 
 def test_paired_test_finds_a_consistent_difference_and_not_noise() -> None:

@@ -692,6 +692,44 @@ def test_malformed_json_is_400_not_500(base) -> None:
         assert "not valid JSON" in reply.text
 
 
+@pytest.mark.parametrize(
+    ("path", "content"),
+    [
+        (
+            "/v1/upsert",
+            rb'{"documents": [{"id": "lone", "text": "t", "metadata": {"x": "\ud800"}}]}',
+        ),
+        ("/v1/upsert", rb'{"documents": [{"id": "lone", "text": "half \udc00 a pair"}]}'),
+        ("/v1/upsert", b'{"documents": [{"id": "lone\xed\xa0\x80", "text": "t"}]}'),  # CESU-8
+        ("/v1/search", rb'{"query": "q", "metadata_filter": {"x\uD800": 1}}'),
+        ("/v2/rerank", rb'{"model": "m", "query": "q\ud800", "documents": ["d"]}'),
+        ("/rerank", rb'{"query": "q", "texts": ["\ud83d"]}'),
+        ("/v1/embeddings", rb'{"model": "m", "input": ["x\udfff"]}'),
+        ("/", rb'{"inputs": "\ud800"}'),
+    ],
+)
+def test_a_lone_surrogate_is_refused_as_not_json_not_a_500(base, path, content) -> None:
+    """JSON's escapes can spell half a surrogate pair, which Python's parser accepts and no
+    UTF-8 encoder does: once it reached SQLite or the tokenizer as a 500."""
+    reply = post(f"{base}{path}", content=content, headers={"content-type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    assert "lone UTF-16 surrogate" in reply.text
+    assert post(f"{base}/v1/get", json={"ids": ["lone"]}).json()["not_found"] == ["lone"]
+
+
+def test_a_surrogate_pair_and_an_escaped_backslash_are_text(base) -> None:
+    text = "an emoji \U0001f600 and a literal \\ud800"
+    content = json.dumps({"documents": [{"id": "pair", "text": text}]}).encode()  # escapes it
+    assert rb"\ud83d\ude00" in content
+    assert post(f"{base}/v1/upsert", content=content,
+                headers={"content-type": "application/json"}).status_code == 200  # fmt: skip
+    try:
+        stored = post(f"{base}/v1/get", json={"ids": ["pair"]}).json()["documents"]
+        assert stored[0]["text"] == text
+    finally:
+        post(f"{base}/v1/delete", json={"ids": ["pair"]})
+
+
 def test_a_body_over_the_message_limit_is_413(base) -> None:
     big = {"query": "q", "texts": ["x" * 1000] * 300}  # ~300 KB, over the 256 KiB limit
     reply = post(f"{base}/rerank", json=big)

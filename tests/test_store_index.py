@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tandem.server.engine.filters import parse_filter
 from tandem.server.engine.index import (
     IndexCorrupt,
     IndexSettings,
@@ -168,9 +169,15 @@ def test_keys_matching_takes_any_metadata_key(store: DocumentStore, key: str) ->
         NewDocument(id="absent", text="t", metadata={"n": 1}),
     ]
     written = store.upsert(documents, unit_vectors(3, 1), [np.arange(2, dtype=np.int32)] * 3)
-    assert store.keys_matching({key: "x"}) == [written.keys[0]]
-    assert store.keys_matching({key: "x", "n": 1}) == [written.keys[0]]
-    assert store.keys_matching({key: "z"}) == []
+    for raw, expected in (
+        ({key: "x"}, [written.keys[0]]),
+        ({key: "x", "n": 1}, [written.keys[0]]),
+        ({key: {"$in": ["x", "y"]}, "n": {"$lt": 2}}, written.keys[:2]),
+        ({key: "z"}, []),
+    ):
+        wanted = parse_filter(raw)
+        assert wanted is not None
+        assert store.keys_matching(wanted) == expected
 
 
 def add_passages(store: DocumentStore, counts: dict[str, int], seed: int = 0):

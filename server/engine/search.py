@@ -37,6 +37,7 @@ from tandem.encoders import BiEncoder, CrossEncoder
 from tandem.server.engine.batcher import RerankBatcher, Runner
 from tandem.server.engine.collection import Collection
 from tandem.server.engine.errors import FailedPrecondition, InvalidArgument, NotFound
+from tandem.server.engine.filters import MetadataFilter, parse_filter
 from tandem.server.engine.fusion import (
     FirstStage,
     Fusion,
@@ -47,7 +48,7 @@ from tandem.server.engine.fusion import (
 from tandem.server.engine.index import fold_passages
 from tandem.server.engine.lanes import Lanes
 from tandem.server.engine.pairs import PairIds, PairTokenizer, Windows, pad_pairs
-from tandem.server.engine.store import StoredDocument, matches
+from tandem.server.engine.store import DocumentStore
 from tandem.server.engine.windows import DocumentScore, Reading, best_per_document, interleave
 
 DEFAULT_RECALL_K = 100
@@ -262,6 +263,47 @@ class RerankerSlot:
             await self.idle.wait()
 
 
+class FilterScope:
+    """One call's metadata filter, and what is known of which documents pass it: every one,
+    once counted (``count``); until then, each document looked at, by reading its metadata
+    (never the rest of its row) once, whichever side of stage 1 looks again."""
+
+    def __init__(self, wanted: MetadataFilter, store: DocumentStore) -> None:
+        self.wanted = wanted
+        self.store = store
+        self.matching: set[int] | None = None
+        self.verdicts: dict[int, bool] = {}
+        self.seen = 0  # documents found to pass before counting
+
+    def passing(
+        self, keys: Sequence[int], scores: Sequence[float]
+    ) -> tuple[list[int], list[float]]:
+        """``keys`` (with their ``scores``) that pass, in order."""
+        pairs = zip(keys, scores, strict=True)
+        if self.matching is not None:
+            kept = [(key, score) for key, score in pairs if key in self.matching]
+        else:
+            unseen = [key for key in keys if key not in self.verdicts]
+            metadata = self.store.metadata_of(unseen)
+            for key in unseen:
+                verdict = key in metadata and self.wanted.matches(metadata[key])
+                self.verdicts[key] = verdict
+                self.seen += verdict
+            kept = [(key, score) for key, score in pairs if self.verdicts[key]]
+        return [key for key, _ in kept], [score for _, score in kept]
+
+    def count(self) -> set[int]:
+        """Every document that passes (a scan of the store's metadata, once per call)."""
+        if self.matching is None:
+            self.matching = set(self.store.keys_matching(self.wanted))
+        return self.matching
+
+    @property
+    def known_matching(self) -> int:
+        """How many documents are known to pass: all of them, once counted."""
+        return len(self.matching) if self.matching is not None else self.seen
+
+
 class Searcher:
     def __init__(
         self,
@@ -326,9 +368,11 @@ class Searcher:
         """``arrived``: when the call arrived (``time.perf_counter()``); the budget counts
         from it. None: from now. ``max_tokens_per_doc`` cuts each candidate to that many
         tokens before it is paired with the query: shorter pairs, so more of them within
-        the budget. ``min_rerank``: refuse (``TooShallow``) rather than rerank fewer."""
+        the budget. ``min_rerank``: refuse (``TooShallow``) rather than rerank fewer.
+        ``metadata_filter``: the language of ``filters`` (``InvalidFilter`` if unreadable)."""
         if mode is Mode.TWO_STAGE:
             self._require_reranker()
+        wanted = parse_filter(metadata_filter)
         timings: dict[str, float] = {}
         arrived = time.perf_counter() if arrived is None else arrived
         vector, query_truncated = None, False
@@ -345,7 +389,7 @@ class Searcher:
         # Only the returned hits need their documents read when nothing is reranked.
         keep = top_n if mode is Mode.RETRIEVE_ONLY else recall_k
         candidates, ranked, matched = await self.lanes.run(
-            "store", self._stage1, query, vector, first_stage, recall_k, metadata_filter,
+            "store", self._stage1, query, vector, first_stage, recall_k, wanted,
             fusion or Fusion(), keep,
         )  # fmt: skip
         timings["search"] = ms_since(started)
@@ -376,47 +420,39 @@ class Searcher:
         vector: NDArray[np.float32] | None,
         first_stage: FirstStage,
         recall_k: int,
-        wanted: Mapping[str, Any] | None,
+        wanted: MetadataFilter | None,
         fusion: Fusion,
         keep: int,
     ) -> tuple[list[Candidate], Ranked, int | None]:
         """Stage 1 on the store lane: the ranking, the first ``keep`` of it as candidates
         (their documents read), and how many documents match the filter, where known."""
         dense = lexical = None
-        matched = None
-        read: dict[int, StoredDocument] = {}  # documents a filter already read, by key
+        scope = None if wanted is None else FilterScope(wanted, self.collection.store)
         if vector is not None:
-            keys, scores, matched = self._dense(vector, recall_k, wanted, read)
+            keys, scores = self._dense(vector, recall_k, scope)
             dense = single(keys, scores, FirstStage.DENSE)
         if first_stage is not FirstStage.DENSE:
-            keys, scores = self._lexical(query, recall_k, wanted, read)
+            keys, scores = self._lexical(query, recall_k, scope)
             lexical = single(keys, scores, FirstStage.LEXICAL)
         if dense is not None and lexical is not None:
             ranked = reciprocal_rank_fusion(dense.keys, lexical.keys, fusion, limit=recall_k)
         else:
             ranked = dense or lexical or single([], [], first_stage)
-        return self._documents(ranked.head(keep), read), ranked, matched
+        matched = None if scope is None else scope.known_matching
+        return self._documents(ranked.head(keep)), ranked, matched
 
     def _dense(
-        self,
-        vector: NDArray[np.float32],
-        recall_k: int,
-        wanted: Mapping[str, Any] | None,
-        read: dict[int, StoredDocument],
-    ) -> tuple[list[int], list[float], int | None]:
-        if wanted:
-            return self._filtered(vector, recall_k, wanted, read)
+        self, vector: NDArray[np.float32], recall_k: int, scope: FilterScope | None
+    ) -> tuple[list[int], list[float]]:
+        if scope is not None:
+            return self._filtered(vector, recall_k, scope)
         hits = self.collection.index.search_documents(vector, recall_k)
-        return [int(key) for key in hits.keys], hits.similarities.tolist(), None
+        return [int(key) for key in hits.keys], hits.similarities.tolist()
 
     def _lexical(
-        self,
-        query: str,
-        recall_k: int,
-        wanted: Mapping[str, Any] | None,
-        read: dict[int, StoredDocument],
+        self, query: str, recall_k: int, scope: FilterScope | None
     ) -> tuple[list[int], list[float]]:
-        """The ``recall_k`` best documents by BM25 that match ``wanted``. Only documents
+        """The ``recall_k`` best documents by BM25 that match the filter. Only documents
         holding a query term are ranked at all, so widening until enough pass, or until
         every such document was seen, stays bounded."""
         index = self.collection.lexical
@@ -425,43 +461,25 @@ class Searcher:
                 "this server has no lexical index (tantivy could not be imported; its log "
                 "says why): use first_stage dense"
             )
-        fetch = recall_k if not wanted else min(recall_k * FILTER_OVERFETCH, len(index))
+        fetch = recall_k if scope is None else min(recall_k * FILTER_OVERFETCH, len(index))
         while True:
             hits = index.search(query, fetch)
             keys, scores = [int(key) for key in hits.keys], hits.similarities.tolist()
-            if wanted:
-                keys, scores = self._passing(keys, scores, wanted, read)
-            if len(keys) >= recall_k or len(hits.keys) < fetch or fetch >= len(index):
+            if scope is not None:
+                keys, scores = scope.passing(keys, scores)
+            done = len(keys) >= recall_k or len(hits.keys) < fetch or fetch >= len(index)
+            if scope is None or done:
                 return keys[:recall_k], scores[:recall_k]
-            fetch = min(len(index), fetch * 4)
+            # Widen by what the share that passed predicts (with room to spare). Where that
+            # reaches most of the index, count every match first: each wider look is then a
+            # set look-up, not a read of every hit's metadata.
+            predicted = recall_k * len(hits.keys) * 2 // max(len(keys), 1)
+            if predicted * 2 >= len(index):
+                scope.count()
+            fetch = min(len(index), max(fetch * 2, predicted))
 
-    def _passing(
-        self,
-        keys: Sequence[int],
-        scores: Sequence[float],
-        wanted: Mapping[str, Any],
-        read: dict[int, StoredDocument],
-    ) -> tuple[list[int], list[float]]:
-        documents = self._read(keys, read)
-        kept = [
-            (key, score)
-            for key, score in zip(keys, scores, strict=True)
-            if key in documents and matches(documents[key].metadata, wanted)
-        ]
-        return [key for key, _ in kept], [score for _, score in kept]
-
-    def _read(
-        self, keys: Sequence[int], read: dict[int, StoredDocument]
-    ) -> dict[int, StoredDocument]:
-        """The stored documents of ``keys``, reading from the store only those not in
-        ``read`` (a widened search, or the candidates of a filtered one, were read already)."""
-        fresh = [key for key in keys if key not in read]
-        if fresh:
-            read.update(self.collection.store.by_keys(fresh))
-        return read
-
-    def _documents(self, ranked: Ranked, read: dict[int, StoredDocument]) -> list[Candidate]:
-        documents = self._read(ranked.keys, read)
+    def _documents(self, ranked: Ranked) -> list[Candidate]:
+        documents = self.collection.store.by_keys(ranked.keys)
         return [
             Candidate(documents[key].id, documents[key].text, documents[key].metadata,
                       documents[key].token_ids, float(score), dense_rank, lexical_rank)
@@ -472,41 +490,32 @@ class Searcher:
         ]  # fmt: skip
 
     def _filtered(
-        self,
-        vector: NDArray[np.float32],
-        recall_k: int,
-        wanted: Mapping[str, Any],
-        read: dict[int, StoredDocument],
-    ) -> tuple[list[int], list[float], int]:
-        """The ``recall_k`` nearest documents that match ``wanted``, and how many are known
-        to match. Exact: fewer than ``recall_k`` come back only when fewer match at all."""
+        self, vector: NDArray[np.float32], recall_k: int, scope: FilterScope
+    ) -> tuple[list[int], list[float]]:
+        """The ``recall_k`` nearest documents that match the filter. Exact: fewer than
+        ``recall_k`` come back only when fewer match at all."""
         index = self.collection.index
         total = len(index)
         fetch = min(recall_k * FILTER_OVERFETCH, total)
-        keys, scores, matched = self._matching(vector, fetch, recall_k, wanted, read)
+        keys, scores = self._matching(vector, fetch, recall_k, scope)
         if len(keys) == recall_k or fetch >= total:
-            return keys, scores, matched
-        candidates = self.collection.store.keys_matching(wanted)
+            return keys, scores
+        candidates = scope.count()
         if len(candidates) <= EXACT_FILTER_MAX:
-            return (*self._exact(vector, candidates, recall_k), len(candidates))
+            return self._exact(vector, sorted(candidates), recall_k)
         while len(keys) < recall_k and fetch < total:
             # Enough matches are spread through the graph: widen by what the match rate
             # predicts (with room to spare) rather than a step at a time.
             fetch = min(total, max(fetch * 2, recall_k * total // len(candidates) * 2))
-            keys, scores, _ = self._matching(vector, fetch, recall_k, wanted, read)
-        return keys, scores, len(candidates)
+            keys, scores = self._matching(vector, fetch, recall_k, scope)
+        return keys, scores
 
     def _matching(
-        self,
-        vector: NDArray[np.float32],
-        fetch: int,
-        recall_k: int,
-        wanted: Mapping[str, Any],
-        read: dict[int, StoredDocument],
-    ) -> tuple[list[int], list[float], int]:
+        self, vector: NDArray[np.float32], fetch: int, recall_k: int, scope: FilterScope
+    ) -> tuple[list[int], list[float]]:
         hits = self.collection.index.search_documents(vector, fetch)
-        keys, scores = self._passing(hits.keys.tolist(), hits.similarities.tolist(), wanted, read)
-        return keys[:recall_k], scores[:recall_k], len(keys)
+        keys, scores = scope.passing(hits.keys.tolist(), hits.similarities.tolist())
+        return keys[:recall_k], scores[:recall_k]
 
     def _exact(
         self, vector: NDArray[np.float32], keys: Sequence[int], recall_k: int

@@ -30,6 +30,7 @@ from tandem.server.engine.errors import InvalidArgument
 from tandem.server.engine.requests import EmbedRequest, RerankRequest, bulk_embed
 from tandem.server.engine.search import DocumentRef, Result
 from tandem.server.http import schemas as s
+from tandem.server.http.bodies import UnicodeRoute
 from tandem.server.http.calls import Calls
 from tandem.server.http.encodings import UNIT_TYPES, encoded
 from tandem.server.http.errors import Dialect
@@ -74,7 +75,7 @@ def _scored(result: Result) -> None:
 
 
 def router(engine: Engine, calls: Calls) -> APIRouter:
-    routes = APIRouter()
+    routes = APIRouter(route_class=UnicodeRoute)
 
     async def rerank_documents(
         request: s.CohereRerankRequest, texts: list[str], call: Call, *, return_documents: bool

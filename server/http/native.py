@@ -19,6 +19,7 @@ from tandem.server.engine.requests import FeedbackItem, SearchRequest, UpsertBat
 from tandem.server.engine.search import Hit, Mode, Passage
 from tandem.server.engine.store import NewDocument
 from tandem.server.http import schemas as s
+from tandem.server.http.bodies import UnicodeRoute
 from tandem.server.http.calls import Calls
 from tandem.server.http.errors import Dialect
 
@@ -53,7 +54,7 @@ def passage_body(passage: Passage | None) -> s.PassageBody | None:
 
 
 def router(engine: Engine, calls: Calls, *, serving: Callable[[], bool]) -> APIRouter:
-    routes = APIRouter()
+    routes = APIRouter(route_class=UnicodeRoute)
 
     @routes.post("/v1/search", response_model=s.SearchReply, tags=["native"], summary="Search")
     async def search(request: s.SearchBody) -> Response:

@@ -348,7 +348,14 @@ class SearchBody(BaseModel):
     )
     rerank_budget_ms: int | None = Field(default=None, description="0: no deadline")
     include_text: bool = False
-    metadata_filter: dict[str, Any] | None = None
+    metadata_filter: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            'keys with values (equality) or operators, all of which must hold: {"lang": "en", '
+            '"year": {"$gte": 2020}, "tags": {"$in": ["faq"]}}; $eq $ne $gt $gte $lt $lte $in '
+            "$nin $all $exists, and $and/$or over lists of filters (MongoDB's meaning)"
+        ),
+    )
     truncate: bool = True
     max_tokens_per_doc: int | None = Field(
         default=None, description="cut each candidate to this many tokens before reranking"

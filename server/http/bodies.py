@@ -1,0 +1,61 @@
+"""JSON bodies hold Unicode text only: a route class that refuses a lone UTF-16 surrogate.
+
+JSON's escapes can spell half of a surrogate pair (``"\\ud800"``), and Python's parser
+accepts one (raw CESU-8 bytes too), but it is no Unicode text: SQLite, the tokenizers and
+every UTF-8 encoder refuse it, so it surfaced as a 500 deep in a call. gRPC refuses its
+counterpart (a string that is not UTF-8) before any handler runs; this refuses it as early,
+as a body that is not valid JSON (400, in the route's own error shape).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+
+# A surrogate's escape, or its raw bytes: what a body needs to hold one. Bodies without either
+# (nearly all) pass on a single scan.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+class UnicodeRoute(APIRoute):
+    """FastAPI's route, reading JSON bodies through ``UnicodeRequest``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            return await handler(UnicodeRequest(request.scope, request.receive))
+
+        return checked
+
+
+class UnicodeRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            value = json.loads(body)
+            if _MAYBE_SURROGATE.search(body):
+                _refuse_surrogates(value, body)
+            self._json = value
+        return self._json
+
+
+def _refuse_surrogates(value: Any, body: bytes) -> None:
+    """Raises ``JSONDecodeError`` (which FastAPI answers as a body that is not JSON) where a
+    string of ``value``, key or value, holds a lone surrogate. A pair is one character once
+    parsed, so only a lone half fails to encode."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(error.object[error.start])
+        raise json.JSONDecodeError(
+            f"a string holds a lone UTF-16 surrogate (\\u{code:04x}), which is not Unicode "
+            "text: send UTF-8, or both halves of the pair",
+            body.decode("utf-8", "replace"),
+            0,
+        ) from error
