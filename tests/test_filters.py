@@ -393,3 +393,88 @@ def test_tandem_search_takes_a_filter(server, data, capsys) -> None:
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["search", "q", "--filter", "[1]"])
     assert "must be a JSON object" in capsys.readouterr().err
+
+
+# Delete by filter
+
+
+@pytest.fixture
+def writable(tmp_path, bi_int8, data):
+    running = ServerThread(settings_for(tmp_path / "c", bi_int8[0], None))
+    segments = data.segments[:30]
+    tenants = {s.id: "abc"[i % 3] for i, s in enumerate(segments)}
+    reply = upsert(
+        running.stub(),
+        [document(s.id, s.text, tenant=tenants[s.id], n=i) for i, s in enumerate(segments)],
+    )
+    assert reply.inserted == len(segments)
+    yield running, tenants
+    running.stop()
+
+
+def stored_ids(stub, ids) -> set[str]:
+    return {d.id for d in stub.Get(pb.GetRequest(ids=ids)).documents}
+
+
+@pytest.mark.slow
+def test_delete_by_filter_takes_every_match_and_nothing_else(writable, data) -> None:
+    running, tenants = writable
+    stub = running.stub()
+    ids = list(tenants)
+    reply = stub.Delete(pb.DeleteRequest(metadata_filter=grpc_filter({"tenant": "a"})))
+    gone = {item for item, tenant in tenants.items() if tenant == "a"}
+    assert reply.deleted == len(gone) == 10
+    assert stored_ids(stub, ids) == set(ids) - gone
+    assert stub.Info(pb.InfoRequest()).index_size == len(ids) - len(gone)
+    search = pb.SearchRequest(
+        query=data.topics[0].query,
+        recall_k=30,
+        top_n=30,
+        metadata_filter=grpc_filter({"tenant": "a"}),
+    )
+    assert not stub.Search(search).hits
+    # Ids and a filter together: their union, once each; unknown ids are reported.
+    b0 = next(item for item, tenant in tenants.items() if tenant == "b")
+    both = stub.Delete(
+        pb.DeleteRequest(
+            ids=[b0, "missing"], metadata_filter=grpc_filter({"tenant": "b", "n": {"$lt": 10}})
+        )
+    )
+    b_low = {item for i, item in enumerate(ids) if tenants[item] == "b" and i < 10}
+    assert b0 in b_low
+    assert both.deleted == len(b_low)
+    assert list(both.not_found) == ["missing"]
+    assert stored_ids(stub, ids) == set(ids) - gone - b_low
+    # Over HTTP, as over gRPC.
+    base = f"http://127.0.0.1:{running.running.http_port}"
+    http = post(f"{base}/v1/delete", json={"metadata_filter": {"tenant": {"$in": ["c"]}}})
+    assert http.status_code == 200, http.text
+    c = {item for item, tenant in tenants.items() if tenant == "c"}
+    assert http.json()["deleted"] == len(c)
+    left = set(ids) - gone - b_low - c
+    assert stored_ids(stub, ids) == left
+    # A filter that matches nothing deletes nothing.
+    assert stub.Delete(pb.DeleteRequest(metadata_filter=grpc_filter({"tenant": "z"}))).deleted == 0
+    assert stored_ids(stub, ids) == left
+
+
+@pytest.mark.slow
+def test_a_delete_that_cannot_be_read_deletes_nothing(writable) -> None:
+    running, tenants = writable
+    stub = running.stub()
+    ids = list(tenants)
+    base = f"http://127.0.0.1:{running.running.http_port}"
+    for request in (
+        pb.DeleteRequest(ids=ids[:2], metadata_filter=grpc_filter({"tenant": {"$like": "a"}})),
+        pb.DeleteRequest(),  # an empty filter is none: neither ids nor a filter
+        pb.DeleteRequest(metadata_filter={}),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Delete(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        "unknown operator '$like'"
+        in post(f"{base}/v1/delete", json={"metadata_filter": {"tenant": {"$like": "a"}}}).text
+    )
+    assert post(f"{base}/v1/delete", json={"metadata_filter": {}}).status_code == 400
+    assert stored_ids(stub, ids) == set(ids)

@@ -323,7 +323,10 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         self, request: pb.DeleteRequest, context: Context
     ) -> pb.DeleteResponse:
         async def run(call: Call) -> pb.DeleteResponse:
-            deleted = await self.engine.delete(list(_decoded(request).ids), call)
+            message = _decoded(request)
+            deleted = await self.engine.delete(
+                list(message.ids), call, metadata_filter=_filter(message.metadata_filter)
+            )
             return pb.DeleteResponse(
                 deleted=deleted.deleted,
                 not_found=deleted.not_found,

@@ -26,6 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from tandem.encoders import BiEncoder
+from tandem.server.engine.filters import MetadataFilter
 from tandem.server.engine.index import (
     IndexSettings,
     VectorIndex,
@@ -330,8 +331,9 @@ class Collection:
         )
         return written
 
-    def delete(self, ids: Sequence[str]) -> list[int]:
-        keys = self.store.delete(ids)
+    def delete(self, ids: Sequence[str], *, matching: MetadataFilter | None = None) -> list[int]:
+        """Deletes ``ids`` and the documents ``matching`` a filter; returns their keys."""
+        keys = self.store.delete(ids, matching=matching)
         self.index.remove_documents(keys)
         self._update_lexical(keys, [], [])
         return keys

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -39,6 +40,7 @@ from tandem.server.engine.errors import (
     RequestError,
     Unavailable,
 )
+from tandem.server.engine.filters import parse_filter
 from tandem.server.engine.lanes import Lanes
 from tandem.server.engine.requests import (
     EmbedRequest,
@@ -54,6 +56,7 @@ from tandem.server.engine.requests import (
     check_rerank,
     check_search,
     document_cap,
+    finite_json,
     first_stage,
     min_rerank,
     reading,
@@ -519,15 +522,23 @@ class Engine:
         totals.truncated += truncated
         self._written()
 
-    async def delete(self, ids: list[str], call: Call) -> Deleted:
+    async def delete(
+        self, ids: list[str], call: Call, *, metadata_filter: Mapping[str, Any] | None = None
+    ) -> Deleted:
+        """Deletes the documents ``ids`` and every document that matches ``metadata_filter``,
+        in one transaction; ``not_found`` lists the ids that were not stored."""
         self.collection.store.require_writable()
-        wanted = unique_ids(ids, self.settings)
+        if metadata_filter:
+            finite_json(dict(metadata_filter), "metadata_filter")
+        matching = parse_filter(metadata_filter)
+        wanted = [] if matching is not None and not ids else unique_ids(ids, self.settings)
         started = time.perf_counter()
 
         def delete() -> tuple[int, list[str]]:
             present = self.collection.get(wanted)
-            self.collection.delete([item for item in wanted if item in present])
-            return len(present), [item for item in wanted if item not in present]
+            stored = [item for item in wanted if item in present]
+            keys = self.collection.delete(stored, matching=matching)
+            return len(keys), [item for item in wanted if item not in present]
 
         deleted, not_found = await self.lanes.run("store", delete)
         if deleted:

@@ -319,10 +319,14 @@ class DocumentStore:
                 ],
             )
 
-    def delete(self, ids: Sequence[str]) -> list[int]:
-        """Removes documents by external id; returns the keys that existed."""
+    def delete(self, ids: Sequence[str], *, matching: MetadataFilter | None = None) -> list[int]:
+        """Removes documents by external id, and every document ``matching`` a filter, in one
+        transaction (a write between the match and the delete cannot slip in); returns the
+        keys that existed."""
         with self._transaction():
             keys = self._keys_for(ids)
+            if matching is not None:
+                keys = list(dict.fromkeys([*keys, *self.keys_matching(matching)]))
             self.db.executemany("DELETE FROM documents WHERE key = ?", [(key,) for key in keys])
             if keys:
                 self._bump_generation()

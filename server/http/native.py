@@ -138,11 +138,16 @@ def router(engine: Engine, calls: Calls, *, serving: Callable[[], bool]) -> APIR
         return await calls.run(Dialect.NATIVE, work, queued=False)
 
     @routes.post(
-        "/v1/delete", response_model=s.DeleteReply, tags=["native"], summary="Delete by id"
+        "/v1/delete",
+        response_model=s.DeleteReply,
+        tags=["native"],
+        summary="Delete by id, or by metadata filter",
     )
-    async def delete(request: s.IdsBody) -> Response:
+    async def delete(request: s.DeleteBody) -> Response:
         async def work(call: Call) -> s.DeleteReply:
-            deleted = await engine.delete(request.ids, call)
+            deleted = await engine.delete(
+                request.ids, call, metadata_filter=request.metadata_filter
+            )
             return s.DeleteReply(
                 deleted=deleted.deleted,
                 not_found=deleted.not_found,

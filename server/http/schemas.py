@@ -442,6 +442,16 @@ class IdsBody(BaseModel):
     ids: list[str]
 
 
+class DeleteBody(BaseModel):
+    model_config = Strict
+    ids: list[str] = []
+    metadata_filter: dict[str, Any] | None = Field(
+        default=None,
+        description="also delete every document that matches (search's filter language), in "
+        "the same transaction; send ids, a filter, or both",
+    )
+
+
 class GetReply(BaseModel):
     documents: list[DocumentBody]
     not_found: list[str]
