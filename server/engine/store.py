@@ -371,7 +371,7 @@ class DocumentStore:
     def keys_matching(self, wanted: MetadataFilter) -> list[int]:
         """Keys of every document whose metadata matches ``wanted``.
 
-        The filter narrows the scan in SQL (``json_extract``) where it can; every row that
+        The filter narrows the scan in SQL (``json_each``) where it can; every row that
         returns is checked in Python as well, so SQL's looser comparisons decide nothing."""
         narrowed = narrowing(wanted)
         where, parameters = (f" WHERE {narrowed[0]}", narrowed[1]) if narrowed else ("", [])
