@@ -273,7 +273,6 @@ class FilterScope:
         self.store = store
         self.matching: set[int] | None = None
         self.verdicts: dict[int, bool] = {}
-        self.seen = 0  # documents found to pass before counting
 
     def passing(
         self, keys: Sequence[int], scores: Sequence[float]
@@ -286,9 +285,7 @@ class FilterScope:
             unseen = [key for key in keys if key not in self.verdicts]
             metadata = self.store.metadata_of(unseen)
             for key in unseen:
-                verdict = key in metadata and self.wanted.matches(metadata[key])
-                self.verdicts[key] = verdict
-                self.seen += verdict
+                self.verdicts[key] = key in metadata and self.wanted.matches(metadata[key])
             kept = [(key, score) for key, score in pairs if self.verdicts[key]]
         return [key for key, _ in kept], [score for _, score in kept]
 
@@ -301,7 +298,9 @@ class FilterScope:
     @property
     def known_matching(self) -> int:
         """How many documents are known to pass: all of them, once counted."""
-        return len(self.matching) if self.matching is not None else self.seen
+        if self.matching is not None:
+            return len(self.matching)
+        return sum(self.verdicts.values())
 
 
 class Searcher:

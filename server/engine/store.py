@@ -337,9 +337,7 @@ class DocumentStore:
 
     def _keys_for(self, ids: Sequence[str]) -> list[int]:
         keys: list[int] = []
-        for start in range(0, len(ids), IN_CHUNK):
-            chunk = list(ids[start : start + IN_CHUNK])
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_chunks(ids):
             rows = self.db.execute(f"SELECT key FROM documents WHERE id IN ({marks})", chunk)
             keys.extend(int(row[0]) for row in rows)
         return keys
@@ -351,9 +349,7 @@ class DocumentStore:
         return {document.key: document for document in self._select("key", [int(k) for k in keys])}
 
     def _select(self, column: str, values: Sequence[object]) -> Iterator[StoredDocument]:
-        for start in range(0, len(values), IN_CHUNK):
-            chunk = list(values[start : start + IN_CHUNK])
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_chunks(values):
             rows = self.db.execute(
                 "SELECT key, id, text, metadata, token_ids FROM documents "
                 f"WHERE {column} IN ({marks})",
@@ -382,12 +378,7 @@ class DocumentStore:
         """The metadata of the documents ``keys`` (those that exist), by key: what a filter
         reads, without the rest of each row."""
         found: dict[int, Any] = {}
-        for start in range(0, len(keys), IN_CHUNK):
-            chunk = [int(key) for key in keys[start : start + IN_CHUNK]]
-            marks = ", ".join("?" * len(chunk))
-            rows = self.db.execute(
-                f"SELECT key, metadata FROM documents WHERE key IN ({marks})", chunk
-            )
+        for rows in self._rows("metadata", keys, IN_CHUNK):
             found.update((int(key), json.loads(metadata)) for key, metadata in rows)
         return found
 
@@ -437,14 +428,19 @@ class DocumentStore:
             while rows := cursor.fetchmany(batch):
                 yield rows
             return
-        for start in range(0, len(keys), 500):
-            chunk = [int(key) for key in keys[start : start + 500]]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_chunks([int(key) for key in keys]):
             rows = self.db.execute(
                 f"SELECT key, {column} FROM documents WHERE key IN ({marks}) ORDER BY key", chunk
             ).fetchall()
             if rows:
                 yield rows
+
+
+def _in_chunks(values: Sequence[Any]) -> Iterator[tuple[list[Any], str]]:
+    """``values`` in chunks of at most IN_CHUNK, each with its ``IN (...)`` placeholders."""
+    for start in range(0, len(values), IN_CHUNK):
+        chunk = list(values[start : start + IN_CHUNK])
+        yield chunk, ",".join("?" * len(chunk))
 
 
 def _unpack_vectors(
