@@ -116,7 +116,8 @@ bench: demo
 # models exported twice more (onnxruntime dynamic INT8, OpenVINO FP32) beside `make models`'
 # OpenVINO INT8, each runtime and precision hint timed with its parity (bench runtimes), then
 # Tandem served under --cpu-precision auto and f32 beside Infinity int8 and FP32 (bench peers,
-# with Search's depth within 100 ms). Results go to benchmarks/results/cpu-<best matmul flag>/.
+# with Search's depth within 100 ms). Results go to benchmarks/results/cpu-<best matmul flag>-family<F>-<M>/
+# (two CPUs with the same best flag, a Zen 4 and a Zen 5, differ by family and model).
 # The model `make models` exported as $(1) (bi-encoder or cross-encoder), read back from it.
 SOURCE_OF = "$$($(BIN)/python -c 'import json, sys; print(json.load(open(sys.argv[1]))["source"])' \
 	$(ARTIFACTS)/$(1)/manifest.json)"
@@ -139,7 +140,8 @@ bench-cpu: demo $(INFINITY_VENV)/bin/infinity_emb \
 		$(CPU_VARIANTS)/$(m)-openvino-fp32/manifest.json)
 	@tag=$$($(BIN)/python -c 'from tandem.cpu import cpu_flags; f = cpu_flags(); \
 		print(next((t for t in ("amx_bf16", "avx512_bf16", "avx512_vnni", "avx2") if t in f), "other"))'); \
-	out=benchmarks/results/cpu-$$tag; mkdir -p $$out; lscpu > $$out/lscpu.txt; set -x; \
+	cpu=$$(lscpu | awk -F: '/^CPU family/ {f = $$2 + 0} /^Model:/ {m = $$2 + 0} END {print f "-" m}'); \
+	out=benchmarks/results/cpu-$$tag-family$$cpu; mkdir -p $$out; lscpu > $$out/lscpu.txt; set -x; \
 	$(BIN)/tandem bench runtimes --out $$out/runtimes.json \
 		--rerankers $(CPU_VARIANTS)/cross-encoder-onnxruntime $(ARTIFACTS)/cross-encoder \
 			$(CPU_VARIANTS)/cross-encoder-openvino-fp32 \

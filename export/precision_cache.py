@@ -4,7 +4,10 @@ Choosing OpenVINO's precision measures the artifact's whole parity probe in bf16
 the stand-in reranker and 8 s for MiniLM-L6 on a 2-core EPYC with avx512_bf16, at every
 start, every replica and every reranker swapped in. The outcome depends only on the graph,
 the CPU, OpenVINO's version and the thread count, so it is kept under those four and reused
-while all four are the same. Deleting the file measures again.
+while all four are the same. The CPU is its name, its family, model and stepping, and its
+flags: clouds mask the name (a Zen 4 and a Zen 5 both read ``AMD EPYC``), and a cache on a
+volume that replicas on several machine types share must not carry one's choice to
+another. Deleting the file measures again.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.artifact import MANIFEST_NAME
-from tandem.cpu import cpu_flags, cpu_model_name
+from tandem.cpu import cpu_flags, cpu_identity, cpu_model_name
 from tandem.durable import sha256_file, write_text_atomically
 from tandem.runtimes import RuntimeFit
 from tandem.runtimes.openvino import openvino_version
@@ -43,6 +46,7 @@ class PrecisionCache:
         return {
             "artifact": sha256_file(self.folder / MANIFEST_NAME),
             "cpu": cpu_model_name(),
+            "cpu_identity": cpu_identity(),
             "cpu_flags": hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest(),
             "openvino": openvino_version(),
             "threads": self.threads,

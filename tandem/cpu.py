@@ -18,15 +18,8 @@ BF16_MATMUL = frozenset({"amx_bf16", "avx512_bf16"})
 
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     """The first processor's flags (``Features`` on Arm); empty where they cannot be read."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return frozenset()
-    for line in cpuinfo.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    fields = _first_processor(cpuinfo)
+    return frozenset(fields.get("flags", fields.get("Features", "")).split())
 
 
 def is_x86() -> bool:
@@ -43,12 +36,34 @@ def has_bf16_matmul(flags: frozenset[str]) -> bool:
 
 def cpu_model_name(cpuinfo: str | None = None) -> str:
     """The first processor's ``model name`` (``lscpu``'s Model name); "" where unknown."""
+    return _first_processor(cpuinfo).get("model name", "")
+
+
+def cpu_identity(cpuinfo: str | None = None) -> str:
+    """Vendor, family, model and stepping, e.g. ``AuthenticAMD 26 2 0``; "" where unknown.
+
+    Cloud machines often mask the model name (every EPYC here reads ``AMD EPYC``), and two
+    generations can report the same flags, so what was measured on one CPU is keyed by these.
+    """
+    fields = _first_processor(cpuinfo)
+    parts = [fields.get(name, "") for name in ("vendor_id", "cpu family", "model", "stepping")]
+    return " ".join(parts).strip()
+
+
+def _first_processor(cpuinfo: str | None) -> dict[str, str]:
+    """The fields of ``/proc/cpuinfo``'s first block (empty where it cannot be read)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
         except OSError:
-            return ""
+            return {}
+    fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return ""
+        if not line.strip():
+            if fields:
+                break
+            continue
+        name, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(name.strip(), value.strip())
+    return fields

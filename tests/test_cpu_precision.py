@@ -19,6 +19,7 @@ from tandem.artifact import read_manifest
 from tandem.devices import CpuPrecision
 from tandem.durable import sha256_file
 from tandem.encoders import BiEncoder, CrossEncoder
+from tandem.export import precision_cache
 from tandem.export.precision_cache import PrecisionCache
 from tandem.export.probe import (
     FASTER_BY,
@@ -181,6 +182,10 @@ def test_a_kept_choice_is_reused_only_under_its_own_key(ce_openvino, bi_int8, tm
     # Another thread count, or another artifact, was never measured.
     assert PrecisionCache(tmp_path, ce_openvino, threads=1).recall() is None
     assert PrecisionCache(tmp_path, Path(bi_int8[0]), threads=2).recall() is None
+    # Nor was another CPU generation that masks its name and reports the same flags.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision_cache, "cpu_identity", lambda: "AuthenticAMD 25 17 1")
+        assert PrecisionCache(tmp_path, ce_openvino, threads=2).recall() is None
     # Reused, the kept f32 opens once and the bf16 variant is never compiled.
     asked: list[str] = []
 

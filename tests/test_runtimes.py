@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 from test_artifact import make_manifest
 
 from tandem.artifact import ArtifactError, check_files, hash_folder
-from tandem.cpu import cpu_flags
+from tandem.cpu import cpu_flags, cpu_identity, cpu_model_name
 from tandem.devices import DeviceSpec
 from tandem.export.pipeline import default_runtime
 from tandem.runtimes import RuntimeUnavailable, choose_backend, slower_here, unread_files
@@ -181,3 +181,16 @@ def test_bf16_training_needs_amx_or_avx512_bf16() -> None:
     assert bf16_supported(VNNI)
     assert not bf16_supported(AVX2_ONLY)
     assert cpu_flags("no flags here") == frozenset()
+
+
+def test_a_cpu_is_told_apart_by_family_and_model_where_its_name_is_masked() -> None:
+    block = "vendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: {}\nmodel name\t: AMD EPYC\n"
+    zen4 = "processor\t: 0\n" + block.format(25, 17) + "stepping\t: 1\n" + VNNI
+    zen5 = "processor\t: 0\n" + block.format(26, 2) + "stepping\t: 1\n" + VNNI
+    # The second processor's fields never leak into the first's.
+    zen5 += "\nprocessor\t: 1\nvendor_id\t: GenuineIntel\nmodel\t\t: 143\n"
+    assert cpu_model_name(zen4) == cpu_model_name(zen5) == "AMD EPYC"
+    assert cpu_flags(zen4) == cpu_flags(zen5)
+    assert cpu_identity(zen4) == "AuthenticAMD 25 17 1"
+    assert cpu_identity(zen5) == "AuthenticAMD 26 2 1"
+    assert cpu_identity("no fields here") == ""
