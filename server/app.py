@@ -300,7 +300,7 @@ def load_engine(settings: Settings, metrics: Metrics, supervisor: Supervisor) ->
         pairs=pairs,
         batcher=None if slot is None else slot.batcher,
         cache_size=settings.query_cache,
-        lanes=Lanes.threaded({"ingest": settings.ingest_nice}),
+        lanes=Lanes.threaded({"ingest": settings.ingest_nice, "listing": settings.ingest_nice}),
     )
     engine = Engine(
         searcher,

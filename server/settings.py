@@ -157,8 +157,9 @@ class Settings:
         default=10,
         metadata=_doc(
             "how much lower the ingest thread (upserts, and Embeds of --bulk-embed-texts or "
-            "more) runs than the query path (Linux nice increment; 0: equal): index-time work "
-            "has no deadline, so beside searches it yields as the reranker does"
+            "more) and the listing thread (Get's pages) run than the query path (Linux nice "
+            "increment; 0: equal): index-time work and exports have no deadline, so beside "
+            "searches they yield as the reranker does"
         ),
     )
     device: str = field(

@@ -54,6 +54,7 @@ BENCHES = {
     "bulk_embed": "an indexing job's Embed calls (OpenAI SDK) beside Searches (--against: A/B)",
     "dimensions": "a bi-encoder's vectors cut to each prefix size (Matryoshka): RAG24 quality",
     "filters": "metadata filters on RAG24: stage-1 latency, recall against exact, post-filtering",
+    "listing": "listing documents a page at a time (Get with no ids): pages, walks, Search beside",
 }
 
 
@@ -214,10 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(--config or TANDEM_CONFIG), then the defaults shown.",
     )
     settings.build_parser(serve)
-    from tandem import client
+    from tandem import client, documents
 
     search = commands.add_parser("search", help="query a running server")
     client.add_arguments(search)
+    listing = commands.add_parser(
+        "documents",
+        help="list a running server's documents as JSON lines (the corpus format index build "
+        "reads), all or those a filter or id prefix keeps",
+    )
+    documents.add_arguments(listing)
     # Its flags are parsed by tandem.tune itself, which loads the models' runtimes on import.
     tuning = commands.add_parser(
         "tune",
@@ -491,6 +498,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tandem import client
 
         return client.run(args)
+    if args.command == "documents":
+        from tandem import documents
+
+        return documents.run(args)
     if args.command == "bench":
         return _run_bench(args.bench, args.bench_args)
     # Root stays at WARNING: onnxruntime's quantizer logs every tensor at INFO on it.

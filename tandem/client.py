@@ -23,7 +23,7 @@ FIRST_STAGES = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("query", nargs="+", help="the question")
-    parser.add_argument("--address", default="127.0.0.1:50051")
+    add_connection_arguments(parser)
     parser.add_argument("--recall-k", type=int, help="candidates from the index (server default)")
     parser.add_argument("--top-n", type=int, help="hits returned (server default)")
     parser.add_argument("--mode", choices=sorted(MODES), help="default: the server's")
@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='metadata filter as JSON: \'{"lang": "en", "year": {"$gte": 2020}}\' (README: '
         '"Metadata filters")',
     )
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default="127.0.0.1:50051")
     parser.add_argument(
         "--token", help="bearer token, if the server wants one (default: env TANDEM_TOKEN)"
     )
@@ -58,11 +62,16 @@ def search_request(args: argparse.Namespace) -> Any:
         if value is not None:
             setattr(request, field, value)
     if args.filter:
-        from google.protobuf import json_format, struct_pb2
-
-        for key, value in args.filter.items():
-            request.metadata_filter[key].CopyFrom(json_format.ParseDict(value, struct_pb2.Value()))
+        set_filter(request.metadata_filter, args.filter)
     return request
+
+
+def set_filter(field: Any, wanted: Mapping[str, Any]) -> None:
+    """Fills a request's ``metadata_filter`` map (of protobuf Values) from plain JSON."""
+    from google.protobuf import json_format, struct_pb2
+
+    for key, value in wanted.items():
+        field[key].CopyFrom(json_format.ParseDict(value, struct_pb2.Value()))
 
 
 def filter_json(text: str) -> dict[str, Any]:
@@ -81,18 +90,24 @@ def call_metadata(args: argparse.Namespace, environ: Mapping[str, str]) -> list[
     return [("authorization", f"Bearer {token}")] if token else []
 
 
+def open_channel(args: argparse.Namespace) -> Any:
+    """A gRPC channel to ``--address``, over TLS where ``--tls-ca`` names what to trust."""
+    import grpc
+
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as handle:
+            credentials = grpc.ssl_channel_credentials(root_certificates=handle.read())
+        return grpc.secure_channel(args.address, credentials)
+    return grpc.insecure_channel(args.address)
+
+
 def run(args: argparse.Namespace) -> int:
     import grpc
 
     from tandem.v1 import tandem_pb2 as pb
     from tandem.v1 import tandem_pb2_grpc
 
-    if args.tls_ca:
-        with open(args.tls_ca, "rb") as handle:
-            credentials = grpc.ssl_channel_credentials(root_certificates=handle.read())
-        channel = grpc.secure_channel(args.address, credentials)
-    else:
-        channel = grpc.insecure_channel(args.address)
+    channel = open_channel(args)
     request = search_request(args)
     metadata = call_metadata(args, os.environ)
     with channel:

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import httpx
+from google.protobuf import json_format, struct_pb2
 
 from tandem.encoders import BiEncoder, CrossEncoder
 from tandem.server.app import Running, create_server
@@ -91,6 +92,11 @@ def upsert(stub: tandem_pb2_grpc.RetrievalStub, documents: list[pb.Document], *,
     ]
     response: pb.UpsertResponse = stub.Upsert(iter(messages), **kwargs)
     return response
+
+
+def grpc_filter(raw: dict[str, Any]) -> dict[str, struct_pb2.Value]:
+    """A metadata filter as the ``map<string, Value>`` Search, Delete and Get take."""
+    return {key: json_format.ParseDict(value, struct_pb2.Value()) for key, value in raw.items()}
 
 
 def document(identifier: str, text: str, **metadata: Any) -> pb.Document:

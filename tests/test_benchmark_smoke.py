@@ -19,6 +19,7 @@ from tandem.benchmarks import (
     encoders,
     filters,
     http_overhead,
+    listing,
     load,
     long_documents,
     peers,
@@ -322,6 +323,24 @@ def test_dimensions_benchmark_smoke(tmp_path, bi_int8) -> None:
     against_itself = rows[(384, "f32")]["umbrela"]["against_full_f32"]
     assert against_itself["ndcg@10"]["mean_difference"] == 0
     assert 0 <= rows[(64, "i8")]["umbrela"]["recall@20"] <= 1
+
+
+def test_listing_benchmark_smoke(tmp_path, small_collection) -> None:
+    argv = ["--smoke", "--collection", str(small_collection), "--work", str(tmp_path / "work"),
+            "--out", str(tmp_path / "listing.json")]  # fmt: skip
+    assert listing.main(bench_args(listing, argv)) == 0
+    result = json.loads((tmp_path / "listing_smoke.json").read_text())
+    walks = result["walks"]
+    metadata = filters.synthetic_metadata(result["documents"], result["seed"])
+    for limit in (100, 1000):
+        assert walks[f"everything, {limit}"]["documents"] == result["documents"] == 60
+        assert walks[f"OFFSET paging, {limit}"]["documents"] == 60
+        for name, raw in listing.WALKS.items():
+            if raw is not None:
+                wanted = filters.compiled(raw)
+                matching = sum(wanted.matches(m) for m in metadata)
+                assert walks[f"{name}, {limit}"]["documents"] == matching, name
+    assert result["served"] is None
 
 
 def test_filters_benchmark_smoke(tmp_path, small_collection, bi_int8, ce_int8) -> None:

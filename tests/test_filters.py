@@ -13,10 +13,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from google.protobuf import json_format, struct_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving import ServerThread, document, post, settings_for, upsert
+from serving import ServerThread, document, grpc_filter, post, settings_for, upsert
 
 from tandem import cli
 from tandem.server.engine.filters import MAX_DEPTH, InvalidFilter, narrowing, parse_filter
@@ -303,10 +302,6 @@ def server(tmp_path_factory, bi_int8, data):
     assert reply.inserted == SEGMENTS
     yield running, {s.id: metadata_of(i) for i, s in enumerate(segments)}
     running.stop()
-
-
-def grpc_filter(raw: dict[str, Any]) -> dict[str, struct_pb2.Value]:
-    return {key: json_format.ParseDict(value, struct_pb2.Value()) for key, value in raw.items()}
 
 
 @pytest.mark.slow

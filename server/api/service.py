@@ -27,6 +27,7 @@ from tandem.server.api.status import rich_status
 from tandem.server.engine.engine import Call, Engine, EngineInfo
 from tandem.server.engine.errors import InvalidArgument, Retryable
 from tandem.server.engine.fusion import FirstStage
+from tandem.server.engine.listing import ListRequest
 from tandem.server.engine.requests import (
     EmbedRequest,
     FeedbackItem,
@@ -339,7 +340,14 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
         self, request: pb.GetRequest, context: Context
     ) -> pb.GetResponse:
         async def run(call: Call) -> pb.GetResponse:
-            fetched = await self.engine.get(list(_decoded(request).ids), call)
+            message = _decoded(request)
+            listing = ListRequest(
+                metadata_filter=_filter(message.metadata_filter),
+                id_prefix=message.id_prefix,
+                limit=message.limit or None,  # proto3: 0 is unset
+                page_token=message.page_token,
+            )
+            fetched = await self.engine.get(list(message.ids), call, listing)
             documents = []
             for stored in fetched.documents:
                 document = pb.Document(id=stored.id, text=stored.text)
@@ -349,6 +357,7 @@ class RetrievalService(tandem_pb2_grpc.RetrievalServicer):
                 documents=documents,
                 not_found=fetched.not_found,
                 timings=_timings(fetched.timings_ms, call),
+                next_page_token=fetched.next_page_token,
             )
 
         return await self._serve("Get", context, run)

@@ -42,6 +42,7 @@ from tandem.server.engine.errors import (
 )
 from tandem.server.engine.filters import parse_filter
 from tandem.server.engine.lanes import Lanes
+from tandem.server.engine.listing import Listing, ListRequest, PageReader, check_listing
 from tandem.server.engine.requests import (
     EmbedRequest,
     FeedbackItem,
@@ -150,9 +151,10 @@ class Deleted:
 
 @dataclass(frozen=True)
 class Fetched:
-    documents: list[StoredDocument]  # in request order
+    documents: list[StoredDocument]  # in request order (a listing: id order)
     not_found: list[str]
     timings_ms: dict[str, float]
+    next_page_token: str = ""  # a listing's next page; "" once nothing is left
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,7 @@ class Engine:
         # where the server serves one artifact folder.
         self.reload_models: Callable[[], None] = lambda: None
         self.compacting: asyncio.Task[None] | None = None
+        self.pages = PageReader()
 
     @property
     def collection(self) -> Collection:
@@ -311,6 +314,7 @@ class Engine:
         except (OSError, RuntimeError) as error:
             log.error("final index checkpoint failed (start-up will repair it): %s", error)
         self.lanes.shutdown()
+        self.pages.close()
         collection.close()
 
     async def _checkpointer(self) -> None:
@@ -420,14 +424,34 @@ class Engine:
             cut, size, {"embed": ms_since(started)}, tokens,
         )  # fmt: skip
 
-    async def get(self, ids: list[str], call: Call) -> Fetched:
-        wanted = unique_ids(ids, self.settings)
+    async def get(self, ids: list[str], call: Call, listing: ListRequest | None = None) -> Fetched:
+        """The documents ``ids``; with no ids, a page of the documents ``listing`` keeps."""
+        if ids and listing is not None and listing.asked:
+            raise InvalidArgument(
+                "Get takes ids to look up, or metadata_filter, id_prefix, limit and "
+                "page_token to list documents, not both: send one or the other"
+            )
+        if not ids:
+            return await self._listed(check_listing(listing or ListRequest(), self.settings))
         started = time.perf_counter()
+        wanted = unique_ids(ids, self.settings)
         found = await self.lanes.run("store", lambda: self.collection.get(wanted))
         return Fetched(
             documents=[found[item] for item in wanted if item in found],
             not_found=[item for item in wanted if item not in found],
             timings_ms={"search": ms_since(started)},
+        )
+
+    async def _listed(self, listing: Listing) -> Fetched:
+        started = time.perf_counter()
+        documents, last = await self.lanes.run(
+            "listing", lambda: self.pages.page(self.collection.paths.store, listing)
+        )
+        return Fetched(
+            documents=documents,
+            not_found=[],
+            timings_ms={"search": ms_since(started)},
+            next_page_token=listing.token_after(last),
         )
 
     async def info(self) -> EngineInfo:

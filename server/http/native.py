@@ -15,6 +15,7 @@ from tandem.matryoshka import advertised
 from tandem.runtimes import RuntimeFit
 from tandem.server.engine.engine import Call, Engine, EngineInfo
 from tandem.server.engine.fusion import FirstStage
+from tandem.server.engine.listing import ListRequest
 from tandem.server.engine.requests import FeedbackItem, SearchRequest, UpsertBatch
 from tandem.server.engine.search import Hit, Mode, Passage
 from tandem.server.engine.store import NewDocument
@@ -122,10 +123,21 @@ def router(engine: Engine, calls: Calls, *, serving: Callable[[], bool]) -> APIR
 
         return await calls.run(Dialect.NATIVE, work, queued=False)
 
-    @routes.post("/v1/get", response_model=s.GetReply, tags=["native"], summary="Get by id")
-    async def get(request: s.IdsBody) -> Response:
+    @routes.post(
+        "/v1/get",
+        response_model=s.GetReply,
+        tags=["native"],
+        summary="Get by id, or list documents a page at a time",
+    )
+    async def get(request: s.GetBody) -> Response:
         async def work(call: Call) -> s.GetReply:
-            fetched = await engine.get(request.ids, call)
+            listing = ListRequest(
+                metadata_filter=request.metadata_filter,
+                id_prefix=request.id_prefix,
+                limit=request.limit,
+                page_token=request.page_token,
+            )
+            fetched = await engine.get(request.ids, call, listing)
             return s.GetReply(
                 documents=[
                     s.DocumentBody(id=d.id, text=d.text, metadata=d.metadata)
@@ -133,6 +145,7 @@ def router(engine: Engine, calls: Calls, *, serving: Callable[[], bool]) -> APIR
                 ],
                 not_found=fetched.not_found,
                 timings=timings(fetched.timings_ms, call),
+                next_page_token=fetched.next_page_token,
             )
 
         return await calls.run(Dialect.NATIVE, work, queued=False)

@@ -437,9 +437,21 @@ class UpsertReply(BaseModel):
     timings: TimingsBody
 
 
-class IdsBody(BaseModel):
+class GetBody(BaseModel):
     model_config = Strict
-    ids: list[str]
+    ids: list[str] = Field(
+        default=[], description="look these up; or leave out to list documents a page at a time"
+    )
+    metadata_filter: dict[str, Any] | None = Field(
+        default=None, description="listing: only documents that match (search's filter language)"
+    )
+    id_prefix: str = Field(default="", description="listing: only ids that start with this")
+    limit: int | None = Field(
+        default=None, description="listing: documents per page (default 100, at most 1000)"
+    )
+    page_token: str = Field(
+        default="", description="listing: the last reply's next_page_token; none for page one"
+    )
 
 
 class DeleteBody(BaseModel):
@@ -456,6 +468,7 @@ class GetReply(BaseModel):
     documents: list[DocumentBody]
     not_found: list[str]
     timings: TimingsBody
+    next_page_token: str = Field(description="listing: the next page's token; empty at the end")
 
 
 class DeleteReply(BaseModel):
