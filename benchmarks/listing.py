@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tandem.benchmarks.encoders import machine
 from tandem.benchmarks.filters import FILTERS, compiled, copy_with_metadata, percentile
 
@@ -50,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/listing.json"))
+    parser.add_argument(
+        "--large", type=int, default=1_000_000, help="documents in the synthetic store"
+    )
     parser.add_argument("--smoke", action="store_true", help="one round, no server")
 
 
@@ -81,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
             f"{row['page_p50_ms']:.2f} ms, max {row['page_max_ms']:.2f}; walk "
             f"{row['walk_ms']:.1f} ms ({row['documents_per_s']:.0f} documents/s)"
         )
+    large = None if args.smoke else large_walks(args)
     served = None if args.smoke else served_walks(args, folder)
     report = {
         "machine": machine(),
@@ -91,6 +97,7 @@ def main(args: argparse.Namespace) -> int:
         "scan_per_page": SCAN_PER_PAGE,
         "filters": WALKS,
         "walks": walks,
+        "large": large,
         "served": served,
     }
     target = args.out.with_name("listing_smoke.json") if args.smoke else args.out
@@ -98,6 +105,61 @@ def main(args: argparse.Namespace) -> int:
     target.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {target}")
     return 0
+
+
+def large_walks(args: argparse.Namespace) -> dict[str, Any]:
+    """On a synthetic store of ``--large`` short documents, one walk each: everything by
+    pages of 1,000 (ids) and by OFFSET, and one tenant's documents (a filter 1 in 1,000
+    pass, so each page reads its 20,000 ids)."""
+    from tandem.server.engine.listing import SCAN_PER_PAGE
+    from tandem.server.engine.store import DocumentStore
+
+    path = args.work / f"synthetic-{args.large}.sqlite"
+    started = time.perf_counter()
+    synthetic_store(path, args.large)
+    print(
+        f"synthetic store of {args.large} documents ready in {time.perf_counter() - started:.0f} s"
+    )
+    store = DocumentStore(path, read_only=True)
+    try:
+        walks = {
+            "everything, 1000": timed_walks(store, None, "", 1000, SCAN_PER_PAGE, 1),
+            "OFFSET paging, 1000": timed_offset_walks(store, 1000, 1),
+            "1 tenant, 100": timed_walks(store, {"tenant": "t042"}, "", 100, SCAN_PER_PAGE, 1),
+        }
+    finally:
+        store.close()
+    for name, row in walks.items():
+        print(f"{args.large} documents, {name}: {json.dumps(row)[:300]}")
+    return {"documents": args.large, "walks": walks}
+
+
+def synthetic_store(path: Path, count: int) -> None:
+    """``count`` documents of 40 words, one of 1,000 tenants each; kept for the next run."""
+    from tandem.server.engine.store import DocumentStore, NewDocument
+
+    if path.exists():
+        return
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    store = DocumentStore(partial)
+    try:
+        text = " ".join(["word"] * 40)
+        for start in range(0, count, 10_000):
+            batch = range(start, min(start + 10_000, count))
+            store.upsert(
+                [
+                    NewDocument(
+                        id=f"doc-{i:07d}", text=text, metadata={"tenant": f"t{i % 1000:03d}"}
+                    )
+                    for i in batch
+                ],
+                [np.ones(4, dtype=np.float32)] * len(batch),
+                [np.zeros(8, dtype=np.int32)] * len(batch),
+            )
+    finally:
+        store.close()
+    partial.rename(path)
 
 
 def timed_walks(
@@ -121,18 +183,20 @@ def timed_walks(
 
 
 def timed_offset_walks(store: Any, limit: int, rounds: int) -> dict[str, Any]:
+    from tandem.server.engine.store import DOCUMENT_COLUMNS, stored_document
+
     def walk() -> tuple[int, list[float]]:
         listed, pages = 0, []
         while True:
             started = time.perf_counter()
             rows = store.db.execute(
-                "SELECT key, id, text, metadata, token_ids FROM documents "
-                "ORDER BY id LIMIT ? OFFSET ?",
+                f"SELECT {DOCUMENT_COLUMNS} FROM documents ORDER BY id LIMIT ? OFFSET ?",
                 (limit, listed),
             ).fetchall()
+            documents = [stored_document(row) for row in rows]  # as a listed page is built
             pages.append((time.perf_counter() - started) * 1000)
-            listed += len(rows)
-            if len(rows) < limit:
+            listed += len(documents)
+            if len(documents) < limit:
                 return listed, pages
 
     return summarized([walk() for _ in range(rounds)])

@@ -68,7 +68,7 @@ IN_CHUNK = 500
 # Ids a filtered listing reads per query: their index yields about 4,000 in a millisecond.
 LIST_WINDOW = 1024
 METADATA_INDEX = "documents_metadata"  # SCHEMA's
-DOCUMENT_COLUMNS = "key, id, text, metadata, token_ids"  # what _document reads
+DOCUMENT_COLUMNS = "key, id, text, metadata, token_ids"  # what stored_document reads
 
 
 def passage_key(key: int, passage: int) -> int:
@@ -358,7 +358,7 @@ class DocumentStore:
             rows = self.db.execute(
                 f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE {column} IN ({marks})", chunk
             )
-            yield from map(_document, rows)
+            yield from map(stored_document, rows)
 
     def listed(
         self,
@@ -379,7 +379,7 @@ class DocumentStore:
                 f"SELECT {DOCUMENT_COLUMNS} FROM documents WHERE id {past} ? ORDER BY id LIMIT ?",
                 (bound, limit + 1),
             ).fetchall()
-            documents = [_document(row) for row in rows if str(row[1]).startswith(prefix)]
+            documents = [stored_document(row) for row in rows if str(row[1]).startswith(prefix)]
             if len(documents) > limit:
                 return documents[:limit], documents[limit - 1].id
             return documents, None
@@ -511,7 +511,7 @@ class DocumentStore:
                 yield rows
 
 
-def _document(row: tuple[Any, ...]) -> StoredDocument:
+def stored_document(row: tuple[Any, ...]) -> StoredDocument:
     """A row of DOCUMENT_COLUMNS."""
     key, external, text, metadata, tokens = row
     return StoredDocument(
