@@ -283,9 +283,9 @@ class FilterScope:
             kept = [(key, score) for key, score in pairs if key in self.matching]
         else:
             unseen = [key for key in keys if key not in self.verdicts]
-            metadata = self.store.metadata_of(unseen)
+            passing = self.store.passing(unseen, self.wanted)
             for key in unseen:
-                self.verdicts[key] = key in metadata and self.wanted.matches(metadata[key])
+                self.verdicts[key] = key in passing
             kept = [(key, score) for key, score in pairs if self.verdicts[key]]
         return [key for key, _ in kept], [score for _, score in kept]
 

@@ -385,8 +385,7 @@ class DocumentStore:
             return documents, None
         # A filter: ids from their own index a window at a time (no row is read), then the
         # metadata of those with the prefix, so a page costs what it reads, not the store.
-        kept: list[int] = []
-        last_of: dict[int, str] = {}
+        kept: list[tuple[int, str]] = []  # (key, id)
         scanned = 0
         while scanned < scan:
             window = min(LIST_WINDOW, scan - scanned)
@@ -395,35 +394,30 @@ class DocumentStore:
                 (bound, window),
             ).fetchall()
             scanned += len(rows)
-            with_prefix = {
-                int(key): str(item) for key, item in rows if str(item).startswith(prefix)
-            }
-            passing = self._passing(list(with_prefix), matching)
-            for key, item in with_prefix.items():
-                if key in passing:
-                    kept.append(key)
-                    last_of[key] = item
+            with_prefix = [
+                (int(key), str(item)) for key, item in rows if str(item).startswith(prefix)
+            ]
+            passing = self.passing([key for key, _ in with_prefix], matching)
+            kept.extend((key, item) for key, item in with_prefix if key in passing)
             if len(kept) > limit:
                 # One past the page: the next page starts after this page's last document.
-                return self._in_order(kept[:limit]), last_of[kept[limit - 1]]
+                return self._in_order(kept[:limit]), kept[limit - 1][1]
             if len(rows) < window or not str(rows[-1][1]).startswith(prefix):
                 return self._in_order(kept), None
             bound, past = str(rows[-1][1]), ">"
         return self._in_order(kept), bound  # its share of ids read: the next page goes on
 
-    def _passing(self, keys: Sequence[int], wanted: MetadataFilter) -> set[int]:
-        """Which of ``keys`` match, read through the metadata index where the store has it
-        (a collection written before it was added has not, until opened writable)."""
-        narrowed = narrowing(wanted)
-        where, parameters = (f" AND ({narrowed[0]})", narrowed[1]) if narrowed else ("", [])
+    def passing(self, keys: Sequence[int], wanted: MetadataFilter) -> set[int]:
+        """Which of the documents ``keys`` exist and match ``wanted``, their metadata read
+        through the metadata index where the store has it (a collection written before it
+        was added has not, until opened writable), never the rest of their rows."""
         passing: set[int] = set()
         for chunk, marks in _in_chunks(keys):
-            rows = self.db.execute(
-                f"SELECT key, metadata FROM documents{self._through_metadata_index} "
-                f"WHERE key IN ({marks}){where}",
-                [*chunk, *parameters],
+            passing.update(
+                self._keys_where(
+                    wanted, f"key IN ({marks})", chunk, index=self._through_metadata_index
+                )
             )
-            passing.update(int(key) for key, raw in rows if wanted.matches(json.loads(raw)))
         return passing
 
     @cached_property
@@ -435,27 +429,35 @@ class DocumentStore:
         ).fetchone()
         return f" INDEXED BY {METADATA_INDEX}" if exists else ""
 
-    def _in_order(self, keys: Sequence[int]) -> list[StoredDocument]:
-        found = self.by_keys(keys)
-        return [found[key] for key in keys if key in found]
+    def _in_order(self, keys: Sequence[tuple[int, str]]) -> list[StoredDocument]:
+        found = self.by_keys([key for key, _ in keys])
+        return [found[key] for key, _ in keys if key in found]
 
     def keys_matching(self, wanted: MetadataFilter) -> list[int]:
         """Keys of every document whose metadata matches ``wanted``.
 
         The filter narrows the scan in SQL (``json_each``) where it can; every row that
         returns is checked in Python as well, so SQL's looser comparisons decide nothing."""
-        narrowed = narrowing(wanted)
-        where, parameters = (f" WHERE {narrowed[0]}", narrowed[1]) if narrowed else ("", [])
-        rows = self.db.execute(f"SELECT key, metadata FROM documents{where}", parameters)
-        return [int(key) for key, metadata in rows if wanted.matches(json.loads(metadata))]
+        return self._keys_where(wanted)
 
-    def metadata_of(self, keys: Sequence[int]) -> dict[int, Any]:
-        """The metadata of the documents ``keys`` (those that exist), by key: what a filter
-        reads, without the rest of each row."""
-        found: dict[int, Any] = {}
-        for rows in self._rows("metadata", keys, IN_CHUNK):
-            found.update((int(key), json.loads(metadata)) for key, metadata in rows)
-        return found
+    def _keys_where(
+        self,
+        wanted: MetadataFilter,
+        condition: str | None = None,
+        parameters: Sequence[Any] = (),
+        *,
+        index: str = "",
+    ) -> list[int]:
+        """Keys of the rows meeting ``condition`` whose metadata matches ``wanted``: narrowed
+        in SQL where the filter allows, every row that returns checked in Python."""
+        conditions, bound = ([condition], list(parameters)) if condition else ([], [])
+        narrowed = narrowing(wanted)
+        if narrowed is not None:
+            conditions.append(f"({narrowed[0]})")
+            bound.extend(narrowed[1])
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        rows = self.db.execute(f"SELECT key, metadata FROM documents{index}{where}", bound)
+        return [int(key) for key, metadata in rows if wanted.matches(json.loads(metadata))]
 
     def keys_with_tokens(self, at_least: int) -> list[int]:
         """Keys of the documents stored with at least ``at_least`` reranker ids."""
