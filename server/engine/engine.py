@@ -40,7 +40,6 @@ from tandem.server.engine.errors import (
     RequestError,
     Unavailable,
 )
-from tandem.server.engine.filters import parse_filter
 from tandem.server.engine.lanes import Lanes
 from tandem.server.engine.listing import Listing, ListRequest, PageReader, check_listing
 from tandem.server.engine.requests import (
@@ -56,8 +55,8 @@ from tandem.server.engine.requests import (
     check_feedback,
     check_rerank,
     check_search,
+    checked_filter,
     document_cap,
-    finite_json,
     first_stage,
     min_rerank,
     reading,
@@ -552,9 +551,7 @@ class Engine:
         """Deletes the documents ``ids`` and every document that matches ``metadata_filter``,
         in one transaction; ``not_found`` lists the ids that were not stored."""
         self.collection.store.require_writable()
-        if metadata_filter:
-            finite_json(dict(metadata_filter), "metadata_filter")
-        matching = parse_filter(metadata_filter)
+        matching = checked_filter(metadata_filter)
         wanted = [] if matching is not None and not ids else unique_ids(ids, self.settings)
         started = time.perf_counter()
 

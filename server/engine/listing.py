@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tandem.server.engine.errors import InvalidArgument
-from tandem.server.engine.filters import MetadataFilter, parse_filter
-from tandem.server.engine.requests import bounded, check_id, finite_json
+from tandem.server.engine.filters import MetadataFilter
+from tandem.server.engine.requests import bounded, check_id, checked_filter
 from tandem.server.engine.store import DocumentStore, StoredDocument
 from tandem.server.settings import Settings
 
@@ -95,8 +95,7 @@ class PageReader:
 
 def check_listing(request: ListRequest, settings: Settings) -> Listing:
     raw_filter = dict(request.metadata_filter) if request.metadata_filter else None
-    if raw_filter:
-        finite_json(raw_filter, "metadata_filter")
+    matching = checked_filter(raw_filter)
     if request.id_prefix:
         check_id(request.id_prefix, settings.max_id_bytes, where="id_prefix")
     limit = bounded("limit", request.limit, default=DEFAULT_LIMIT, limit=MAX_LIMIT)
@@ -104,7 +103,7 @@ def check_listing(request: ListRequest, settings: Settings) -> Listing:
     return Listing(
         after=_after(request.page_token, fingerprint),
         prefix=request.id_prefix,
-        matching=parse_filter(raw_filter),
+        matching=matching,
         limit=limit,
         fingerprint=fingerprint,
     )

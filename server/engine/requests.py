@@ -15,6 +15,7 @@ from typing import Any
 
 from tandem.artifact import Role
 from tandem.server.engine.errors import InvalidArgument
+from tandem.server.engine.filters import MetadataFilter, parse_filter
 from tandem.server.engine.fusion import FirstStage, Fusion
 from tandem.server.engine.search import DocumentRef, Mode
 from tandem.server.engine.store import NewDocument
@@ -149,6 +150,14 @@ def finite_json(value: Any, where: str) -> None:
         ) from error
     except TypeError as error:
         raise InvalidArgument(f"{where} is not JSON: {error}") from error
+
+
+def checked_filter(raw: Mapping[str, Any] | None) -> MetadataFilter | None:
+    """A request's metadata_filter, read (None where it sets none); refused where it holds
+    NaN or Infinity, or means nothing (filters' InvalidFilter)."""
+    if raw:
+        finite_json(dict(raw), "metadata_filter")
+    return parse_filter(raw)
 
 
 def document_cap(requested: int | None, settings: Settings) -> int | None:
