@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
 from tandem.client import (
@@ -46,20 +47,26 @@ def page_size(text: str) -> int:
     return size
 
 
-def pages(stub: Any, args: argparse.Namespace, metadata: list[tuple[str, str]]) -> Any:
+def pages(
+    stub: Any,
+    *,
+    page_size: int,
+    prefix: str = "",
+    wanted: Mapping[str, Any] | None = None,
+    metadata: Sequence[tuple[str, str]] = (),
+) -> Iterator[Any]:
     """Yields each page's GetResponse until the server says nothing is left."""
     from tandem.v1 import tandem_pb2 as pb
 
-    token = ""
+    request = pb.GetRequest(id_prefix=prefix, limit=page_size)
+    if wanted:
+        set_filter(request.metadata_filter, wanted)
     while True:
-        request = pb.GetRequest(id_prefix=args.prefix, limit=args.page_size, page_token=token)
-        if args.filter:
-            set_filter(request.metadata_filter, args.filter)
         reply = stub.Get(request, metadata=metadata, timeout=30)
         yield reply
-        token = reply.next_page_token
-        if not token:
+        if not reply.next_page_token:
             return
+        request.page_token = reply.next_page_token
 
 
 def write(reply: Any, out: TextIO) -> int:
@@ -85,7 +92,14 @@ def run(args: argparse.Namespace) -> int:
     with open_channel(args) as channel:
         stub = tandem_pb2_grpc.RetrievalStub(channel)  # type: ignore[no-untyped-call]
         try:
-            for reply in pages(stub, args, metadata):
+            walk = pages(
+                stub,
+                page_size=args.page_size,
+                prefix=args.prefix,
+                wanted=args.filter,
+                metadata=metadata,
+            )
+            for reply in walk:
                 listed += write(reply, sys.stdout)
         except grpc.RpcError as error:
             print(
