@@ -81,13 +81,16 @@ def test_a_short_run_trains_exports_and_reports_on_held_out_queries(
 ):
     out = tmp_path / "run"
     flags = quick_flags(labelled, bi_int8, out, "--epochs", "1", "--base", str(minilm_path),
-                        "--compare", str(ce_int8[0]))  # fmt: skip
+                        "--compare", str(ce_int8[0]), "--pseudo-queries", "2")  # fmt: skip
     assert main(["train", *flags]) == 0
     report = json.loads((out / "train.json").read_text(encoding="utf-8"))
     assert report["base"]["kind"] == "new-head"
     assert report["split"]["held_out_queries"] == 1
+    # Queries made from the collection's text are trained on, never held out or scored.
     assert report["split"]["train_queries"] == TOPICS - 1
-    assert report["training"]["steps"] >= 1
+    assert report["pseudo_queries"]["made"] == 2
+    # One epoch of 3 training topics and 2 made queries, 2 lists a step.
+    assert report["training"]["steps"] == 3
     systems = [row["system"] for row in report["evaluation"]["rows"]]
     assert systems == [
         "hybrid (stage 1 alone)", "dense (stage 1 alone)", f"{ce_int8[0].name} (reranker)",
@@ -107,8 +110,15 @@ def test_a_short_run_trains_exports_and_reports_on_held_out_queries(
     assert training["recipe"]["loss"] == "lambda"
     assert training["labels"]["sha256"] == report["labels"]["sha256"]
     assert training["held_out"]["ndcg_at_10"] == rows["trained (INT8 artifact)"]["ndcg_at_10"]
+    # As many training queries as were held out (one of the three) are scored too.
+    seen = report["evaluation"]["training_queries"]
+    assert seen["queries"] == 1
+    assert seen["held_out_stage1_to_trained"] == tests["hybrid (stage 1 alone)"]["ndcg@10"]
+    assert 0.0 < seen["stage1_to_trained"]["p_value"] <= 1.0
     assert (out / "train.png").stat().st_size > 1000
-    assert "| system | nDCG@10 |" in (out / "train.md").read_text(encoding="utf-8")
+    markdown = (out / "train.md").read_text(encoding="utf-8")
+    assert "| system | nDCG@10 |" in markdown
+    assert "on 1 query it trained on" in markdown
     assert "trained (INT8 artifact)" in capsys.readouterr().out
 
 
@@ -161,6 +171,7 @@ def test_a_killed_run_resumes_from_its_last_epoch(labelled, bi_int8, minilm_path
             lambda flags, folder: _replace(flags, "--collection", str(folder / "nowhere")),
             "is not a collection",
         ),
+        (lambda flags, folder: [*flags, "--pseudo-queries", "-1"], "--pseudo-queries >= 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(labelled, bi_int8, tmp_path, capsys, change, message):

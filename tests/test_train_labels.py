@@ -131,3 +131,81 @@ def test_held_out_rows_and_paired_tests_on_a_hand_built_case() -> None:
     assert by_name["trained"].ndcg_at_10 > by_name["hybrid (stage 1 alone)"].ndcg_at_10
     assert set(tests) == {"hybrid (stage 1 alone)", "dense (stage 1 alone)"}
     assert tests["hybrid (stage 1 alone)"]["ndcg@10"]["mean_difference"] > 0
+
+
+def lead(difference: float, p_value: float) -> dict[str, float]:
+    return {"mean_difference": difference, "ci_low": 0.0, "ci_high": 0.0, "p_value": p_value}
+
+
+@pytest.mark.parametrize(
+    ("train", "held", "memorised", "says"),
+    [
+        # The figures of RESULTS' "What a reranker trained here learned": ahead on its own
+        # queries, behind held out beyond chance.
+        (lead(0.03, 0.01), lead(-0.175, 0.0001), True, "learned its training queries"),
+        (lead(-0.02, 0.2), lead(-0.1, 0.001), False, "has not fitted them yet"),
+        (lead(0.05, 0.01), lead(0.02, 0.04), False, "+0.020 held out."),
+        # Behind held out, but within chance: no verdict.
+        (lead(0.05, 0.01), lead(-0.01, 0.4), False, "-0.010 held out."),
+    ],
+)
+def test_the_report_tells_memorising_from_not_yet_fitting(train, held, memorised, says) -> None:
+    from tandem.training.evaluate import Generalisation
+
+    found = Generalisation(40, train, held)
+    assert found.memorised is memorised
+    assert says in found.sentence()
+    assert f"on 40 queries it trained on, {held['mean_difference']:+.3f} held out" in (
+        found.sentence()
+    )
+
+
+def test_the_training_sample_is_seeded_and_keeps_order() -> None:
+    from tandem.training.evaluate import training_sample
+
+    train = [Judged(f"q{n}", f"query {n}", {"d": 1.0}) for n in range(50)]
+    sample = training_sample(train, count=10, seed=3)
+    assert len(sample) == 10
+    assert [item.query_id for item in sample] == sorted(
+        (item.query_id for item in sample), key=lambda name: int(name[1:])
+    )
+    assert sample == training_sample(train, count=10, seed=3)
+    assert sample != training_sample(train, count=10, seed=4)
+    assert training_sample(train[:5], count=10, seed=3) == train[:5]
+
+
+def test_compared_artifacts_of_the_same_name_are_told_apart_by_their_parents() -> None:
+    from pathlib import Path
+
+    from tandem.training.run import distinct_names
+
+    runs = [Path("/work/run-a/reranker-int8"), Path("/work/run-b/reranker-int8")]
+    assert distinct_names(runs) == ["run-a/reranker-int8", "run-b/reranker-int8"]
+    assert distinct_names([Path("artifacts/cross-encoder"), runs[0]]) == [
+        "cross-encoder",
+        "reranker-int8",
+    ]
+    assert distinct_names([Path("x"), Path("a/x")]) == ["x", "a/x"]
+
+
+def test_a_rerun_of_a_finished_run_reports_no_rate_rather_than_a_made_up_one() -> None:
+    from tandem.training.evaluate import Row
+    from tandem.training.report import render
+
+    training = {"pairs_per_epoch": 3720, "seconds": 0.4, "device": "cpu", "threads": 2,
+                "bf16": True, "resumed_from": "out/checkpoints/checkpoint-390"}  # fmt: skip
+    summary = {
+        "evaluation": {"queries": 137, "relevant": 2, "depth": 30},
+        "split": {"rule": "a rule", "train_queries": 156},
+        "first_stage": {"mode": "hybrid"},
+        "recipe": {"epochs": 5, "loss": "lambda"},
+        "base": {"source": "minilm", "kind": "new-head"},
+    }
+    rows = [Row("trained", 0.5, 0.5, 0.9, 12.0, "")]
+    resumed = render({**summary, "training": {**training, "pairs_per_second": None}}, rows, {},
+                     trained="trained")  # fmt: skip
+    assert "resumed after its last epoch, from out/checkpoints/checkpoint-390" in resumed
+    assert "pairs/s" not in resumed
+    timed = render({**summary, "training": {**training, "pairs_per_second": 24.3}}, rows, {},
+                   trained="trained")  # fmt: skip
+    assert "0.0 min (24.3 pairs/s, cpu, 2 threads, bf16 on)" in timed

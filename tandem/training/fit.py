@@ -206,7 +206,10 @@ def train(
         "steps": result.global_step,
         "training_loss": result.training_loss,
         "pairs_per_epoch": round(pairs_per_row * len(dataset)),
-        "pairs_per_second": progress.rate or pairs / max(seconds, 1e-9),
+        # None where a resumed run found every epoch trained: it timed no step.
+        "pairs_per_second": progress.rate
+        if progress.rate is not None or last
+        else pairs / max(seconds, 1e-9),
         "device": device,
         "bf16": bf16,
         "threads": threads,

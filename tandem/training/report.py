@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.artifact import read_manifest, write_manifest
-from tandem.training.evaluate import Row
+from tandem.training.evaluate import Generalisation, Row
 
 Tests = Mapping[str, Mapping[str, Mapping[str, float]]]
 
@@ -41,15 +41,33 @@ def render(summary: Mapping[str, Any], rows: Sequence[Row], tests: Tests, *, tra
             f"| {row.system} | {row.ndcg_at_10:.3f} | {row.mrr_at_10:.3f} | {row.recall:.3f} "
             f"| {ms} | {versus} |"
         )
+    lines += generalisation_lines(evaluation)
+    rate = training["pairs_per_second"]
+    timed = (
+        f"{training['seconds'] / 60:.1f} min ({rate:.1f} pairs/s"
+        if rate is not None
+        else f"resumed after its last epoch, from {training['resumed_from']} (no step left"
+    )
     lines += [
         "",
         f"Training: {training['pairs_per_epoch']} pairs an epoch, {summary['recipe']['epochs']} "
-        f"epochs, {training['seconds'] / 60:.1f} min ({training['pairs_per_second']:.1f} "
-        f"pairs/s, {training['device']}, {training['threads']} threads, bf16 "
+        f"epochs, {timed}, {training['device']}, {training['threads']} threads, bf16 "
         f"{'on' if training['bf16'] else 'off'}); loss {summary['recipe']['loss']}, base "
         f"{summary['base']['source']} ({summary['base']['kind']}).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def generalisation_lines(evaluation: Mapping[str, Any]) -> list[str]:
+    """The trained reranker's lead over stage 1 on its training queries beside the held-out
+    one: both ahead, it learned relevance; ahead only on the first, it learned the queries."""
+    seen = evaluation.get("training_queries")
+    if not seen:
+        return []
+    lead = Generalisation(
+        seen["queries"], seen["stage1_to_trained"], seen["held_out_stage1_to_trained"]
+    )
+    return ["", lead.sentence()]
 
 
 def write(

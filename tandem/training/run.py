@@ -2,11 +2,14 @@
 and export it as verified artifacts ready to publish to running servers.
 
     labels (TREC qrels, JSON lines, or the server's Feedback) -> split by a seeded rule
+    -> (``--pseudo-queries``: queries made from the collection's text, trained on only)
     -> the collection's first stage (hard negatives, and the held-out candidates)
     -> CrossEncoderTrainer (LambdaLoss or BCE; resumable per epoch)
     -> export: INT8 (CPU) and FP16 (GPU), each checked against the trained FP32 checkpoint
     -> held-out report: stage 1 alone, the starting reranker, the trained one (train.md,
-       train.json, train.png), also written into the artifacts' manifests
+       train.json, train.png), also written into the artifacts' manifests; and the trained
+       one against stage 1 on a sample of its training queries (did it learn relevance, or
+       those queries?)
 
 Held-out evaluation is not optional: queries are split by the sha1 of ``seed:query_id``
 (``--eval-fraction`` of them held out), or the user names them (``--eval-queries``), and no
@@ -19,11 +22,11 @@ import argparse
 import hashlib
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tandem.relevance import read_queries
 from tandem.server.engine.fusion import FirstStage, Fusion
@@ -31,6 +34,9 @@ from tandem.server.settings import Settings
 from tandem.training import evaluate, labels, pools, report
 from tandem.training.base import Base, resolve_base, with_new_head
 from tandem.training.labels import Judged, LabelError
+
+if TYPE_CHECKING:
+    from tandem.server.engine.store import DocumentStore
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("int8", "fp16", "fp32")
@@ -73,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit = parser.add_argument_group("training")
     fit.add_argument("--loss", choices=("lambda", "bce"), default="lambda")
     fit.add_argument("--distill", type=float, default=0.5, help="the bi-encoder's share")
+    fit.add_argument(
+        "--pseudo-queries", type=int, default=0,
+        help="also train on this many queries made from the collection's text (a sentence "
+        "as the query, its document as the answer): queries on every topic it holds",
+    )  # fmt: skip
     fit.add_argument("--epochs", type=int, default=2)
     fit.add_argument("--batch-size", type=int, default=2, help="queries (lambda) or pairs (bce)")
     fit.add_argument("--learning-rate", type=float, default=5e-5)
@@ -115,15 +126,16 @@ def main(args: argparse.Namespace) -> int:
     judged = read_labels(args)
     train, held = split(judged, args)
     relevant = args.relevant or (2 if max_grade(judged) > 1 else 1)
+    made = made_queries(args, grade=max_grade(judged))
     stage = FirstStage(args.first_stage)
     fusion = Fusion(args.dense_weight, args.lexical_weight, args.rrf_k)
     depth = max(args.eval_depth, args.negatives + len_labelled(train), 50)
     retrieved = pools.retrieve(
-        args.collection, args.bi_encoder, [*train, *held], depth=depth, stage=stage,
+        args.collection, args.bi_encoder, [*train, *held, *made], depth=depth, stage=stage,
         fusion=fusion, threads=args.threads, strict=args.qrels is None,
     )  # fmt: skip
     pools.check_pools(held, retrieved.pools)
-    lists = build(train, retrieved, args)
+    lists = build([*train, *made], retrieved, args)
     # After the labels and the collection are checked, which take seconds: naming the base
     # may reach for the hub.
     base = resolve_base(args.base)
@@ -154,12 +166,21 @@ def main(args: argparse.Namespace) -> int:
     rows, tests, judged_held = held_out(
         args, held, retrieved, stage, base, artifacts["int8"], trained_name, relevant
     )
+    generalisation = on_training_queries(
+        args, train, retrieved, stage, artifacts["int8"], relevant, held_lead=tests,
+        count=len(held),
+    )  # fmt: skip
     summary: dict[str, Any] = {
         "arguments": {name: str(value) for name, value in sorted(vars(args).items())},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "base": {"source": base.source, "checkpoint": base.checkpoint, "kind": base.kind},
         "labels": label_source(args),
         "split": split_rule(args, train, held),
+        "pseudo_queries": {
+            "asked": args.pseudo_queries,
+            "made": len(made),
+            "rule": "inverse cloze: a sentence as the query",
+        },
         "recipe": asdict(recipe),
         "training": training,
         "first_stage": {"mode": stage.value, "fusion": asdict(fusion)},
@@ -170,6 +191,12 @@ def main(args: argparse.Namespace) -> int:
             "rows": [asdict(row) for row in rows],
             "paired_tests": tests,
             "trained": trained_name,
+            "training_queries": {
+                "queries": generalisation.train_queries,
+                "stage1_to_trained": generalisation.train_lead,
+                "held_out_stage1_to_trained": generalisation.held_lead,
+                "memorised": generalisation.memorised,
+            },
         },
         "artifacts": {name: str(path) for name, path in artifacts.items()},
     }
@@ -177,6 +204,8 @@ def main(args: argparse.Namespace) -> int:
     for folder in artifacts.values():
         report.record_in_manifest(folder, summary)
     print(report.render(summary, rows, tests, trained=trained_name))
+    if generalisation.memorised:
+        log.warning("%s", generalisation.sentence())
     print(f"wrote {args.out}/train.md, train.json and train.png; artifacts: "
           f"{', '.join(str(path) for path in artifacts.values())}")  # fmt: skip
     return 0
@@ -198,7 +227,9 @@ def held_out(
         held, retrieved.pools, depth=args.eval_depth, name=stage.value
     )
     compared = ([base.artifact] if base.artifact else []) + list(args.compare)
-    named = [(f"{folder.name} (reranker)", folder) for folder in dict.fromkeys(compared)]
+    folders = list(dict.fromkeys(compared))
+    names = distinct_names(folders)
+    named = [(f"{name} (reranker)", folder) for name, folder in zip(names, folders, strict=True)]
     for name, folder in [*named, (trained_name, trained)]:
         note = "the starting reranker" if folder == base.artifact else str(folder)
         systems.append(
@@ -218,6 +249,48 @@ def held_out(
     )
 
 
+def distinct_names(folders: Sequence[Path]) -> list[str]:
+    """Each folder's name, with as many of its parents as tell it from the others: two
+    ``reranker-int8`` folders of two runs are two rows of the report, not one."""
+    parts = [folder.parts for folder in folders]
+    depth = 1
+    while depth < max((len(each) for each in parts), default=1) and len(
+        {each[-depth:] for each in parts}
+    ) < len(parts):
+        depth += 1
+    return ["/".join(each[-depth:]) for each in parts]
+
+
+def on_training_queries(
+    args: argparse.Namespace,
+    train: Sequence[Judged],
+    retrieved: pools.Retrieved,
+    stage: FirstStage,
+    trained: Path,
+    relevant: int,
+    *,
+    held_lead: Mapping[str, Mapping[str, Mapping[str, float]]],
+    count: int,
+) -> evaluate.Generalisation:
+    """Stage 1 and the trained artifact on as many training queries as were held out, so
+    the report can say whether the held-out figure is a lack of steps or of queries."""
+    sample = evaluate.training_sample(train, count=count, seed=args.seed)
+    stage1 = evaluate.first_stage_systems(
+        sample, retrieved.pools, depth=args.eval_depth, name=stage.value
+    )[0]
+    name = "trained, on training queries"
+    system = evaluate.reranked(
+        name, trained, sample, retrieved.pools, retrieved.texts, depth=args.eval_depth,
+        threads=args.threads,
+    )  # fmt: skip
+    _, tests, scored = evaluate.measure(
+        [stage1, system], sample, trained=name, relevant=relevant, depth=args.eval_depth
+    )
+    return evaluate.Generalisation(
+        scored, tests[stage1.name]["ndcg@10"], dict(held_lead[stage1.name]["ndcg@10"])
+    )
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     if args.qrels is not None and args.queries is None:
         raise LabelError("--qrels needs --queries (the topics the qrels judge)")
@@ -228,9 +301,13 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise LabelError(
             "give one label source: --queries with --qrels, --labels, or --from-feedback"
         )
-    if args.epochs < 1 or args.batch_size < 1 or args.list_size < 2 or args.negatives < 0:
+    if (
+        args.epochs < 1 or args.batch_size < 1 or args.list_size < 2 or args.negatives < 0
+        or args.pseudo_queries < 0
+    ):  # fmt: skip
         raise LabelError(
-            "--epochs and --batch-size must be >= 1, --list-size >= 2, --negatives >= 0"
+            "--epochs and --batch-size must be >= 1, --list-size >= 2, --negatives and "
+            "--pseudo-queries >= 0"
         )
     if args.eval_depth < 1:
         raise LabelError("--eval-depth must be >= 1")
@@ -249,20 +326,39 @@ def read_labels(args: argparse.Namespace) -> list[Judged]:
     if args.labels is not None:
         return labels.from_jsonl(args.labels)
     if args.from_feedback:
-        from tandem.server.engine.store import DocumentStore, StoreError
-
-        path = args.collection / "documents.sqlite"
-        if not path.is_file():
-            raise LabelError(f"{args.collection} is not a collection (no documents.sqlite)")
-        try:
-            store = DocumentStore(path, read_only=True)
-        except StoreError as error:
-            raise LabelError(f"{path}: {error}") from error
+        store = open_store(args.collection)
         try:
             return labels.from_feedback(store.feedback_labels())
         finally:
             store.close()
     return labels.from_trec(args.queries, args.qrels)
+
+
+def made_queries(args: argparse.Namespace, *, grade: float) -> list[Judged]:
+    """``--pseudo-queries`` queries from the collection's text, for training only."""
+    if args.pseudo_queries <= 0:
+        return []
+    from tandem.training import pseudo
+
+    store = open_store(args.collection)
+    try:
+        return pseudo.inverse_cloze(
+            store, count=args.pseudo_queries, seed=args.seed, grade=grade or 1.0
+        )
+    finally:
+        store.close()
+
+
+def open_store(collection: Path) -> DocumentStore:
+    from tandem.server.engine.store import DocumentStore, StoreError
+
+    path = collection / "documents.sqlite"
+    if not path.is_file():
+        raise LabelError(f"{collection} is not a collection (no documents.sqlite)")
+    try:
+        return DocumentStore(path, read_only=True)
+    except StoreError as error:
+        raise LabelError(f"{path}: {error}") from error
 
 
 def split(judged: Sequence[Judged], args: argparse.Namespace) -> tuple[list[Judged], list[Judged]]:
