@@ -28,8 +28,8 @@ TRIES_PER_QUERY = 4  # documents sampled per query wanted: short ones yield none
 
 def inverse_cloze(store: DocumentStore, *, count: int, seed: int, grade: float) -> list[Judged]:
     """Up to ``count`` queries from documents sampled by ``seed``, each labelled ``grade``
-    (the labels' top grade) on its two answers. Fewer where the collection holds too few
-    documents of two sentences or more; none at all is an error."""
+    (the labels' top grade) on its two answers. Fewer where too few documents hold such a
+    sentence (``cloze``); none at all is an error."""
     keys: list[int] = store.keys().tolist()
     if count <= 0 or not keys:
         return []
@@ -56,8 +56,8 @@ def inverse_cloze(store: DocumentStore, *, count: int, seed: int, grade: float) 
             break
     if not made:
         raise LabelError(
-            f"no stored document has two sentences of {MIN_WORDS}-{MAX_WORDS} words and "
-            f"{MIN_REST_WORDS} more besides: --pseudo-queries needs prose (or set it to 0)"
+            f"no stored document has a sentence of {MIN_WORDS} to {MAX_WORDS} words and "
+            f"{MIN_REST_WORDS} words besides it: --pseudo-queries needs prose (or set it to 0)"
         )
     return made
 
