@@ -11,10 +11,14 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tandem.relevance import paired_test, per_query
 from tandem.training.labels import Judged
 from tandem.training.pools import Pool
+
+if TYPE_CHECKING:
+    from tandem.encoders import CrossEncoder
 
 
 @dataclass(frozen=True)
@@ -40,22 +44,26 @@ def first_stage_systems(
     return systems
 
 
+def load_reranker(artifact: Path, *, threads: int) -> CrossEncoder:
+    """An artifact opened for ``reranked``, its kernels compiled by a first run."""
+    from tandem.encoders import CrossEncoder
+
+    reranker = CrossEncoder(artifact, threads=threads)
+    reranker.score("warm-up", ["the first run compiles kernels"])
+    return reranker
+
+
 def reranked(
     name: str,
-    artifact: Path,
+    reranker: CrossEncoder,
     held: Sequence[Judged],
     pools: Mapping[str, Pool],
     texts: Mapping[str, str],
     *,
     depth: int,
-    threads: int,
     note: str = "",
 ) -> System:
-    """``artifact`` reranks each held-out query's first ``depth`` candidates (no budget)."""
-    from tandem.encoders import CrossEncoder
-
-    reranker = CrossEncoder(artifact, threads=threads)
-    reranker.score("warm-up", ["the first run compiles kernels"])
+    """``reranker`` reorders each query's first ``depth`` candidates (no budget)."""
     final, candidates = {}, {}
     pairs, seconds = 0, 0.0
     for number, item in enumerate(held, start=1):

@@ -36,6 +36,7 @@ from tandem.training.base import Base, resolve_base, with_new_head
 from tandem.training.labels import Judged, LabelError
 
 if TYPE_CHECKING:
+    from tandem.encoders import CrossEncoder
     from tandem.server.engine.store import DocumentStore
 
 log = logging.getLogger(__name__)
@@ -163,13 +164,14 @@ def main(args: argparse.Namespace) -> int:
     )  # fmt: skip
     artifacts = export(model, args)
     trained_name = "trained (INT8 artifact)"
+    # Loaded once for the held-out queries and the training ones: each load compiles kernels.
+    trained = evaluate.load_reranker(artifacts["int8"], threads=args.threads)
     rows, tests, judged_held = held_out(
-        args, held, retrieved, stage, base, artifacts["int8"], trained_name, relevant
+        args, held, retrieved, stage, base, trained, trained_name, relevant
     )
     generalisation = on_training_queries(
-        args, train, retrieved, stage, artifacts["int8"], relevant, held_lead=tests,
-        count=len(held),
-    )  # fmt: skip
+        args, train, retrieved, stage, trained, relevant, held_lead=tests, count=len(held)
+    )
     summary: dict[str, Any] = {
         "arguments": {name: str(value) for name, value in sorted(vars(args).items())},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -217,7 +219,7 @@ def held_out(
     retrieved: pools.Retrieved,
     stage: FirstStage,
     base: Base,
-    trained: Path,
+    trained: CrossEncoder,
     trained_name: str,
     relevant: int,
 ) -> tuple[list[evaluate.Row], dict[str, dict[str, dict[str, float]]], int]:
@@ -230,20 +232,25 @@ def held_out(
     folders = list(dict.fromkeys(compared))
     names = distinct_names(folders)
     named = [(f"{name} (reranker)", folder) for name, folder in zip(names, folders, strict=True)]
-    for name, folder in [*named, (trained_name, trained)]:
+
+    def add(name: str, reranker: CrossEncoder) -> None:
+        folder = reranker.folder
         note = "the starting reranker" if folder == base.artifact else str(folder)
         systems.append(
             evaluate.reranked(
                 name,
-                folder,
+                reranker,
                 held,
                 retrieved.pools,
                 retrieved.texts,
                 depth=args.eval_depth,
-                threads=args.threads,
                 note=note,
             )
         )
+
+    for name, folder in named:
+        add(name, evaluate.load_reranker(folder, threads=args.threads))
+    add(trained_name, trained)
     return evaluate.measure(
         systems, held, trained=trained_name, relevant=relevant, depth=args.eval_depth
     )
@@ -266,7 +273,7 @@ def on_training_queries(
     train: Sequence[Judged],
     retrieved: pools.Retrieved,
     stage: FirstStage,
-    trained: Path,
+    trained: CrossEncoder,
     relevant: int,
     *,
     held_lead: Mapping[str, Mapping[str, Mapping[str, float]]],
@@ -280,9 +287,8 @@ def on_training_queries(
     )[0]
     name = "trained, on training queries"
     system = evaluate.reranked(
-        name, trained, sample, retrieved.pools, retrieved.texts, depth=args.eval_depth,
-        threads=args.threads,
-    )  # fmt: skip
+        name, trained, sample, retrieved.pools, retrieved.texts, depth=args.eval_depth
+    )
     _, tests, scored = evaluate.measure(
         [stage1, system], sample, trained=name, relevant=relevant, depth=args.eval_depth
     )
