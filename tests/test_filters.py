@@ -87,6 +87,15 @@ SEMANTICS = [
     ({"$and": [{"lang": "en"}, {"year": {"$gt": 2000}}]}, True),
     ({"$and": [{"lang": "en"}, {"$or": [{"tags": "news"}, {"price": {"$lt": 10}}]}]}, True),
     ({"$and": [{"lang": "en"}], "year": 1999}, False),
+    ({"$nor": [{"lang": "de"}, {"year": 2020}]}, True),
+    ({"$nor": [{"lang": "de"}, {"year": 2021}]}, False),  # one holding is enough to fail
+    ({"$nor": [{"$and": [{"lang": "en"}, {"tags": "news"}]}]}, True),
+    ({"year": {"$not": {"$gt": 2021}}}, True),
+    ({"year": {"$not": {"$gte": 2021, "$lt": 2022}}}, False),  # not both, as MongoDB's
+    ({"year": {"$not": {"$gte": 2000, "$lt": 2021}}}, True),
+    ({"missing": {"$not": {"$gt": 1}}}, True),  # a negation holds where the key is missing
+    ({"tags": {"$not": {"$in": ["faq"]}}}, False),
+    ({"year": {"$gt": 2000, "$not": {"$eq": 2021}}}, False),
 ]
 
 
@@ -105,7 +114,20 @@ def nested(depth: int) -> dict[str, Any]:
 
 
 REFUSED = [
-    ({"$nor": [{"a": 1}]}, "metadata_filter['$nor']: unknown operator '$nor'"),
+    (
+        {"$not": {"a": 1}},
+        "metadata_filter['$not']: unknown operator '$not'; at the top of a filter only $and, "
+        "$or, $nor combine filters ($nor: [filter] negates a filter)",
+    ),
+    (
+        {"year": {"$not": 2020}},
+        "metadata_filter['year']['$not'] takes an object of comparisons to negate, such as "
+        '{"$gte": 2000} (got a number)',
+    ),
+    ({"year": {"$not": {}}}, "(got an empty object)"),
+    ({"year": {"$not": {"$not": {"$eq": 1}}}}, "['$not'] holds another $not"),
+    ({"year": {"$not": {"$between": 1}}}, "['year']['$not']['$between']: unknown operator"),
+    ({"$nor": []}, "metadata_filter['$nor'] must be a non-empty list of filters"),
     ({"year": {"$gte": 1, "$between": 2}}, "metadata_filter['year']['$between']: unknown operator"),
     (
         {"year": {"$gt": [1, 2]}},
@@ -163,7 +185,7 @@ METADATA = st.dictionaries(
 @st.composite
 def filters(draw: st.DrawFn, depth: int = 0) -> dict[str, Any]:
     if depth < 2 and draw(st.integers(0, 4)) == 0:
-        logical = draw(st.sampled_from(["$and", "$or"]))
+        logical = draw(st.sampled_from(["$and", "$or", "$nor"]))
         return {logical: draw(st.lists(filters(depth + 1), min_size=1, max_size=3))}
     key = draw(st.sampled_from(KEYS))
     op = draw(st.sampled_from(["plain", "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in",
@@ -178,6 +200,8 @@ def filters(draw: st.DrawFn, depth: int = 0) -> dict[str, Any]:
         operand = draw(st.booleans())
     else:
         operand = draw(VALUES)
+    if draw(st.integers(0, 4)) == 0:
+        return {key: {"$not": {op: operand}}}
     return {key: {op: operand}}
 
 
@@ -231,11 +255,14 @@ def test_the_scan_is_narrowed_where_sql_can_compare() -> None:
     for raw in (
         {"a": "x"}, {"a": {"$gte": 2}}, {"a": {"$in": [1, "x"]}}, {"a": {"$exists": True}},
         {"$or": [{"a": 1}, {"b": {"$lt": 2}}]}, {"a": {"$ne": 1}, "b": 2},
+        {"a": 1, "b": {"$not": {"$gt": 2}}},
     ):  # fmt: skip
         assert narrowing(parse_filter(raw)) is not None, raw
     for raw in (
         {"a": {"$ne": 1}}, {"a": {"$nin": [1]}}, {"a": None}, {"a": {"$in": [None]}},
         {"\x00": 1}, {"$or": [{"a": 1}, {"b": {"$ne": 2}}]}, {"a": {"$exists": False}},
+        {"$nor": [{"a": 1}]}, {"a": {"$not": {"$gt": 1}}},
+        {"$or": [{"a": 1}, {"$nor": [{"b": 1}]}]},
     ):  # fmt: skip
         assert narrowing(parse_filter(raw)) is None, raw
 
@@ -285,6 +312,11 @@ SERVED: list[tuple[dict[str, Any], Callable[[dict[str, Any]], bool]]] = [
     ),
     ({"year": {"$in": []}}, lambda m: False),
     ({"year": {"$lt": "2000"}}, lambda m: False),
+    (
+        {"$nor": [{"lang": "en"}, {"tags": "faq"}]},
+        lambda m: m["lang"] != "en" and "faq" not in m.get("tags", []),
+    ),
+    ({"year": {"$not": {"$gte": 2000, "$lt": 2020}}}, lambda m: not 2000 <= m["year"] < 2020),
 ]
 
 

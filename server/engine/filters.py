@@ -6,6 +6,8 @@ document in Python and narrows a scan of the store in SQL::
     {"year": {"$gte": 2020, "$lt": 2024}}          ranges: numbers, or strings (ISO dates)
     {"tags": {"$in": ["faq", "howto"]}}            membership
     {"$or": [{"lang": "en"}, {"reviewed": true}]}  $and / $or of filters
+    {"$nor": [{"lang": "de"}, {"tags": "draft"}]}  none of the filters (Qdrant's must_not)
+    {"year": {"$not": {"$gte": 2000, "$lt": 2010}}}  not every one of a key's comparisons
 
 Matching follows MongoDB, so a filter means what its authors expect:
 
@@ -14,7 +16,9 @@ Matching follows MongoDB, so a filter means what its authors expect:
   element.
 - ``$ne`` and ``$nin`` are the negations of ``$eq`` and ``$in``, so they also match documents
   that lack the key; ``{"$exists": true}`` beside them excludes those. Equality with null
-  matches a null value or a missing key.
+  matches a null value or a missing key. ``$nor`` and ``$not`` hold where what they negate
+  does not, a missing key included: ``{"year": {"$not": {"$gt": 2000}}}`` keeps documents
+  without a year, as MongoDB's does.
 - Values compare as JSON: ``true`` is not ``1``, and ``2`` is ``2.0``. Ranges compare numbers
   with numbers and strings with strings (by code point); a value of another type fails them.
 
@@ -30,7 +34,7 @@ from typing import Any, Literal, cast, get_args
 
 from tandem.server.engine.errors import InvalidArgument
 
-# Deeper $and/$or nesting than any hand-written or generated filter needs; the bound keeps a
+# Deeper $and/$or/$nor nesting than any hand-written or generated filter needs; the bound keeps a
 # hostile body from exhausting the interpreter's recursion.
 MAX_DEPTH = 16
 
@@ -41,7 +45,8 @@ Comparison = Literal["$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", 
 _RANGES = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 _LISTS = ("$in", "$nin", "$all")
 COMPARISONS: tuple[str, ...] = get_args(Comparison)
-LOGICAL = ("$and", "$or")
+LOGICAL = ("$and", "$or", "$nor")
+NOT = "$not"  # under a key: negates that key's other comparisons, given as an object
 
 
 class InvalidFilter(InvalidArgument):
@@ -94,7 +99,17 @@ class AnyOf:
         return any(part.matches(metadata) for part in self.parts)
 
 
-MetadataFilter = Condition | AllOf | AnyOf
+@dataclass(frozen=True)
+class Not:
+    """``$nor`` of filters (``Not(AnyOf)``), or ``$not`` of a key's comparisons."""
+
+    part: MetadataFilter
+
+    def matches(self, metadata: Mapping[str, Any]) -> bool:
+        return not self.part.matches(metadata)
+
+
+MetadataFilter = Condition | AllOf | AnyOf | Not
 
 
 def parse_filter(raw: Mapping[str, Any] | None) -> MetadataFilter | None:
@@ -111,6 +126,8 @@ def narrowing(wanted: MetadataFilter) -> tuple[str, list[Any]] | None:
     parameters; None where no part of the filter narrows a scan."""
     if isinstance(wanted, Condition):
         return _condition_sql(wanted)
+    if isinstance(wanted, Not):
+        return None  # what a superset of the matches excludes is not known
     clauses = [clause for part in wanted.parts if (clause := narrowing(part)) is not None]
     if isinstance(wanted, AnyOf) and len(clauses) < len(wanted.parts):
         return None  # a branch that narrows nothing lets every row through
@@ -127,16 +144,17 @@ def _parse(raw: Any, where: str, depth: int) -> MetadataFilter:
     if not raw:
         raise InvalidFilter(f"{where} is empty: give at least one key, or leave the filter out")
     if depth > MAX_DEPTH:
-        raise InvalidFilter(f"{where}: $and/$or nest deeper than {MAX_DEPTH} levels")
+        raise InvalidFilter(f"{where}: $and/$or/$nor nest deeper than {MAX_DEPTH} levels")
     parts: list[MetadataFilter] = []
     for key, value in raw.items():
         here = f"{where}[{key!r}]"
         if key in LOGICAL:
             parts.append(_logical(key, value, here, depth))
         elif key.startswith("$"):
+            negation = " ($nor: [filter] negates a filter)" if key == NOT else ""
             raise InvalidFilter(
                 f"{here}: unknown operator {key!r}; at the top of a filter only "
-                f"{', '.join(LOGICAL)} combine filters (comparisons go under a key: "
+                f"{', '.join(LOGICAL)} combine filters{negation} (comparisons go under a key: "
                 '{"year": {"$gte": 2020}})'
             )
         else:
@@ -148,12 +166,15 @@ def _logical(op: str, value: Any, where: str, depth: int) -> MetadataFilter:
     if not isinstance(value, Sequence) or isinstance(value, str) or not value:
         raise InvalidFilter(f"{where} must be a non-empty list of filters (got {_kind(value)})")
     parts = tuple(_parse(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
-    return AllOf(parts) if op == "$and" else AnyOf(parts)
+    if op == "$and":
+        return AllOf(parts)
+    return AnyOf(parts) if op == "$or" else Not(AnyOf(parts))
 
 
-def _conditions(key: str, value: Any, where: str) -> list[Condition]:
+def _conditions(key: str, value: Any, where: str) -> list[MetadataFilter]:
     """A key's conditions: equality with a plain value (an object without operators is a
-    plain value too), or each operator of an object of operators."""
+    plain value too), or each operator of an object of operators, ``$not`` of an object of
+    them among those."""
     if not isinstance(value, Mapping) or not any(str(name).startswith("$") for name in value):
         return [Condition(key, "$eq", value)]
     plain = [name for name in value if not str(name).startswith("$")]
@@ -162,13 +183,32 @@ def _conditions(key: str, value: Any, where: str) -> list[Condition]:
             f"{where} mixes operators with plain keys ({', '.join(map(repr, plain))}): use "
             'only operators ({"$gte": 1, "$lt": 5}), or {"$eq": {...}} to match an object'
         )
-    return [_condition(key, op, operand, f"{where}[{op!r}]") for op, operand in value.items()]
+    return [
+        _negated(key, operand, f"{where}[{op!r}]")
+        if op == NOT
+        else _condition(key, op, operand, f"{where}[{op!r}]")
+        for op, operand in value.items()
+    ]
+
+
+def _negated(key: str, value: Any, where: str) -> Not:
+    """``$not`` takes comparisons, as MongoDB's does: ``{"$not": {"$in": [...]}}``."""
+    if not isinstance(value, Mapping) or not value:
+        got = "an empty object" if isinstance(value, Mapping) else _kind(value)
+        raise InvalidFilter(
+            f'{where} takes an object of comparisons to negate, such as {{"$gte": 2000}} '
+            f"(got {got})"
+        )
+    if NOT in value:
+        raise InvalidFilter(f"{where} holds another $not: give the comparisons themselves")
+    parts = [_condition(key, op, operand, f"{where}[{op!r}]") for op, operand in value.items()]
+    return Not(parts[0] if len(parts) == 1 else AllOf(tuple(parts)))
 
 
 def _condition(key: str, op: str, operand: Any, where: str) -> Condition:
     if op not in COMPARISONS:
         raise InvalidFilter(
-            f"{where}: unknown operator {op!r}; a key takes {', '.join(COMPARISONS)}"
+            f"{where}: unknown operator {op!r}; a key takes {', '.join(COMPARISONS)}, {NOT}"
         )
     if op in _RANGES and not (_is_number(operand) or isinstance(operand, str)):
         raise InvalidFilter(

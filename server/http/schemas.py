@@ -353,7 +353,8 @@ class SearchBody(BaseModel):
         description=(
             'keys with values (equality) or operators, all of which must hold: {"lang": "en", '
             '"year": {"$gte": 2020}, "tags": {"$in": ["faq"]}}; $eq $ne $gt $gte $lt $lte $in '
-            "$nin $all $exists, and $and/$or over lists of filters (MongoDB's meaning)"
+            "$nin $all $exists, $not of an object of them, and $and/$or/$nor over lists of "
+            "filters (MongoDB's meaning)"
         ),
     )
     truncate: bool = True
