@@ -58,7 +58,9 @@ def test_upsert_get_delete_round_trip(store: DocumentStore) -> None:
     assert got["b"].text == "text of b"
     assert got["b"].metadata == {"n": 1}
     assert got["b"].token_ids.tolist() == [0, 1]
+    assert store.stored_ids(["c", "missing", "a", "c"]) == {"a", "c"}
     assert store.delete(["a", "nope"]) == [1]
+    assert store.stored_ids(["a", "b"]) == {"b"}
     assert len(store) == 2
     assert store.generation == 2
 

@@ -208,4 +208,7 @@ def test_a_rerun_of_a_finished_run_reports_no_rate_rather_than_a_made_up_one() -
     assert "pairs/s" not in resumed
     timed = render({**summary, "training": {**training, "pairs_per_second": 24.3}}, rows, {},
                    trained="trained")  # fmt: skip
-    assert "0.0 min (24.3 pairs/s, cpu, 2 threads, bf16 on)" in timed
+    assert (
+        "Training: 3,720 pairs an epoch, 5 epochs, 0.0 min at 24.3 pairs/s (cpu, 2 threads, "
+        "bf16 on)" in timed
+    )

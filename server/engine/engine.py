@@ -556,7 +556,7 @@ class Engine:
         started = time.perf_counter()
 
         def delete() -> tuple[int, list[str]]:
-            present = self.collection.get(wanted)
+            present = self.collection.store.stored_ids(wanted)
             stored = [item for item in wanted if item in present]
             keys = self.collection.delete(stored, matching=matching)
             return len(keys), [item for item in wanted if item not in present]

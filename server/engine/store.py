@@ -347,6 +347,14 @@ class DocumentStore:
             keys.extend(int(row[0]) for row in rows)
         return keys
 
+    def stored_ids(self, ids: Sequence[str]) -> set[str]:
+        """Those of ``ids`` stored, read from the id index alone (no row is read)."""
+        found: set[str] = set()
+        for chunk, marks in _in_chunks(ids):
+            rows = self.db.execute(f"SELECT id FROM documents WHERE id IN ({marks})", chunk)
+            found.update(row[0] for row in rows)
+        return found
+
     def by_ids(self, ids: Sequence[str]) -> dict[str, StoredDocument]:
         return {document.id: document for document in self._select("id", ids)}
 

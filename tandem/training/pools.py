@@ -53,11 +53,11 @@ def retrieve(
     judgements of documents the collection lacks are dropped (TREC qrels judge pools far
     larger than most collections), and only none stored at all is an error."""
     from tandem.encoders import BiEncoder
-    from tandem.server.engine.collection import Collection
+    from tandem.server.engine.collection import STORE_NAME, Collection
     from tandem.server.engine.search import Mode, Searcher
 
-    if not (collection / "documents.sqlite").is_file():
-        raise LabelError(f"{collection} is not a collection (no documents.sqlite): --collection")
+    if not (collection / STORE_NAME).is_file():
+        raise LabelError(f"{collection} is not a collection (no {STORE_NAME}): --collection")
     embedder = BiEncoder(bi_encoder, threads=threads)
     opened = Collection(collection, embedder=embedder, pairs=None, read_only=True)
     searcher = Searcher(

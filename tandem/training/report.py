@@ -44,16 +44,18 @@ def render(summary: Mapping[str, Any], rows: Sequence[Row], tests: Tests, *, tra
     lines += generalisation_lines(evaluation)
     rate = training["pairs_per_second"]
     timed = (
-        f"{training['seconds'] / 60:.1f} min ({rate:.1f} pairs/s"
+        f"{training['seconds'] / 60:.1f} min at {rate:.1f} pairs/s"
         if rate is not None
-        else f"resumed after its last epoch, from {training['resumed_from']} (no step left"
+        else f"resumed after its last epoch, from {training['resumed_from']}, so no step was timed"
     )
+    epochs = summary["recipe"]["epochs"]
     lines += [
         "",
-        f"Training: {training['pairs_per_epoch']} pairs an epoch, {summary['recipe']['epochs']} "
-        f"epochs, {timed}, {training['device']}, {training['threads']} threads, bf16 "
-        f"{'on' if training['bf16'] else 'off'}); loss {summary['recipe']['loss']}, base "
-        f"{summary['base']['source']} ({summary['base']['kind']}).",
+        f"Training: {training['pairs_per_epoch']:,} pairs an epoch, {epochs} "
+        f"epoch{'' if epochs == 1 else 's'}, {timed} ({training['device']}, "
+        f"{training['threads']} threads, bf16 {'on' if training['bf16'] else 'off'}); loss "
+        f"{summary['recipe']['loss']}, base {summary['base']['source']} "
+        f"({summary['base']['kind']}).",
     ]
     return "\n".join(lines) + "\n"
 

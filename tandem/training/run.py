@@ -356,11 +356,12 @@ def made_queries(args: argparse.Namespace, *, grade: float) -> list[Judged]:
 
 
 def open_store(collection: Path) -> DocumentStore:
+    from tandem.server.engine.collection import STORE_NAME
     from tandem.server.engine.store import DocumentStore, StoreError
 
-    path = collection / "documents.sqlite"
+    path = collection / STORE_NAME
     if not path.is_file():
-        raise LabelError(f"{collection} is not a collection (no documents.sqlite)")
+        raise LabelError(f"{collection} is not a collection (no {STORE_NAME})")
     try:
         return DocumentStore(path, read_only=True)
     except StoreError as error:
