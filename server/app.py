@@ -56,6 +56,7 @@ from tandem.server.replication.follow import Follower
 from tandem.server.replication.models import (
     ModelFollower,
     Refused,
+    held_out_lead,
     is_models_root,
 )
 from tandem.server.replication.models import current_version as current_reranker
@@ -354,6 +355,15 @@ def load_reranker(settings: Settings, path: Path) -> tuple[CrossEncoder, Runtime
     )
     _check_verified(reranker.manifest, path, settings)
     _check_fits_cpu(path, reranker.runtime)
+    lead = held_out_lead(reranker.manifest)
+    if lead is not None and lead.worse:
+        log.warning(
+            "this reranker ranks worse than %s alone (%s): Search would answer better "
+            "retrieve-only or with another reranker",
+            lead.first_stage,
+            lead.sentence(),
+            extra={"folder": str(path)},
+        )
     return reranker, fit
 
 

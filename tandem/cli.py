@@ -206,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     publish_model.add_argument("artifact", type=Path, help="a verified cross-encoder artifact")
     publish_model.add_argument("--root", type=Path, required=True, help="the models root")
     publish_model.add_argument("--keep", type=int, default=3, help="versions kept (older pruned)")
+    publish_model.add_argument(
+        "--allow-worse",
+        action="store_true",
+        help="publish a trained reranker even where its training measured it below stage 1 "
+        "alone on held-out queries (refused otherwise)",
+    )
     from tandem.server import settings
 
     serve = commands.add_parser(
@@ -267,11 +273,14 @@ def _run_publish(args: argparse.Namespace) -> int:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from tandem.server.replication.models import publish_reranker
+    from tandem.artifact import read_manifest
+    from tandem.server.replication.models import held_out_lead, publish_reranker
     from tandem.server.replication.publish import PublishError
 
     try:
-        version = publish_reranker(args.artifact, args.root, keep=args.keep)
+        version = publish_reranker(
+            args.artifact, args.root, keep=args.keep, allow_worse=args.allow_worse
+        )
     except PublishError as exc:
         print(f"tandem models publish: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -279,6 +288,9 @@ def _run_models(args: argparse.Namespace) -> int:
         f"{args.root}: published reranker version {version}; servers following it swap it in "
         "within --follow-seconds (send SIGHUP for now)"
     )
+    lead = held_out_lead(read_manifest(args.artifact))  # opened and checked just now
+    if lead is not None:
+        print(f"measured by tandem train: {lead.sentence()}")
     return 0
 
 

@@ -19,6 +19,7 @@ from tandem.encoders import BiEncoder
 from tandem.server.engine.collection import Collection
 from tandem.server.engine.pairs import PairTokenizer
 from tandem.server.engine.store import NewDocument
+from tandem.server.replication.models import held_out_lead
 from tandem.training.fit import CHECKPOINT_FILES
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -110,6 +111,12 @@ def test_a_short_run_trains_exports_and_reports_on_held_out_queries(
     assert training["recipe"]["loss"] == "lambda"
     assert training["labels"]["sha256"] == report["labels"]["sha256"]
     assert training["held_out"]["ndcg_at_10"] == rows["trained (INT8 artifact)"]["ndcg_at_10"]
+    # What `tandem models publish` and the server judge the artifact by, read back.
+    lead = held_out_lead(manifest)
+    assert lead is not None
+    assert (lead.first_stage, lead.queries) == ("hybrid", 1)
+    assert lead.stage1 == rows["hybrid (stage 1 alone)"]["ndcg_at_10"]
+    assert lead.difference == tests["hybrid (stage 1 alone)"]["ndcg@10"]["mean_difference"]
     # As many training queries as were held out (one of the three) are scored too.
     seen = report["evaluation"]["training_queries"]
     assert seen["queries"] == 1

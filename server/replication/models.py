@@ -11,6 +11,10 @@ and its replicas alike) looks at the pointer every ``--follow-seconds`` and on S
 and warms the new version beside the serving one, and swaps it in between calls
 (``Engine.swap_reranker``). A version that fails to load, fails its parity, or tokenizes
 differently is logged and skipped: the old reranker keeps serving.
+
+A reranker ``tandem train`` measured below stage 1 alone on its held-out queries (nDCG@10,
+p < 0.05) is refused unless the publisher allows it: serving it would rank every Search
+worse than not reranking at all.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import asyncio
 import contextlib
 import logging
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from tandem.artifact import ArtifactError, open_checked
+from tandem.artifact import ArtifactError, Manifest, open_checked
 from tandem.server.engine.errors import RequestError
 from tandem.server.replication.publish import PublishError, check_keep, publish_version
 
@@ -32,6 +38,50 @@ POINTER = "RERANKER"
 VERSIONS = "rerankers"
 
 Loader = Callable[[Path, str], Awaitable[None]]
+SIGNIFICANT = 0.05  # the p below which tandem train's report calls a difference real
+
+
+@dataclass(frozen=True)
+class HeldOutLead:
+    """A trained reranker against its first stage alone on the held-out queries, as the
+    ``tandem train`` that made it measured them (nDCG@10, the first stage's candidates)."""
+
+    first_stage: str
+    queries: int
+    trained: float
+    stage1: float
+    difference: float  # trained - stage 1, the paired test's mean over queries
+    p_value: float
+
+    @property
+    def worse(self) -> bool:
+        return self.difference < 0 and self.p_value < SIGNIFICANT
+
+    def sentence(self) -> str:
+        return (
+            f"on its {self.queries} held-out queries it scored nDCG@10 {self.trained:.3f} "
+            f"against {self.stage1:.3f} for {self.first_stage} alone "
+            f"({self.difference:+.3f}, p = {self.p_value:.4f})"
+        )
+
+
+def held_out_lead(manifest: Manifest) -> HeldOutLead | None:
+    """The lead ``tandem train`` recorded in the manifest; None for a reranker it did not
+    make (an exported one), whose quality this project never measured against stage 1."""
+    held: Mapping[str, Any] = manifest.extra.get("training", {}).get("held_out") or {}
+    stage1_name = f"{held.get('first_stage')} (stage 1 alone)"
+    rows = {row.get("system"): row for row in held.get("rows", [])}
+    test = held.get("paired_tests", {}).get(stage1_name, {}).get("ndcg@10")
+    if test is None or stage1_name not in rows or "ndcg_at_10" not in held:
+        return None
+    return HeldOutLead(
+        first_stage=str(held["first_stage"]),
+        queries=int(test["n"]),
+        trained=float(held["ndcg_at_10"]),
+        stage1=float(rows[stage1_name]["ndcg_at_10"]),
+        difference=float(test["mean_difference"]),
+        p_value=float(test["p_value"]),
+    )
 
 
 def is_models_root(folder: Path) -> bool:
@@ -46,8 +96,11 @@ def version_folder(root: Path, version: str) -> Path:
     return root / VERSIONS / version
 
 
-def publish_reranker(artifact: Path, root: Path, *, keep: int = 3) -> str:
-    """Publishes ``artifact`` as the next reranker version under ``root``; returns it."""
+def publish_reranker(
+    artifact: Path, root: Path, *, keep: int = 3, allow_worse: bool = False
+) -> str:
+    """Publishes ``artifact`` as the next reranker version under ``root``; returns it.
+    ``allow_worse`` publishes one its training measured below stage 1 (an A/B test of it)."""
     check_keep(keep)
     try:
         manifest = open_checked(artifact, "cross-encoder")
@@ -58,6 +111,13 @@ def publish_reranker(artifact: Path, root: Path, *, keep: int = 3) -> str:
             f"{artifact} is not verified (its parity check "
             f"{'never ran' if manifest.parity is None else 'failed'}): servers would refuse "
             "it; re-export it"
+        )
+    lead = held_out_lead(manifest)
+    if lead is not None and lead.worse and not allow_worse:
+        raise PublishError(
+            f"{artifact} would make Search worse than no reranker: {lead.sentence()}. Train "
+            "it on more, and more varied, queries (tandem train --pseudo-queries), keep the "
+            "serving reranker, or pass --allow-worse to publish it anyway"
         )
     if root.resolve() == artifact.resolve() or root.resolve() in artifact.resolve().parents:
         raise PublishError(f"--root {root} must not hold the artifact it publishes")

@@ -162,7 +162,8 @@ class Generalisation:
         if train <= 0:
             return (
                 f"{figures}: behind stage 1 even on the queries it trained on, it has not "
-                "fitted them yet (more epochs, or a higher learning rate)."
+                "fitted them yet. More epochs or a higher learning rate fit them closer; only "
+                "the held-out figure says whether that carries over to unseen queries."
             )
         if self.memorised:
             return (
