@@ -13,6 +13,7 @@ from tandem.artifact import read_manifest
 from tandem.cli import main
 from tandem.server.app import load_reranker
 from tandem.server.replication.models import POINTER, held_out_lead
+from tandem.v1 import tandem_pb2 as pb
 
 pytestmark = [pytest.mark.slow, pytest.mark.reranker]
 WORSE = {"trained": 0.632, "hybrid": 0.754, "p_value": 1e-4}  # run F's figures
@@ -55,11 +56,14 @@ def test_a_server_serving_a_worse_reranker_says_so(ce_int8, bi_int8, tmp_path, c
         running = ServerThread(settings_for(tmp_path / "collection", bi_int8[0], worse))
     try:
         info = get(f"http://127.0.0.1:{running.running.http_port}/info").json()
+        grpc_info = running.stub().Info(pb.InfoRequest(), timeout=30)
     finally:
         running.stop()
     assert "this reranker ranks worse than hybrid alone" in caplog.text
     assert "retrieve-only" in caplog.text
     assert info["reranker"]["worse_than_stage1"].startswith("on its 137 held-out queries")
+    assert grpc_info.reranker.worse_than_stage1 == info["reranker"]["worse_than_stage1"]
+    assert grpc_info.bi_encoder.worse_than_stage1 == ""
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tandem.server.app"):

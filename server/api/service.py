@@ -39,6 +39,7 @@ from tandem.server.engine.requests import (
 from tandem.server.engine.search import DocumentRef, Hit, Mode, Result
 from tandem.server.engine.store import NewDocument
 from tandem.server.metrics import Metrics
+from tandem.server.replication.models import worse_than_stage1
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc
 
@@ -506,6 +507,7 @@ def _model_info(manifest: Manifest, fit: RuntimeFit | None) -> pb.ModelInfo:
         verified=manifest.verified,
         manifest_json=manifest.to_json(),
         prompts=manifest.prompts.texts,
+        worse_than_stage1=worse_than_stage1(manifest),
     )
     for name, value in manifest.prompts.chosen_names().items():
         setattr(info, name, value)

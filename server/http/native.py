@@ -23,7 +23,7 @@ from tandem.server.http import schemas as s
 from tandem.server.http.bodies import UnicodeRoute
 from tandem.server.http.calls import Calls
 from tandem.server.http.errors import Dialect
-from tandem.server.replication.models import held_out_lead
+from tandem.server.replication.models import worse_than_stage1
 
 MODES = {None: None, "two_stage": Mode.TWO_STAGE, "retrieve_only": Mode.RETRIEVE_ONLY}
 
@@ -235,7 +235,6 @@ def info_body(info: EngineInfo) -> dict[str, Any]:
 
 def _model(manifest: Manifest, fit: RuntimeFit | None) -> dict[str, Any]:
     sizes, any_size = advertised(manifest.matryoshka)
-    lead = held_out_lead(manifest)
     return {
         "runtime": fit.backend if fit else "",
         "inference_precision": fit.precision if fit else "",
@@ -252,7 +251,7 @@ def _model(manifest: Manifest, fit: RuntimeFit | None) -> dict[str, Any]:
         "held_out": manifest.extra.get("training", {}).get("held_out"),
         # Set where those figures put it below stage 1 alone: `tandem models publish` refuses
         # such a reranker, and the search page says so.
-        "worse_than_stage1": lead.sentence() if lead is not None and lead.worse else "",
+        "worse_than_stage1": worse_than_stage1(manifest),
         "prompts": manifest.prompts.texts,
         **manifest.prompts.chosen_names(),
         "matryoshka_dimensions": sizes,

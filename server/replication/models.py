@@ -96,6 +96,12 @@ def version_folder(root: Path, version: str) -> Path:
     return root / VERSIONS / version
 
 
+def worse_than_stage1(manifest: Manifest) -> str:
+    """The figures that put a trained reranker below stage 1 alone, as a sentence; ""."""
+    lead = held_out_lead(manifest)
+    return lead.sentence() if lead is not None and lead.worse else ""
+
+
 def publish_reranker(
     artifact: Path, root: Path, *, keep: int = 3, allow_worse: bool = False
 ) -> str:
