@@ -56,8 +56,8 @@ from tandem.server.replication.follow import Follower
 from tandem.server.replication.models import (
     ModelFollower,
     Refused,
-    held_out_lead,
     is_models_root,
+    measured_worse,
 )
 from tandem.server.replication.models import current_version as current_reranker
 from tandem.server.replication.models import version_folder as reranker_folder
@@ -355,8 +355,8 @@ def load_reranker(settings: Settings, path: Path) -> tuple[CrossEncoder, Runtime
     )
     _check_verified(reranker.manifest, path, settings)
     _check_fits_cpu(path, reranker.runtime)
-    lead = held_out_lead(reranker.manifest)
-    if lead is not None and lead.worse:
+    lead = measured_worse(reranker.manifest)
+    if lead is not None:
         log.warning(
             "this reranker ranks worse than %s alone (%s): Search would answer better "
             "retrieve-only or with another reranker",

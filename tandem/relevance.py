@@ -108,6 +108,15 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     return qrels
 
 
+# The p below which a paired test's difference is reported as real, here and in tandem train.
+SIGNIFICANT = 0.05
+
+
+def behind_beyond_chance(difference: float, p_value: float) -> bool:
+    """Whether a ``paired_test``'s second system is below its first beyond chance."""
+    return difference < 0 and p_value < SIGNIFICANT
+
+
 def paired_test(
     first: Sequence[float], second: Sequence[float], *, rounds: int = 10_000, seed: int = 0
 ) -> dict[str, float]:

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from serving import ServerThread, document, settings_for, upsert, with_training_figures
 
+from tandem import rag24
+from tandem.server.settings import Settings
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 CHROMIUM = shutil.which("chromium")
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
@@ -31,6 +34,17 @@ def chromium(profile: Path, *args: str) -> str:
         capture_output=True, text=True, timeout=180, check=True,
     )  # fmt: skip
     return done.stdout
+
+
+def page_of_fifty(tmp_path: Path, settings: Settings, data: rag24.Rag24) -> str:
+    """The search page's DOM for one query, from a server holding 50 segments."""
+    running = ServerThread(settings)
+    try:
+        upsert(running.stub(), [document(s.id, s.text) for s in data.segments[:50]])
+        url = f"http://127.0.0.1:{running.running.http_port}/?q=vicarious%20trauma"
+        return chromium(tmp_path / "profile", "--dump-dom", url)
+    finally:
+        running.stop()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: run `make chromium`")
@@ -70,13 +84,7 @@ def test_search_page_shows_stage_one_beside_the_reranked_list(tmp_path, bi_int8,
 def test_search_page_on_a_retrieve_only_server_shows_stage_one_and_says_why(
     tmp_path, bi_int8, data
 ):
-    running = ServerThread(settings_for(tmp_path / "c", bi_int8[0], None))
-    try:
-        upsert(running.stub(), [document(s.id, s.text) for s in data.segments[:50]])
-        url = f"http://127.0.0.1:{running.running.http_port}/?q=vicarious%20trauma"
-        dom = chromium(tmp_path / "profile", "--dump-dom", url)
-    finally:
-        running.stop()
+    dom = page_of_fifty(tmp_path, settings_for(tmp_path / "c", bi_int8[0], None), data)
     stage1 = re.search(r'<ol id="stage1">(.*?)</ol>', dom, re.S)
     assert stage1 is not None
     assert stage1.group(1).count("<li") == 10
@@ -91,13 +99,7 @@ def test_search_page_says_when_its_reranker_ranks_worse_than_stage_one(
     worse = with_training_figures(
         ce_int8[0], tmp_path / "worse", trained=0.632, hybrid=0.754, p_value=1e-4
     )
-    running = ServerThread(settings_for(tmp_path / "c", bi_int8[0], worse))
-    try:
-        upsert(running.stub(), [document(s.id, s.text) for s in data.segments[:50]])
-        url = f"http://127.0.0.1:{running.running.http_port}/?q=vicarious%20trauma"
-        dom = chromium(tmp_path / "profile", "--dump-dom", url)
-    finally:
-        running.stop()
+    dom = page_of_fifty(tmp_path, settings_for(tmp_path / "c", bi_int8[0], worse), data)
     notice = re.search(r'<div id="notice">(.*?)</div>', dom, re.S)
     assert notice is not None, dom[:2000]
     assert (

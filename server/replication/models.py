@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.artifact import ArtifactError, Manifest, open_checked
+from tandem.relevance import behind_beyond_chance
 from tandem.server.engine.errors import RequestError
 from tandem.server.replication.publish import PublishError, check_keep, publish_version
 
@@ -38,7 +39,6 @@ POINTER = "RERANKER"
 VERSIONS = "rerankers"
 
 Loader = Callable[[Path, str], Awaitable[None]]
-SIGNIFICANT = 0.05  # the p below which tandem train's report calls a difference real
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class HeldOutLead:
 
     @property
     def worse(self) -> bool:
-        return self.difference < 0 and self.p_value < SIGNIFICANT
+        return behind_beyond_chance(self.difference, self.p_value)
 
     def sentence(self) -> str:
         return (
@@ -96,10 +96,16 @@ def version_folder(root: Path, version: str) -> Path:
     return root / VERSIONS / version
 
 
+def measured_worse(manifest: Manifest) -> HeldOutLead | None:
+    """The lead of a reranker ``tandem train`` measured below stage 1 alone; else None."""
+    lead = held_out_lead(manifest)
+    return lead if lead is not None and lead.worse else None
+
+
 def worse_than_stage1(manifest: Manifest) -> str:
     """The figures that put a trained reranker below stage 1 alone, as a sentence; ""."""
-    lead = held_out_lead(manifest)
-    return lead.sentence() if lead is not None and lead.worse else ""
+    lead = measured_worse(manifest)
+    return "" if lead is None else lead.sentence()
 
 
 def publish_reranker(
@@ -118,8 +124,8 @@ def publish_reranker(
             f"{'never ran' if manifest.parity is None else 'failed'}): servers would refuse "
             "it; re-export it"
         )
-    lead = held_out_lead(manifest)
-    if lead is not None and lead.worse and not allow_worse:
+    lead = measured_worse(manifest)
+    if lead is not None and not allow_worse:
         raise PublishError(
             f"{artifact} would make Search worse than no reranker: {lead.sentence()}. Train "
             "it on more, and more varied, queries (tandem train --pseudo-queries), keep the "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tandem.relevance import paired_test, per_query
+from tandem.relevance import behind_beyond_chance, paired_test, per_query
 from tandem.training.labels import Judged
 from tandem.training.pools import Pool
 
@@ -148,8 +148,8 @@ class Generalisation:
 
     @property
     def memorised(self) -> bool:
-        return self.train_lead["mean_difference"] > 0 and (
-            self.held_lead["mean_difference"] < 0 and self.held_lead["p_value"] < 0.05
+        return self.train_lead["mean_difference"] > 0 and behind_beyond_chance(
+            self.held_lead["mean_difference"], self.held_lead["p_value"]
         )
 
     def sentence(self) -> str:
