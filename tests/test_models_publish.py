@@ -189,3 +189,27 @@ def test_a_bad_artifact_is_refused_and_the_old_reranker_keeps_serving(
     assert reply.reranker_id == serving
     assert reply.hits
     assert json.loads(info.reranker.manifest_json)["kind"] == "cross-encoder"
+
+
+def test_a_reranker_of_another_length_swaps_in_and_reads_its_own_windows(server, ce_short, data):
+    # The collection was built with the 512-token reranker and stores whole ids: one
+    # exported at 128 (what `tandem train --max-length 128` exports) serves it, reading each
+    # segment in windows of 128 tokens.
+    running, root, _ = server
+    stub = running.stub()
+    version = publish_reranker(ce_short[0], root)
+    deadline = time.monotonic() + 120
+    while stub.Info(pb.InfoRequest()).reranker_version != version:
+        assert time.monotonic() < deadline, "the 128-token reranker never served"
+        time.sleep(0.1)
+    info = stub.Info(pb.InfoRequest())
+    assert json.loads(info.reranker.manifest_json)["max_length"] == 128
+    query = data.topics[0].query
+    reply = stub.Search(
+        pb.SearchRequest(query=query, recall_k=20, top_n=20, rerank_budget_ms=0), timeout=60
+    )
+    assert reply.reranker_id.startswith(f"{version}@")
+    assert reply.reranked_count == len(reply.hits) == 20
+    # RAG24 segments run to ~250 tokens: most take more than one window of 128.
+    assert sum(hit.passage.windows > 1 for hit in reply.hits) >= 10
+    assert all(hit.passage.windows_scored == hit.passage.windows for hit in reply.hits)

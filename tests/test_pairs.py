@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from tandem.encoders import load_tokenizer, pad_encodings
 from tandem.server.engine.pairs import PairTokenizer, Windows, longest_first, pad_pairs
@@ -164,3 +166,16 @@ def test_stored_ids_complete_enough_give_the_windows_of_the_whole(
 def layout(windows: Windows) -> tuple[list[tuple[int, int, bool, list[int]]], bool]:
     pairs = [(p.start, p.end, p.truncated, p.input_ids.tolist()) for p in windows.pairs]
     return pairs, windows.cut
+
+
+def test_rerankers_of_two_lengths_read_the_same_stored_ids(reranker_path: Path) -> None:
+    # A collection stores whole ids, so a reranker trained (and exported) at 128 tokens may
+    # replace the 512-token one it was built with; one that lowercases differently may not.
+    serving = PairTokenizer(load_tokenizer(reranker_path, max_length=512), max_length=512)
+    shorter = PairTokenizer(load_tokenizer(reranker_path, max_length=128), max_length=128)
+    assert serving.same_ids_as(shorter)
+    assert shorter.same_ids_as(serving)
+    spec = json.loads(load_tokenizer(reranker_path, max_length=512).to_str())
+    spec["normalizer"]["lowercase"] = False
+    cased = PairTokenizer(Tokenizer.from_str(json.dumps(spec)), max_length=512)
+    assert not serving.same_ids_as(cased)

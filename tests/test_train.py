@@ -68,9 +68,6 @@ def quick_flags(labelled, bi_int8, out: Path, *extra: str) -> list[str]:
         "--out", str(out), "--negatives", "2", "--list-size", "6", "--max-length", "96",
         "--batch-size", "2", "--eval-depth", "10", "--precisions", "int8",
         "--verify-queries", "2", "--verify-candidates", "10",
-        # The export's calibration and parity read every pair at this length: 128, not the
-        # served 512, keeps each run's export to about a minute on an AVX2-only CPU.
-        "--serve-max-length", "128",
         # A few steps on three topics leave scores with little spread, which INT8 noise
         # reorders: the bars are the export's mechanics here, not a quality claim.
         "--min-mean-spearman", "0.5", "--min-topk-overlap", "0.5", *extra,
@@ -107,6 +104,8 @@ def test_a_short_run_trains_exports_and_reports_on_held_out_queries(
     assert 0.0 < tests["hybrid (stage 1 alone)"]["ndcg@10"]["p_value"] <= 1.0
     manifest = read_manifest(out / "reranker-int8")
     assert manifest.verified
+    # Exported at the length it trained at (--max-length 96), not the base's 512.
+    assert manifest.max_length == 96
     training = manifest.extra["training"]
     assert training["recipe"]["loss"] == "lambda"
     assert training["labels"]["sha256"] == report["labels"]["sha256"]

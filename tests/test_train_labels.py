@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 
 import pytest
 
@@ -16,6 +18,7 @@ from tandem.training.labels import (
     text_key,
 )
 from tandem.training.pools import Pool, hard_negatives, teacher_scores
+from tandem.training.run import serve_length
 
 
 def test_json_lines_take_ids_texts_and_graded_scores(tmp_path) -> None:
@@ -212,3 +215,15 @@ def test_a_rerun_of_a_finished_run_reports_no_rate_rather_than_a_made_up_one() -
         "Training: 3,720 pairs an epoch, 5 epochs, 0.0 min at 24.3 pairs/s (cpu, 2 threads, "
         "bf16 on)" in timed
     )
+
+
+def test_the_artifact_serves_at_the_length_it_trained_at_unless_told(caplog) -> None:
+    def length(trained: int, served: int | None) -> int:
+        return serve_length(argparse.Namespace(max_length=trained, serve_max_length=served))
+
+    with caplog.at_level(logging.WARNING, logger="tandem.training.run"):
+        assert length(128, None) == 128
+        assert length(256, 128) == 128
+        assert not caplog.records
+        assert length(128, 512) == 512
+    assert "--serve-max-length 512 is longer than the 128 tokens it trains at" in caplog.text

@@ -284,8 +284,8 @@ class Engine:
                 "token ids the collection stores: re-index the collection with it (tandem "
                 "index build --reranker), or train from the serving reranker's tokenizer"
             )
-        # Same architecture and length as a rule (one base): the old batch costs are the
-        # best first guess, and the new runs correct them.
+        # The same architecture as a rule (one base), if not the same length: the old
+        # seconds per padded token are the best first guess, and the new runs correct them.
         slot.batcher.cost = old.batcher.cost
         replaced = self._run_mover(slot.batcher)
         self.searcher.slot = slot

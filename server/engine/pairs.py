@@ -49,6 +49,11 @@ class PairTemplate:
     def specials(self) -> int:
         return len(self.prefix.ids) + len(self.middle.ids) + len(self.suffix.ids)
 
+    @property
+    def layout(self) -> tuple[_Segment, _Segment, _Segment, int, int]:
+        """Everything but the length: how a query and a document become one pair."""
+        return (self.prefix, self.middle, self.suffix, self.query_type, self.document_type)
+
     @classmethod
     def learn(cls, tokenizer: Tokenizer, *, max_length: int) -> PairTemplate:
         """Reads the layout off the tokenizer's own encoding of a probe pair."""
@@ -246,10 +251,15 @@ class PairTokenizer:
     def same_ids_as(self, other: PairTokenizer) -> bool:
         """Whether both give every text the same ids and every pair the same layout, so that
         documents tokenized by one can be scored by the other's model. The vocabulary, the
-        template and a probe of the normalizer and pre-tokenizer (case, accents, codes)."""
+        layout and a probe of the normalizer and pre-tokenizer (case, accents, codes).
+
+        The two lengths may differ: documents are stored whole (up to ``STORED_TOKENS``)
+        and each reranker reads them in windows of its own length. A reranker trained at
+        128 tokens scores best served at 128 (RESULTS), beside a collection built with a
+        512-token one."""
         probe = ["Café CLUB naïve 12-b e-mail ÜBER straße", "what is vicarious trauma?"]
         return (
-            self.template == other.template
+            self.template.layout == other.template.layout
             and self.tokenizer.get_vocab() == other.tokenizer.get_vocab()
             and self.tokenize(probe)[0].tolist() == other.tokenize(probe)[0].tolist()
             and self.tokenize(probe)[1].tolist() == other.tokenize(probe)[1].tolist()

@@ -89,13 +89,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--batch-size", type=int, default=2, help="queries (lambda) or pairs (bce)")
     fit.add_argument("--learning-rate", type=float, default=5e-5)
     fit.add_argument("--warmup-ratio", type=float, default=0.1)
-    fit.add_argument("--max-length", type=int, default=256, help="tokens per training pair")
+    fit.add_argument(
+        "--max-length", type=int, default=128,
+        help="tokens per training pair (from all-MiniLM-L6-v2's backbone, 128 scored 0.078 "
+        "nDCG@10 above 256 on RAG24, and trains 2.2x as fast)",
+    )  # fmt: skip
     fit.add_argument(
         "--serve-max-length",
         type=int,
-        default=512,
-        help="tokens per pair in the exported artifact (the collection's documents are "
-        "tokenized for the serving reranker's length: keep it equal)",
+        help="tokens per pair in the exported artifact; default: --max-length. A reranker "
+        "scores best at the length it trained at (one trained at 128 lost 0.035 nDCG@10 "
+        "served at 512); a server reads longer documents in windows of this length",
     )
     fit.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     fit.add_argument(
@@ -416,12 +420,13 @@ def export(model: Path, args: argparse.Namespace) -> dict[str, Path]:
     from tandem.export.verify import Sample
 
     data = rag24.load()
+    length = serve_length(args)
     artifacts = {}
     for precision in precisions(args):
         folder = args.out / f"reranker-{precision}"
         request = ExportRequest(
             kind="cross-encoder", model=str(model), out=folder, precision=precision,  # type: ignore[arg-type]
-            force=True, threads=args.threads, max_length=args.serve_max_length,
+            force=True, threads=args.threads, max_length=length,
             sample=Sample(queries=args.verify_queries, candidates=args.verify_candidates),
             bars=Thresholds(
                 min_mean_spearman=args.min_mean_spearman, min_topk_overlap=args.min_topk_overlap
@@ -430,6 +435,19 @@ def export(model: Path, args: argparse.Namespace) -> dict[str, Path]:
         export_model(request, data)
         artifacts[precision] = folder
     return artifacts
+
+
+def serve_length(args: argparse.Namespace) -> int:
+    """The exported artifact's tokens per pair: the length it trained at, unless named."""
+    length: int = args.serve_max_length or args.max_length
+    if length > args.max_length:
+        log.warning(
+            "--serve-max-length %d is longer than the %d tokens it trains at: pairs that "
+            "long hold positions and text it never saw (from a new head, trained at 128 "
+            "and served at 512, it scored 0.035 nDCG@10 lower on RAG24; RESULTS)",
+            length, args.max_length,
+        )  # fmt: skip
+    return length
 
 
 def label_source(args: argparse.Namespace) -> dict[str, Any]:
