@@ -40,6 +40,7 @@ from tandem.benchmarks.http_overhead import (
 )
 from tandem.benchmarks.load import CallShape, Level, sweep, topic_queries
 from tandem.benchmarks.serving import Process, git_commit
+from tandem.devices import CPU_PRECISIONS
 from tandem.export import reference
 from tandem.export.texts import rerank_cases
 from tandem.v1 import tandem_pb2 as pb
@@ -388,7 +389,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu-precisions",
         nargs="+",
-        choices=["auto", "f32", "bf16"],
+        choices=["auto", *CPU_PRECISIONS],
         default=["auto"],
         help="serve this Tandem once per --cpu-precision (HTTP on the first only)",
     )

@@ -7,8 +7,9 @@ threads; and parity against the PyTorch FP32 reference over 50 queries x 20 cand
 (mean Spearman, top-10 overlap). For every bi-encoder artifact: RAG24 segments embedded per
 second, as ``tandem index build`` embeds them, and cosine against the reference. Rounds
 alternate between runtimes, so a noisy neighbour hits each alike; the best round counts.
-An OpenVINO artifact runs once per ``--cpu-precisions`` hint (f32, and bf16 where AMX makes it
-fast); its label says what OpenVINO actually ran, since it runs f32 where bf16 is not there.
+An OpenVINO artifact runs once per ``--cpu-precisions`` variant (its INT8 graph with f32 or bf16
+for the unquantized ops, and the unquantized graph an INT8 export keeps, in bf16); its label
+says what OpenVINO actually ran, since it runs f32 where bf16 is not there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, TypeVar, cast
 from tandem import rag24
 from tandem.artifact import read_manifest
 from tandem.benchmarks.serving import git_commit
-from tandem.devices import CpuPrecision
+from tandem.devices import CPU_PRECISIONS, UNQUANTIZED, CpuPrecision
 from tandem.encoders import BiEncoder, CrossEncoder, Encoder, pad_encodings
 from tandem.export import reference
 from tandem.export.parity import embedding_metrics, ranking_metrics
@@ -36,15 +37,25 @@ def label(model: Encoder) -> str:
     manifest = model.manifest
     method = manifest.quantization.get("method", "none")
     runtime = model.runtime
-    hint = f", {runtime.precision} ops" if isinstance(runtime, OpenVinoRuntime) else ""
-    return f"{manifest.runtime} {manifest.precision} ({method}{hint})"
+    if not isinstance(runtime, OpenVinoRuntime):
+        return f"{manifest.runtime} {manifest.precision} ({method})"
+    precision, _, unquantized = runtime.precision.partition("-")
+    if unquantized:
+        return f"{manifest.runtime} unquantized, kept beside {manifest.precision} ({precision} ops)"
+    return f"{manifest.runtime} {manifest.precision} ({method}, {precision} ops)"
 
 
 def variants(kind: type[E], folders: list[Path], args: argparse.Namespace) -> dict[str, E]:
-    """Each artifact, opened once per CPU precision hint where its runtime takes one."""
+    """Each artifact, opened once per CPU variant where its runtime takes one (the
+    unquantized graph only where the artifact keeps it)."""
     opened: dict[str, E] = {}
     for folder in folders:
-        hints = args.cpu_precisions if read_manifest(folder).runtime == "openvino" else ["f32"]
+        manifest = read_manifest(folder)
+        hints = [
+            hint
+            for hint in (args.cpu_precisions if manifest.runtime == "openvino" else ["f32"])
+            if hint != UNQUANTIZED or manifest.has_unquantized_graph
+        ]
         for position, hint in enumerate(hints):
             name = f"{folder}@{hint}" if position else str(folder)
             model = kind(folder, threads=args.threads, cpu_precision=cast(CpuPrecision, hint))
@@ -181,9 +192,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu-precisions",
         nargs="+",
-        choices=["f32", "bf16"],
-        default=["f32", "bf16"],
-        help="OpenVINO inference precision hints, each run as its own row",
+        choices=CPU_PRECISIONS,
+        default=list(CPU_PRECISIONS),
+        help="OpenVINO variants (as --cpu-precision), each run as its own row",
     )
     parser.add_argument("--parity-queries", type=int, default=50, help="x 20 candidates")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/runtimes.json"))

@@ -20,12 +20,10 @@ from tandem.artifact import OPENVINO_BIN, OPENVINO_XML
 NumpyFeed = Mapping[str, NDArray[np.int64]]
 
 
-def save_fp32(onnx_path: Path, folder: Path) -> None:
+def save_fp32(onnx_path: Path, folder: Path, name: str = OPENVINO_XML) -> None:
     import openvino as ov
 
-    ov.save_model(
-        ov.convert_model(str(onnx_path)), str(folder / OPENVINO_XML), compress_to_fp16=False
-    )
+    ov.save_model(ov.convert_model(str(onnx_path)), str(folder / name), compress_to_fp16=False)
 
 
 def quantize_static(

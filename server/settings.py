@@ -187,8 +187,10 @@ class Settings:
     cpu_precision: str = field(
         default="auto",
         metadata=_doc(
-            "what OpenVINO runs unquantized ops in: auto (bf16 where this CPU runs it, the "
-            "artifact's parity probe passes and it runs 10 percent faster; else f32), f32 or bf16"
+            "what OpenVINO runs: auto (where this CPU runs bf16, the most faithful variant that "
+            "passes the artifact's parity probe and that no other beats by 10 percent; else "
+            "f32), f32 or bf16 (the INT8 graph, its unquantized ops in that precision), or "
+            "bf16-unquantized (the unquantized graph an INT8 export keeps, in bf16)"
         ),
     )
     cache_dir: Path | None = field(

@@ -22,6 +22,10 @@ MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
 OPENVINO_XML = "openvino_model.xml"
 OPENVINO_BIN = "openvino_model.bin"
+# The unquantized graph an OpenVINO INT8 export keeps beside the INT8 one, for CPUs that run
+# it in bf16 as fast as the INT8 graph (--cpu-precision).
+OPENVINO_UNQUANTIZED_XML = "openvino_model_unquantized.xml"
+OPENVINO_UNQUANTIZED_BIN = "openvino_model_unquantized.bin"
 CHECKPOINT_DIR = "checkpoint"
 FORMAT_VERSION = 1
 
@@ -170,7 +174,15 @@ class Manifest:
 
     @property
     def graph_files(self) -> tuple[str, ...]:
+        """The graph's files, the weights last; an OpenVINO INT8 graph's unquantized one first."""
+        if self.has_unquantized_graph:
+            return (OPENVINO_UNQUANTIZED_XML, OPENVINO_UNQUANTIZED_BIN, *GRAPH_FILES[self.runtime])
         return GRAPH_FILES[self.runtime]
+
+    @property
+    def has_unquantized_graph(self) -> bool:
+        # Exports before it was kept have none: they serve their INT8 graph only.
+        return OPENVINO_UNQUANTIZED_XML in self.files
 
     @property
     def weights_sha256(self) -> str:

@@ -15,9 +15,12 @@ BACKEND_CHOICES: tuple[BackendChoice, ...] = ("auto", "onnxruntime", "openvino",
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 TorchDtype = Literal["auto", "float16", "bfloat16", "float32"]
 TORCH_DTYPES: tuple[TorchDtype, ...] = ("auto", "float16", "bfloat16", "float32")
-# The precision OpenVINO runs a graph's unquantized ops in, on a CPU.
-CpuPrecision = Literal["f32", "bf16"]
-CPU_PRECISIONS: tuple[CpuPrecision, ...] = ("f32", "bf16")
+# What OpenVINO runs on a CPU: the artifact's INT8 graph with its unquantized ops in f32 or
+# bf16, or (bf16-unquantized) the unquantized graph kept beside it, all in bf16. On AMX tiles
+# the last ran as fast as INT8 at parity close to FP32's (benchmarks/RESULTS.md, "AMX").
+CpuPrecision = Literal["f32", "bf16", "bf16-unquantized"]
+CPU_PRECISIONS: tuple[CpuPrecision, ...] = ("f32", "bf16", "bf16-unquantized")
+UNQUANTIZED: CpuPrecision = "bf16-unquantized"
 
 
 @dataclass(frozen=True)

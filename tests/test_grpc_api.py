@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving import ServerThread, document, settings_for, upsert
 
-from tandem.devices import CpuPrecision
+from tandem.devices import CPU_PRECISIONS, CpuPrecision
 from tandem.encoders import BiEncoder
 from tandem.server.api import status
 from tandem.v1 import tandem_pb2 as pb
@@ -408,7 +408,7 @@ def test_info_states_models_limits_and_stand_in(stub):
         assert model.runtime in ("onnxruntime", "openvino")
         assert model.runtime_choice
         assert model.inference_precision in (
-            ("f32", "bf16") if model.runtime == "openvino" else ("",)
+            CPU_PRECISIONS if model.runtime == "openvino" else ("",)
         )
     assert info.limits.max_rerank_documents == 120
     assert info.limits.query_max_tokens == 256

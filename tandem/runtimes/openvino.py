@@ -1,10 +1,12 @@
-"""OpenVINO: the statically quantized INT8 graph (NNCF), on CPUs.
+"""OpenVINO: the statically quantized INT8 graph (NNCF), on CPUs, or the unquantized graph
+kept beside it.
 
 Unquantized ops run in FP32 unless bf16 is asked for. OpenVINO's own default where the CPU
 has bf16 matmuls (AMX, avx512_bf16) is bf16, which moves scores away from the verified ones
 and is not always faster: once measured 2x slower on an avx512_bf16 CPU without AMX, 9% faster
 on an AVX-512 EPYC (benchmarks/RESULTS.md). So the server tries it at start-up and keeps it
-only at parity and faster (``tandem.export.probe``).
+only at parity and faster (``tandem.export.probe``). On AMX the unquantized graph in bf16 ran
+as fast as the INT8 one at parity close to FP32's, so start-up tries it too.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from tandem.artifact import OPENVINO_XML
-from tandem.devices import Backend, CpuPrecision, DeviceSpec
+from tandem.artifact import OPENVINO_UNQUANTIZED_XML, OPENVINO_XML
+from tandem.devices import UNQUANTIZED, Backend, CpuPrecision, DeviceSpec
 from tandem.runtimes import RuntimeUnavailable
 from tandem.tokens import TokenBatch
 
@@ -29,7 +31,7 @@ WIDTH_STEP = 8
 
 def compile_config(threads: int, precision: CpuPrecision = "f32") -> dict[str, Any]:
     return {
-        "INFERENCE_PRECISION_HINT": precision,
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == UNQUANTIZED else precision,
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": threads,
         "NUM_STREAMS": 1,
@@ -49,11 +51,18 @@ class OpenVinoRuntime:
         import openvino as ov
 
         self.device = device
+        graph = folder / (OPENVINO_UNQUANTIZED_XML if precision == UNQUANTIZED else OPENVINO_XML)
+        if precision == UNQUANTIZED and not graph.is_file():
+            raise RuntimeUnavailable(
+                f"{folder} keeps no unquantized graph (exported before it was kept, or not "
+                "as OpenVINO INT8): re-export it to run --cpu-precision bf16-unquantized"
+            )
         self.compiled = ov.Core().compile_model(
-            str(folder / OPENVINO_XML), "CPU", compile_config(threads, precision)
+            str(graph), "CPU", compile_config(threads, precision)
         )
         # Asked bf16 on a CPU without bf16 matmuls, OpenVINO compiles for f32 instead.
-        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self.precision = f"{hint}-unquantized" if precision == UNQUANTIZED else hint
         self.input_names = tuple(port.get_any_name() for port in self.compiled.inputs)
         self._local = threading.local()
 
