@@ -364,11 +364,15 @@ def test_langchain_cohere_embeddings_match_grpc(server, base, data, request) -> 
     embeddings = CohereEmbeddings(model="embed-english-v3.0", base_url=base,
                                   cohere_api_key="unused", max_retries=0)  # fmt: skip
     request.addfinalizer(embeddings.client._client_wrapper.httpx_client.httpx_client.close)
+    # In f32 a text's vector does not depend on the batch it shares. Where start-up chose a
+    # bf16 variant (on AMX, the unquantized graph), the batch's padded width moves it.
+    precision = server.stub().Info(pb.InfoRequest()).bi_encoder.inference_precision
+    atol = 1e-6 if precision in ("", "f32") else 5e-3
     documents = embeddings.embed_documents(texts)
     for got, want in zip(documents, expected.embeddings, strict=True):
-        np.testing.assert_allclose(got, want.values, atol=1e-6)
+        np.testing.assert_allclose(got, want.values, atol=atol)
     query = embeddings.embed_query(texts[0])
-    np.testing.assert_allclose(query, expected.embeddings[0].values, atol=1e-6)
+    np.testing.assert_allclose(query, expected.embeddings[0].values, atol=atol)
 
 
 def test_tei_refuses_an_overlong_pair_unless_told_to_truncate(base) -> None:
