@@ -276,7 +276,7 @@ def choose_variant(
         at_parity(name)
         metrics, passed = measured[name]
         if not passed:
-            missed = f"{name} misses the parity bars on the probe: {metrics} (need {bars})"
+            missed = _missed(name, metrics, bars)
             if not allow_unverified:
                 raise PrecisionRefused(
                     f"{folder}: {missed}. Serve f32 (--cpu-precision auto or f32), or pass "
@@ -302,9 +302,7 @@ def choose_variant(
             chosen = name
             break
     missed = "; ".join(
-        f"{name} misses the parity bars on the probe: {metrics} (need {bars})"
-        for name, (metrics, passed) in measured.items()
-        if not passed
+        _missed(name, metrics, bars) for name, (metrics, passed) in measured.items() if not passed
     )
     if chosen != "f32":
         reason = (
@@ -321,6 +319,10 @@ def choose_variant(
         f"{', '.join(variants)} not {faster_by:.0%} faster ({timing}); parity was not measured",
         seconds=seconds,
     )
+
+
+def _missed(name: str, metrics: dict[str, float], bars: Thresholds) -> str:
+    return f"{name} misses the parity bars on the probe: {metrics} (need {bars})"
 
 
 def _timing(seconds: Mapping[str, float]) -> str:
